@@ -1,0 +1,38 @@
+# Two commands do everything on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.aql-installed
+# The CPU build of torch that lies on this kind of machine; never let pip resolve a bare `torch`.
+TORCH_SPEC ?= torch==2.13.0
+TRITON_SPEC ?= triton==3.6.0
+PYTEST_ARGS ?=
+
+.PHONY: run test native bench gpu-check clean
+
+$(STAMP): pyproject.toml setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q "$(TRITON_SPEC)"
+	AQL_SKIP_NATIVE=1 $(PY) -m pip install -q --no-build-isolation -e ".[dev,data]"
+	touch $@
+
+# Incremental CMake build of libaql_cpu.so (and libaql_cuda.so where nvcc exists) into aql_kernels/.
+native: $(STAMP)
+	$(PY) setup.py -q build_ext --inplace
+
+test: native
+	TRITON_INTERPRET=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+run: native
+	$(PY) -m aql demo
+
+bench: native
+	$(PY) -m pytest benchmarks --benchmark-only --benchmark-columns=median,iqr,rounds $(PYTEST_ARGS)
+
+gpu-check:
+	bash benchmarks/gpu_check.sh
+
+clean:
+	rm -rf build aql_kernels/*.so

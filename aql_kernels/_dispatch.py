@@ -1,0 +1,98 @@
+"""The dispatch rule shared by every op, and `backends()`.
+
+CUDA tensor -> the GPU implementation (Triton, or the CUDA library for the selector);
+CPU tensor -> the C++ CPU library. When the chosen implementation is unavailable the op falls back
+to its pure-torch reference and warns once, naming how to build the missing piece.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from typing import NamedTuple
+
+import torch
+
+from . import _native
+
+__all__ = ["Backend", "backends", "triton_status", "choose", "warn_once"]
+
+
+class Backend(NamedTuple):
+    available: bool
+    detail: str  # version or path when available, the reason when not
+
+
+@functools.lru_cache(maxsize=None)
+def triton_status() -> Backend:
+    try:
+        import triton  # noqa: F401
+    except Exception as error:  # ImportError, or a broken install
+        return Backend(False, f"triton does not import: {error}; install it with `pip install triton`")
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if not torch.cuda.is_available() and not interpret:
+        return Backend(False, f"triton {triton.__version__} present but no CUDA device (TRITON_INTERPRET=1 runs it on CPU tensors)")
+    mode = "interpreter" if interpret else "compiled"
+    return Backend(True, f"triton {triton.__version__} ({mode})")
+
+
+def _library_status(library: _native.NativeLibrary) -> Backend:
+    if library.available:
+        return Backend(True, str(library.path))
+    return Backend(False, library.reason)
+
+
+def backends() -> dict[str, Backend]:
+    """What is available here, and why not where it is not.
+
+    Keys: ``triton``, ``cpu_library``, ``cuda_library``, ``cuda_device``.
+    """
+    if torch.cuda.is_available():
+        cuda_device = Backend(True, torch.cuda.get_device_name())
+    else:
+        cuda_device = Backend(False, "torch.cuda.is_available() is False")
+    return {
+        "triton": triton_status(),
+        "cpu_library": _library_status(_native.CPU),
+        "cuda_library": _library_status(_native.CUDA),
+        "cuda_device": cuda_device,
+    }
+
+
+_warned: set[str] = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def choose(op: str, device: torch.device, *, native_symbol: str, gpu: str = "triton", cuda_symbol: str | None = None) -> str:
+    """Returns the IMPLEMENTATIONS key that runs `op` for tensors on `device`.
+
+    gpu is "triton" (needs triton) or "cuda" (needs `cuda_symbol` in the CUDA library).
+    """
+    if device.type == "cuda":
+        if gpu == "triton":
+            status = triton_status()
+            if status.available and torch.cuda.is_available():
+                return "triton"
+            reason = status.detail
+        else:
+            if _native.CUDA.has(cuda_symbol):
+                return "cuda"
+            reason = _native.CUDA.reason or f"the CUDA library lacks {cuda_symbol}"
+        warn_once(f"{op}:{device.type}", f"aql_kernels.{op}: {gpu} implementation unavailable ({reason}); "
+                  "falling back to the pure-torch reference. Build with `make native` on a machine with nvcc.")
+        return "reference"
+    if device.type == "cpu":
+        if _native.CPU.has(native_symbol):
+            return "native"
+        reason = _native.CPU.reason or f"the CPU library lacks {native_symbol}"
+        warn_once(f"{op}:cpu", f"aql_kernels.{op}: native CPU implementation unavailable ({reason}); "
+                  "falling back to the pure-torch reference. Build it with `make native`.")
+        return "reference"
+    warn_once(f"{op}:{device.type}", f"aql_kernels.{op}: no kernel for device {device.type}; using the reference")
+    return "reference"

@@ -1,0 +1,2 @@
+// placeholder: implemented in its own change
+#include "../common.h"

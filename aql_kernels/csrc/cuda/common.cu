@@ -1,0 +1,19 @@
+// Library-wide entry points of libaql_cuda.so.
+#include "../common.h"
+
+namespace aql {
+char *last_error_buffer() {
+  static thread_local char buffer[kErrorBufferSize] = {0};
+  return buffer;
+}
+}  // namespace aql
+
+extern "C" {
+
+AQL_API int32_t aql_abi_version(void) { return AQL_ABI_VERSION; }
+
+AQL_API const char *aql_last_error(void) { return aql::last_error_buffer(); }
+
+AQL_API int32_t aql_num_threads(void) { return 1; }
+
+}  // extern "C"

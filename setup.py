@@ -1,0 +1,92 @@
+"""Builds the native libraries of aql_kernels with CMake during `pip install` / `build_ext`.
+
+libaql_cpu.so is always built (C++17, OpenMP, -O3 -march=native); libaql_cuda.so when nvcc is found
+(static CUDA runtime; AQL_CUDA_ARCHS, default "80;90", PTX for the newest). Both land inside
+aql_kernels/. AQL_SKIP_NATIVE=1 skips the native build; AQL_REQUIRE_CUDA=1 makes a missing nvcc or a
+failed CUDA build an error.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+def find_nvcc() -> str | None:
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        return nvcc
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home and (Path(home) / "bin" / "nvcc").exists():
+            return str(Path(home) / "bin" / "nvcc")
+    return None
+
+
+def find_cmake() -> str:
+    cmake = shutil.which("cmake")
+    if cmake:
+        return cmake
+    try:
+        import cmake as cmake_package  # the PyPI wheel
+
+        return str(Path(cmake_package.CMAKE_BIN_DIR) / "cmake")
+    except ImportError:
+        raise RuntimeError("aql: CMake is needed to build the native libraries: `pip install cmake` or apt-get install cmake") from None
+
+
+def build_native(output_dir: Path, build_dir: Path) -> None:
+    cmake = find_cmake()
+    nvcc = find_nvcc()
+    require_cuda = os.environ.get("AQL_REQUIRE_CUDA") == "1"
+    if nvcc is None and require_cuda:
+        raise RuntimeError("aql: AQL_REQUIRE_CUDA=1 but nvcc was not found (PATH, CUDA_HOME, /usr/local/cuda)")
+    args = [
+        cmake, "-S", str(ROOT), "-B", str(build_dir),
+        "-DCMAKE_BUILD_TYPE=Release",
+        f"-DAQL_OUTPUT_DIR={output_dir}",
+        f"-DAQL_BUILD_CUDA={'ON' if nvcc else 'OFF'}",
+    ]
+    if nvcc:
+        args.append(f"-DCMAKE_CUDA_COMPILER={nvcc}")
+    if os.environ.get("AQL_CUDA_ARCHS"):
+        args.append(f"-DAQL_CUDA_ARCHS={os.environ['AQL_CUDA_ARCHS']}")
+    if shutil.which("ninja") and not (build_dir / "CMakeCache.txt").exists():
+        args += ["-G", "Ninja"]
+    subprocess.run(args, check=True)
+    jobs = str(os.cpu_count() or 2)
+    subprocess.run([cmake, "--build", str(build_dir), "--parallel", jobs], check=True)
+
+
+class CMakeBuild(build_ext):
+    """Runs CMake instead of compiling the (placeholder) extension."""
+
+    def run(self):
+        if os.environ.get("AQL_SKIP_NATIVE") == "1":
+            print("aql: AQL_SKIP_NATIVE=1, not building the native libraries", file=sys.stderr)
+            return
+        if self.inplace or getattr(self, "editable_mode", False):
+            output_dir = ROOT / "aql_kernels"  # editable install / build_ext --inplace
+        else:
+            output_dir = Path(self.build_lib).resolve() / "aql_kernels"
+        output_dir.mkdir(parents=True, exist_ok=True)
+        build_native(output_dir, Path(self.build_temp).resolve() / "cmake")
+
+    # The libraries are written where they belong; there is no per-extension file to copy or list.
+    def copy_extensions_to_source(self):
+        pass
+
+    def get_outputs(self):
+        return []
+
+    def get_output_mapping(self):
+        return {}
+
+
+# One placeholder extension makes setuptools run build_ext; CMake produces the real libraries.
+setup(ext_modules=[Extension("aql_kernels._native_libraries", sources=[])], cmdclass={"build_ext": CMakeBuild})
