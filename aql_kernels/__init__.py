@@ -8,13 +8,14 @@ and falls back to its pure-torch reference with a one-time warning when an imple
 from ._dispatch import Backend, backends
 from .fisher import fisher_ema_
 from .scores import SoftmaxScores, cross_entropy_with_scores, softmax_scores
-from .select import topk_indices, topk_mask, topk_threshold
+from .select import digit_histogram, topk_indices, topk_mask, topk_threshold
 
 __all__ = [
     "Backend",
     "SoftmaxScores",
     "backends",
     "cross_entropy_with_scores",
+    "digit_histogram",
     "fisher_ema_",
     "softmax_scores",
     "topk_indices",

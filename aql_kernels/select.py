@@ -36,3 +36,7 @@ def topk_threshold(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 topk_mask_reference = topk_mask
 IMPLEMENTATIONS = {"reference": topk_mask_reference}
+
+
+def digit_histogram(scores: torch.Tensor, prefix: int, prefix_bits: int, digit_bits: int) -> torch.Tensor:
+    raise NotImplementedError("aql_kernels.digit_histogram: not built yet")
