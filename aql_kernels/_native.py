@@ -35,7 +35,7 @@ _SIGNATURES: dict[str, list] = {
     "aql_softmax_scores": [_p, _i32, _i64, _i64, _i64, _p, _i64, _p, _p, _p, _p, _p, _p, _p],
     "aql_softmax_scores_backward": [_p, _i32, _i64, _i64, _i64, _p, _i64, _p, _p, _p, _i32, _i64],
     # fisher
-    "aql_fisher_ema": [_i64, _p, _p, _p, _p, _f32, _f32],
+    "aql_fisher_ema": [_i64, _p, _p, _p, _p, ctypes.c_double, ctypes.c_double],
     # select (CPU)
     "aql_topk_select": [_p, _i64, _i64, _p, _p, _p],
     "aql_digit_histogram": [_p, _i64, _u32, _i32, _i32, _p],

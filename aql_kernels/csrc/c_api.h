@@ -73,10 +73,11 @@ AQL_API aql_status aql_softmax_scores_backward(const void *logits, int32_t dtype
 /* ---- fisher (CPU library) ---------------------------------------------------------------------- */
 /* For each i < count with grads[i] != NULL, over numels[i] contiguous elements:
  *   fisher[i] = decay * fisher[i] + (1 - decay) * (scale * grads[i])^2
- * fisher is float32; grads[i] has element type grad_dtypes[i]. */
+ * fisher is float32; grads[i] has element type grad_dtypes[i]. decay and scale are double so that
+ * 1 - decay is formed before rounding (1 - (float)0.999 is 1.3e-5 off 0.001); the arithmetic is float32. */
 AQL_API aql_status aql_fisher_ema(int64_t count, float *const *fisher, const void *const *grads,
-                                  const int32_t *grad_dtypes, const int64_t *numels, float decay,
-                                  float scale);
+                                  const int32_t *grad_dtypes, const int64_t *numels, double decay,
+                                  double scale);
 
 /* ---- select (CPU library) ---------------------------------------------------------------------- */
 /* Exact top-k of float32 scores[n] (NaN lowest, -0.0 == +0.0, ties to the lowest index).

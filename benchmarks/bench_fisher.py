@@ -1,0 +1,94 @@
+"""fisher_ema_ against its torch peer, torch._foreach_mul_ + torch._foreach_addcmul_, on the
+parameter list of a GPT-2-small-shaped model.
+
+Goals (DESIGN.md): >= 1.25x the peer on CPU, >= 1.5x on GPU. The CPU list is GPT-2 small cut to
+~50M parameters (6 blocks, an 8192-token embedding) to fit a CI machine; the GPU list is the full 124M.
+
+    python -m pytest benchmarks/bench_fisher.py --benchmark-only --benchmark-columns=median,iqr,rounds
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import aql_kernels
+from aql_kernels import fisher as fisher_module
+from benchmarks.conftest import requires_cuda
+
+_peer_medians: dict[tuple, float] = {}
+
+
+def gpt2_parameter_shapes(n_layers: int, vocab_size: int, n_positions: int = 1024, d_model: int = 768) -> list[tuple[int, ...]]:
+    """Shapes of GPT-2's parameters in the order of `GPT2LMHeadModel.parameters()` (tied head)."""
+    shapes = [(vocab_size, d_model), (n_positions, d_model)]
+    for _ in range(n_layers):
+        shapes += [(d_model,), (d_model,),  # ln_1
+                   (d_model, 3 * d_model), (3 * d_model,),  # attn.c_attn
+                   (d_model, d_model), (d_model,),  # attn.c_proj
+                   (d_model,), (d_model,),  # ln_2
+                   (d_model, 4 * d_model), (4 * d_model,),  # mlp.c_fc
+                   (4 * d_model, d_model), (d_model,)]  # mlp.c_proj
+    return shapes + [(d_model,), (d_model,)]  # ln_f
+
+
+def _parameter_list(device: str, grad_dtype: torch.dtype):
+    shapes = gpt2_parameter_shapes(12, 50257) if device == "cuda" else gpt2_parameter_shapes(6, 8192)
+    fisher = [torch.rand(shape, device=device) for shape in shapes]
+    grads = [torch.randn(shape, device=device).to(grad_dtype) for shape in shapes]
+    return fisher, grads
+
+
+def _peer(fisher, grads, decay):
+    torch._foreach_mul_(fisher, decay)
+    torch._foreach_addcmul_(fisher, grads, grads, value=1.0 - decay)
+
+
+def _record(bench, fisher, grads, key, implementation):
+    numel = sum(f.numel() for f in fisher)
+    moved = sum(f.numel() * (8 + g.element_size()) for f, g in zip(fisher, grads))  # read f and g, write f
+    median = bench.benchmark.stats.stats.median
+    bench.benchmark.extra_info.update(parameters=numel, tensors=len(fisher), bytes=moved, gb_per_s=round(moved / median / 1e9, 2),
+                                      implementation=implementation)
+    if implementation == "torch foreach":
+        _peer_medians[key] = median
+    elif key in _peer_medians:
+        bench.benchmark.extra_info["speedup_vs_foreach"] = round(_peer_medians[key] / median, 3)
+
+
+@pytest.mark.parametrize("case", ["torch foreach", "aql fisher_ema_"])
+def test_fisher_ema_cpu_float32(bench, case):
+    bench.benchmark.group = "fisher_ema cpu float32 grads, GPT-2 shapes ~50M (goal >= 1.25x foreach)"
+    fisher, grads = _parameter_list("cpu", torch.float32)
+    if case == "torch foreach":
+        bench(_peer, fisher, grads, 0.95, rounds=10)
+    else:
+        if not fisher_module._native.CPU.has("aql_fisher_ema"):
+            pytest.skip("the CPU library is not built (make native)")
+        bench(aql_kernels.fisher_ema_, fisher, grads, 0.95, rounds=10)
+    _record(bench, fisher, grads, ("cpu", torch.float32), case)
+
+
+def test_fisher_ema_cpu_bfloat16(bench):
+    bench.benchmark.group = "fisher_ema cpu bfloat16 grads, GPT-2 shapes ~50M"
+    if not fisher_module._native.CPU.has("aql_fisher_ema"):
+        pytest.skip("the CPU library is not built (make native)")
+    fisher, grads = _parameter_list("cpu", torch.bfloat16)
+    bench(aql_kernels.fisher_ema_, fisher, grads, 0.95, rounds=10)
+    _record(bench, fisher, grads, ("cpu", torch.bfloat16), "aql fisher_ema_")
+
+
+@requires_cuda
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", ["torch foreach", "aql fisher_ema_"])
+def test_fisher_ema_cuda(bench, case, grad_dtype):
+    bench.benchmark.group = f"fisher_ema cuda {grad_dtype} grads, GPT-2 small 124M (goal >= 1.5x foreach)"
+    fisher, grads = _parameter_list("cuda", grad_dtype)
+    if case == "torch foreach":
+        if grad_dtype != torch.float32:
+            pytest.skip("torch._foreach_addcmul_ needs the gradients in the state's dtype")
+        bench(_peer, fisher, grads, 0.95, device="cuda")
+    else:
+        aql_kernels.fisher_ema_(fisher, grads, 0.95)  # compile the kernel and upload the tables
+        bench(aql_kernels.fisher_ema_, fisher, grads, 0.95, device="cuda")
+    _record(bench, fisher, grads, ("cuda", grad_dtype), case)

@@ -1,0 +1,312 @@
+"""fisher_ema_: every implementation against a float64 reference, adversarial values, the torch.library
+registration, and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import aql_kernels
+from aql_kernels import fisher as fisher_module
+from aql_kernels._native import CPU
+from tests.conftest import implementation_device, requires_cuda
+
+IMPLEMENTATIONS = sorted(fisher_module.IMPLEMENTATIONS)
+GRAD_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# Odd sizes: a single element, a partial vector, just under a power of two, just over one Triton
+# block count and one OpenMP slice boundary, and 2-D tensors.
+SHAPES = [(1,), (3,), (1023,), (2**20 + 1,), (7, 13), (64, 33)]
+
+
+def _device_for(name: str) -> str:
+    if name == "native" and not CPU.has("aql_fisher_ema"):
+        pytest.skip(f"the CPU library is not built here ({CPU.reason or 'no aql_fisher_ema'}); `make native` builds it")
+    return implementation_device(name)
+
+
+def _expected(fisher, grads, decay, scale):
+    """Independent float64 spec: a plain loop, no foreach."""
+    out = []
+    for state, grad in zip(fisher, grads):
+        state64 = state.detach().cpu().double()
+        if grad is None:
+            out.append(state64)
+        else:
+            scaled = scale * grad.detach().cpu().double()
+            out.append(decay * state64 + (1.0 - decay) * scaled * scaled)
+    return out
+
+
+def _assert_matches(fisher, expected):
+    for i, (actual, wanted) in enumerate(zip(fisher, expected)):
+        # float32 arithmetic on exactly converted inputs: a few ulps of the result, and inf where the
+        # float32 result overflows.
+        torch.testing.assert_close(actual.cpu().double(), wanted.float().double(), rtol=4e-6, atol=1e-30, equal_nan=True,
+                                   msg=lambda m, i=i: f"fisher[{i}] shape {tuple(actual.shape)}: {m}")
+
+
+def _make(shapes, grad_dtype, device, none_at=()):
+    fisher = [torch.rand(shape, device=device) * 3 for shape in shapes]
+    grads = [None if i in none_at else (torch.randn(shape, device=device) * 2).to(grad_dtype) for i, shape in enumerate(shapes)]
+    return fisher, grads
+
+
+@pytest.mark.parametrize("name", IMPLEMENTATIONS)
+@pytest.mark.parametrize("grad_dtype", GRAD_DTYPES, ids=str)
+@pytest.mark.parametrize("decay, scale", [(0.0, 1.0), (0.999, 1.0), (0.95, 0.37), (0.5, 1024.0)])
+def test_matches_float64_reference(name, grad_dtype, decay, scale):
+    device = _device_for(name)
+    fisher, grads = _make(SHAPES, grad_dtype, device, none_at=(1, 4))
+    untouched = [fisher[1].clone(), fisher[4].clone()]
+    expected = _expected(fisher, grads, decay, scale)
+    fisher_module.IMPLEMENTATIONS[name](fisher, grads, decay, scale=scale)
+    _assert_matches(fisher, expected)
+    # None gradients leave their state bit-identical.
+    assert torch.equal(fisher[1], untouched[0]) and torch.equal(fisher[4], untouched[1])
+
+
+@pytest.mark.parametrize("name", IMPLEMENTATIONS)
+def test_mixed_dtypes_many_tiny_and_one_huge(name):
+    """One list mixing every gradient dtype, 200 tiny tensors around a large one (work balance)."""
+    device = _device_for(name)
+    shapes = [(int(n),) for n in torch.randint(1, 40, (200,))]
+    shapes.insert(97, (300_007,))
+    fisher = [torch.rand(shape, device=device) for shape in shapes]
+    grads = [torch.randn(shape, device=device).to(GRAD_DTYPES[i % 3]) if i % 7 else None for i, shape in enumerate(shapes)]
+    expected = _expected(fisher, grads, 0.9, 3.0)
+    fisher_module.IMPLEMENTATIONS[name](fisher, grads, 0.9, scale=3.0)
+    _assert_matches(fisher, expected)
+
+
+@pytest.mark.parametrize("name", IMPLEMENTATIONS)
+@pytest.mark.parametrize("grad_dtype", GRAD_DTYPES, ids=str)
+def test_adversarial_values(name, grad_dtype):
+    device = _device_for(name)
+    info = torch.finfo(grad_dtype)
+    special = torch.tensor([float("inf"), float("-inf"), float("nan"), -0.0, 0.0, info.max, -info.max, info.tiny,
+                            info.tiny / 4, -info.tiny / 8, info.eps, 1.0], dtype=torch.float32)
+    # Long enough for the vector paths and their scalar tails, with the special values spread over both.
+    grad = torch.randn(1000)
+    grad[torch.randperm(1000)[: special.numel() * 4]] = special.repeat(4)
+    grad = grad.to(grad_dtype).to(device)
+    state = torch.rand(1000, device=device)
+    state[::50] = float("inf")
+    state[1::50] = 0.0
+    fisher, grads = [state], [grad]
+    for scale in (1.0, 1e-3):
+        expected = _expected(fisher, grads, 0.75, scale)
+        fisher_module.IMPLEMENTATIONS[name](fisher, grads, 0.75, scale=scale)
+        _assert_matches(fisher, expected)
+
+
+@pytest.mark.parametrize("name", IMPLEMENTATIONS)
+def test_scale_is_applied_before_squaring(name):
+    """(scale * g)^2 stays finite where g^2 alone overflows float32."""
+    device = _device_for(name)
+    fisher = [torch.zeros(5, device=device)]
+    grads = [torch.full((5,), 1e30, device=device)]
+    fisher_module.IMPLEMENTATIONS[name](fisher, grads, 0.5, scale=1e-20)
+    torch.testing.assert_close(fisher[0].cpu(), torch.full((5,), 0.5e20), rtol=1e-6, atol=0.0)
+
+
+@pytest.mark.parametrize("name", IMPLEMENTATIONS)
+def test_non_contiguous_grads_and_unaligned_tensors(name):
+    device = _device_for(name)
+    buffer = torch.rand(4 * 1024 + 3, device=device)
+    fisher = [buffer[1:1 + 33 * 17].view(33, 17), buffer[700:700 + 5], torch.rand(17, 33, device=device)]
+    grads = [torch.randn(17, 33, device=device).t(), torch.randn(10, device=device)[::2], torch.randn(33, 17, device=device).t()]
+    assert not grads[0].is_contiguous() and fisher[0].data_ptr() % 16 != 0
+    expected = _expected(fisher, grads, 0.8, 1.5)
+    fisher_module.IMPLEMENTATIONS[name](fisher, grads, 0.8, scale=1.5)
+    _assert_matches(fisher, expected)
+
+
+@pytest.mark.parametrize("name", IMPLEMENTATIONS)
+def test_repeated_updates_and_new_tensors_of_the_same_shapes(name):
+    """The Triton tables are cached by address: new tensors of the same shapes must not reuse stale ones."""
+    device = _device_for(name)
+    first = _make([(5,), (4099,)], torch.float32, device)
+    second = _make([(5,), (4099,)], torch.bfloat16, device)
+    expected_first = [s.cpu().double() for s in first[0]]
+    expected_second = [s.cpu().double() for s in second[0]]
+    for step in range(3):
+        for (fisher, grads), expected in ((first, expected_first), (second, expected_second)):
+            expected[:] = [0.9 * e + 0.1 * g.cpu().double() ** 2 for e, g in zip(expected, grads)]
+            fisher_module.IMPLEMENTATIONS[name](fisher, grads, 0.9)
+            grads[:] = [(torch.randn_like(g.float()) * (step + 1)).to(g.dtype) for g in grads]
+    _assert_matches(first[0], expected_first)
+    _assert_matches(second[0], expected_second)
+
+
+@pytest.mark.parametrize("name", IMPLEMENTATIONS)
+def test_empty_lists_all_none_and_empty_tensors(name):
+    device = _device_for(name)
+    fisher_module.IMPLEMENTATIONS[name]([], [], 0.5)
+    fisher = [torch.rand(4, device=device), torch.rand(0, device=device)]
+    before = fisher[0].clone()
+    fisher_module.IMPLEMENTATIONS[name](fisher, [None, None], 0.5)
+    assert torch.equal(fisher[0], before)
+    fisher_module.IMPLEMENTATIONS[name](fisher, [None, torch.randn(0, device=device)], 0.5)
+    assert torch.equal(fisher[0], before)
+
+
+def test_public_function_dispatches_and_matches():
+    fisher, grads = _make([(3,), (2**20 + 1,), (7, 13)], torch.bfloat16, "cpu", none_at=(0,))
+    expected = _expected(fisher, grads, 0.95, 2.0)
+    aql_kernels.fisher_ema_(fisher, grads, 0.95, scale=2.0)
+    _assert_matches(fisher, expected)
+
+
+def test_opcheck():
+    fisher, grads = _make([(5,), (3, 4), (2,)], torch.float32, "cpu", none_at=(2,))
+    torch.library.opcheck(torch.ops.aql.fisher_ema_.default, (fisher, grads, 0.9, 2.0))
+    fisher, grads = _make([(5,), (3, 4)], torch.float16, "cpu")
+    torch.library.opcheck(torch.ops.aql.fisher_ema_.default, (fisher, grads, 0.0, 1.0))
+
+
+def test_torch_compile_fullgraph():
+    fisher, grads = _make([(5,), (3, 4), (129,)], torch.float32, "cpu", none_at=(1,))
+    eager = [f.clone() for f in fisher]
+    aql_kernels.fisher_ema_(eager, grads, 0.9, scale=0.5)
+
+    @torch.compile(fullgraph=True)
+    def step(states, gradients):
+        aql_kernels.fisher_ema_(states, gradients, 0.9, scale=0.5)
+
+    step(fisher, grads)
+    for actual, wanted in zip(fisher, eager):
+        torch.testing.assert_close(actual, wanted, rtol=1e-6, atol=0.0)
+
+
+_COMPILE_SCRIPT = r"""
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from aql_kernels import fisher
+signature = {"table": "*i64", "work": "*i64", "tensor_count": "i32", "decay": "fp32", "one_minus_decay": "fp32",
+             "scale": "fp32", "BLOCK": "constexpr", "ALIGNED": "constexpr"}
+out = {}
+for arch in (80, 90):
+    for aligned in (True, False):
+        source = ASTSource(fn=fisher._fisher_ema_kernel, signature=signature, constexprs={"BLOCK": fisher._BLOCK, "ALIGNED": aligned})
+        out[f"{arch}-{aligned}"] = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4}).asm["ptx"]
+json.dump(out, sys.stdout)
+"""
+
+
+def test_triton_kernel_compiles_for_the_gpu_and_vectorises():
+    """The interpreter does not run the compiler: this compiles the kernel ahead of time for sm_80 and
+    sm_90 (no device needed; in a fresh process, since TRITON_INTERPRET=1 replaces @triton.jit) and
+    checks that the aligned variant uses 16-byte accesses."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    done = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, env=env, cwd=root, timeout=300)
+    if done.returncode != 0 and "ptxas" in done.stderr:
+        pytest.skip(f"triton cannot assemble for the GPU here: {done.stderr[-300:]}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    ptx = json.loads(done.stdout)
+    for arch in (80, 90):
+        assert "ld.global.v4.b32" in ptx[f"{arch}-True"] and "st.global.v4.b32" in ptx[f"{arch}-True"]
+        assert "ld.global.v4" not in ptx[f"{arch}-False"]  # unaligned tensors: element-wise accesses, still correct
+
+
+@requires_cuda
+def test_cuda_one_launch_without_host_sync():
+    fisher, grads = _make([(5,), (2**20 + 1,), (7, 13), (3,)], torch.bfloat16, "cuda", none_at=(3,))
+    aql_kernels.fisher_ema_(fisher, grads, 0.9)  # builds and uploads the tables
+    expected = _expected(fisher, grads, 0.9, 1.0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        aql_kernels.fisher_ema_(fisher, grads, 0.9)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    _assert_matches(fisher, expected)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        aql_kernels.fisher_ema_(fisher, grads, 0.9)
+        torch.cuda.synchronize()
+    kernels = [e for e in profile.events() if e.device_type == torch.autograd.DeviceType.CUDA and "fisher" in e.name]
+    assert len(kernels) == 1, [e.name for e in kernels]
+
+
+# ---- bad input ------------------------------------------------------------------------------------
+def _ok():
+    return [torch.zeros(3), torch.zeros(2, 2)], [torch.ones(3), None]
+
+
+@pytest.mark.parametrize("function", [aql_kernels.fisher_ema_, *fisher_module.IMPLEMENTATIONS.values()])
+@pytest.mark.parametrize(
+    "mutate, error, match",
+    [
+        (lambda f, g: (f[0], g), TypeError, r"fisher must be a list of tensors, got Tensor"),
+        (lambda f, g: (f, g[0]), TypeError, r"grads must be a list of tensors or None, got Tensor"),
+        (lambda f, g: (f, g + [None]), ValueError, r"same length, got 2 and 3"),
+        (lambda f, g: (f, [torch.ones(4), None]), ValueError, r"grads\[0\] must have the shape of fisher\[0\] \(3,\), got \(4,\)"),
+        (lambda f, g: ([f[0].double(), f[1]], g), TypeError, r"fisher\[0\] must be float32, got torch.float64"),
+        (lambda f, g: ([f[0], torch.zeros(2, 2).t()], [g[0], torch.ones(2, 2)]), ValueError, r"fisher\[1\] must be contiguous"),
+        (lambda f, g: (f, [torch.ones(3, dtype=torch.int32), None]), TypeError, r"grads\[0\] must have dtype in \(float32, bfloat16, float16\), got torch.int32"),
+        (lambda f, g: (f, ["x", None]), TypeError, r"grads\[0\] must be a torch.Tensor or None, got str"),
+        (lambda f, g: ([f[0], "x"], g), TypeError, r"fisher\[1\] must be a torch.Tensor, got str"),
+        (lambda f, g: ([f[0], torch.zeros(2, 2, device="meta")], g), ValueError, r"fisher\[1\] must be on cpu \(like fisher\[0\]\), got meta"),
+        (lambda f, g: (f, [torch.ones(3, device="meta"), None]), ValueError, r"grads\[0\] must be on cpu \(like fisher\[0\]\), got meta"),
+    ],
+)
+def test_bad_lists(function, mutate, error, match):
+    fisher, grads = mutate(*_ok())
+    with pytest.raises(error, match=match):
+        function(fisher, grads, 0.9)
+
+
+@pytest.mark.parametrize("function", [aql_kernels.fisher_ema_, *fisher_module.IMPLEMENTATIONS.values()])
+@pytest.mark.parametrize(
+    "decay, scale, error, match",
+    [
+        (1.0, 1.0, ValueError, r"decay must be in \[0, 1\), got 1.0"),
+        (-0.1, 1.0, ValueError, r"decay must be in \[0, 1\), got -0.1"),
+        (float("nan"), 1.0, ValueError, r"decay must be in \[0, 1\), got nan"),
+        ("0.9", 1.0, TypeError, r"decay must be a float, got str '0.9'"),
+        (0.9, float("inf"), ValueError, r"scale must be finite in float32 \(\|scale\| <= 3.403e\+38\), got inf"),
+        (0.9, None, TypeError, r"scale must be a float, got NoneType"),
+        (0.9, 1e39, ValueError, r"scale must be finite in float32"),
+    ],
+)
+def test_bad_scalars(function, decay, scale, error, match):
+    fisher, grads = _ok()
+    with pytest.raises(error, match=r"aql_kernels\.fisher_ema_\w*: " + match):
+        function(fisher, grads, decay, scale=scale)
+
+
+@pytest.mark.parametrize("name", ["public", *IMPLEMENTATIONS])
+def test_same_state_twice_is_rejected(name):
+    function = aql_kernels.fisher_ema_ if name == "public" else fisher_module.IMPLEMENTATIONS[name]
+    device = "cpu" if name == "public" else _device_for(name)
+    state = torch.zeros(4, device=device)
+    with pytest.raises(ValueError, match=r"the same fisher tensor appears twice"):
+        function([state, state], [torch.ones(4, device=device), torch.ones(4, device=device)], 0.5)
+    assert torch.equal(state.cpu(), torch.zeros(4))
+
+
+@pytest.mark.skipif(not CPU.has("aql_fisher_ema"), reason="the CPU library is not built here")
+def test_native_library_checks_its_arguments():
+    import ctypes
+
+    from aql_kernels._native import NativeError
+
+    state = torch.zeros(4)
+    grad = torch.ones(4)
+    states = (ctypes.c_void_p * 1)(state.data_ptr())
+    grads = (ctypes.c_void_p * 1)(grad.data_ptr())
+    numels = (ctypes.c_int64 * 1)(4)
+    with pytest.raises(NativeError, match=r"grad_dtypes\[0\] must be 0 \(f32\), 1 \(bf16\) or 2 \(f16\), got 7"):
+        CPU.call("aql_fisher_ema", 1, states, grads, (ctypes.c_int32 * 1)(7), numels, 0.5, 1.0)
+    with pytest.raises(NativeError, match=r"decay must be in \[0, 1\), got 1"):
+        CPU.call("aql_fisher_ema", 1, states, grads, (ctypes.c_int32 * 1)(0), numels, 1.0, 1.0)
+    assert torch.equal(state, torch.zeros(4))
+
