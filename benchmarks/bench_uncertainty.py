@@ -1,0 +1,64 @@
+"""Cost of each uncertainty estimator relative to one plain forward pass of the same model: the
+overhead column of the design document's Experiment 1 (Laplace should be ~1.0x, 10-pass MC dropout
+~10x; DESIGN.md asks `LaplacianUncertainty.estimate` <= 1.2x).
+
+MNIST-1D-sized models (input 40, 10 classes), batch 512, evaluation mode, no gradient. Each case
+records `relative_to_forward` (its median over the forward's median, same model, same run).
+
+    python -m pytest benchmarks/bench_uncertainty.py --benchmark-only --benchmark-columns=median,iqr,rounds
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from aql.models import MNIST1DCNN
+from aql.uncertainty import EnsembleUncertainty, LaplacianUncertainty, MCDropoutUncertainty
+
+BATCH = 512
+CASES = ["forward", "laplace.estimate_uncertainty", "laplace.estimate", "mc_dropout x10", "ensemble x3"]
+_forward_medians: dict[tuple[str, str], float] = {}
+
+
+def _model(name: str) -> nn.Module:
+    if name == "mlp":
+        return nn.Sequential(nn.Linear(40, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Dropout(0.1), nn.Linear(256, 10))
+    return MNIST1DCNN(channels=(32, 32, 32), dropout=0.1)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                                      reason="needs a CUDA device (none here)"))])
+@pytest.mark.parametrize("model_name", ["mlp", "cnn"])
+@pytest.mark.parametrize("case", CASES)
+def test_estimator_cost(bench, case, model_name, device):
+    bench.benchmark.group = f"uncertainty {model_name} batch {BATCH} {device} (x of one forward)"
+    model = _model(model_name).to(device).eval()
+    data = torch.randn(BATCH, 40, device=device)
+    targets = torch.randint(0, 10, (BATCH,), device=device)
+    if case == "forward":
+        def run():
+            with torch.no_grad():
+                return model(data)
+    elif case.startswith("laplace"):
+        estimator = LaplacianUncertainty(model)
+        for _ in range(3):
+            estimator.update_fisher(data, targets)
+        run = estimator.estimate_uncertainty if case.endswith("estimate_uncertainty") else estimator.estimate
+        run = (lambda method: lambda: method(data))(run)
+    elif case.startswith("mc_dropout"):
+        estimator = MCDropoutUncertainty(model, n_samples=10)
+        run = lambda: estimator.estimate_uncertainty(data)  # noqa: E731
+    else:
+        estimator = EnsembleUncertainty(model, n_ensemble=3)
+        estimator.train_ensemble(data, targets)
+        run = lambda: estimator.estimate_uncertainty(data)  # noqa: E731
+    run()  # warm-up outside the timed rounds
+    bench(run, device=device, rounds=30)
+    median = bench.benchmark.stats.stats.median
+    key = (model_name, device)
+    if case == "forward":
+        _forward_medians[key] = median
+    elif key in _forward_medians:
+        bench.benchmark.extra_info["relative_to_forward"] = round(median / _forward_medians[key], 3)
