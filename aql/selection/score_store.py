@@ -1,0 +1,213 @@
+"""A per-sample score table and the between-epoch subset it selects.
+
+The training forward already produces per-sample scores (`aql_kernels.cross_entropy_with_scores`
+returns the loss, EL2N, entropy, ... of every sample of the batch), so the table is filled for free:
+`update(indices, scores)` writes them at their dataset indices without a host synchronisation.
+Between epochs `next_subset()` picks what to train on next: the exact top of the stored scores
+(`aql_kernels.topk_indices`) plus a uniformly random exploration share of the rest, with importance
+weights for the explored part.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+import aql_kernels
+
+__all__ = ["ScoreStore", "Subset"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Input checks shared by the selectors of this package. Each raises a TypeError / ValueError that
+# names the class or method, the argument, what was expected and what came.
+
+
+def _check_number(where: str, name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"aql.selection.{where}: {name} must be a float, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def _check_interval(where: str, name: str, value, low: float, high: float, *, low_open: bool, high_open: bool) -> float:
+    value = _check_number(where, name, value)
+    low_ok = value > low if low_open else value >= low
+    high_ok = value < high if high_open else value <= high
+    if not (low_ok and high_ok):
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"aql.selection.{where}: {name} must be in {interval}, got {value}")
+    return value
+
+
+def _check_int(where: str, name: str, value, *, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"aql.selection.{where}: {name} must be an int, got {type(value).__name__} {value!r}")
+    if value < low:
+        raise ValueError(f"aql.selection.{where}: {name} must be >= {low}, got {value}")
+    return value
+
+
+def _check_tensor(where: str, name: str, value, *, ndim: int | None = None, dtypes=None) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"aql.selection.{where}: {name} must be a torch.Tensor, got {type(value).__name__}")
+    if ndim is not None and value.dim() != ndim:
+        raise ValueError(f"aql.selection.{where}: {name} must be {ndim}-D, got shape {tuple(value.shape)}")
+    if dtypes is not None and value.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"aql.selection.{where}: {name} must have dtype in ({names}), got {value.dtype}")
+    return value
+
+
+def _round_half_up(x: float) -> int:
+    # floor(x + 1/2) with a guard against 0.2 * 10 == 2.0000000000000004 style representation error;
+    # Python's round() rounds halves to even, which would make subset sizes depend on parity.
+    return int(math.floor(x + 0.5 + 1e-9))
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+class Subset(NamedTuple):
+    """The samples to train on next: dataset `indices` (int64, ascending) and a float32 importance
+    weight for each (1 for the deterministic top part, rest_size / n_explore for explored ones)."""
+
+    indices: torch.Tensor
+    weights: torch.Tensor
+
+
+class ScoreStore:
+    """A float32 score per dataset sample, and the subset of ``query_budget * N`` samples it selects.
+
+    ``next_subset()`` returns ``k = floor(query_budget * N + 1/2)`` (at least 1) indices:
+
+    * the top part: ``n_top = k - n_explore`` indices, the exact top of the stored scores
+      (``aql_kernels.topk_indices``: NaN ranks lowest, ties go to the lowest index), weight 1;
+    * the explored part: ``n_explore = floor(exploration * k + 1/2)`` indices drawn uniformly without
+      replacement from the ``rest = N - n_top`` others, weight ``rest / n_explore`` (the inverse of a
+      rest sample's inclusion probability), so that ``sum(weights * x)`` over the subset estimates the
+      sum of ``x`` over the whole data set without bias for the explored part.
+
+    Never-seen samples hold ``unseen_score`` (+inf by default) and so fill the top part first; while
+    never-seen samples remain outside the top part, the explored slots also go to never-seen samples
+    (uniformly among them) before seen ones. Every epoch therefore visits ``k`` new samples until all
+    have been seen: over the first ``ceil(N / k)`` (= ``1 / query_budget``) epochs each sample is
+    visited once. During that coverage phase the explored weights keep the formula above, which then
+    is the weight of a uniform draw rather than an exact inverse probability.
+
+    ``update(indices, scores)`` writes scores (float32, e.g. the per-sample loss or EL2N from the
+    training forward) without a host synchronisation; an index outside ``[0, N)`` raises from torch's
+    own bounds check (an IndexError on CPU, a device-side assertion on CUDA). Repeated indices in one
+    call leave one of their values (which one is unspecified on CUDA). Keep the store on the device of
+    the scores: tensors from another device are copied with ``non_blocking=True``.
+
+    Any budget in (0, 1] is honoured exactly, 20% included (a loss-below-the-mean pruning rule such
+    as InfoBatch's keeps at least the samples above the mean and so cannot go that low).
+
+    ``state_dict()`` holds the table, the seen flags, the epoch counter and the random generator's
+    state, so a resumed run selects exactly the subsets an uninterrupted run would have.
+    """
+
+    def __init__(self, num_samples: int, *, query_budget: float = 0.2, exploration: float = 0.1,
+                 device: str | torch.device = "cpu", seed: int = 0, unseen_score: float = math.inf):
+        where = "ScoreStore"
+        self.num_samples = _check_int(where, "num_samples", num_samples, low=1)
+        self.query_budget = _check_interval(where, "query_budget", query_budget, 0.0, 1.0, low_open=True, high_open=False)
+        self.exploration = _check_interval(where, "exploration", exploration, 0.0, 1.0, low_open=False, high_open=True)
+        self.seed = _check_int(where, "seed", seed, low=0)
+        self.unseen_score = _check_number(where, "unseen_score", unseen_score)
+        try:
+            self.device = torch.device(device)
+        except (TypeError, RuntimeError) as error:
+            raise ValueError(f"aql.selection.ScoreStore: device must name a torch device, got {device!r} ({error})") from None
+
+        self.num_selected = max(1, _round_half_up(self.query_budget * self.num_samples))
+        self.num_explore = _round_half_up(self.exploration * self.num_selected)
+        self.num_top = self.num_selected - self.num_explore
+        self._explore_weight = (self.num_samples - self.num_top) / self.num_explore if self.num_explore else 1.0
+
+        self.scores = torch.full((self.num_samples,), self.unseen_score, dtype=torch.float32, device=self.device)
+        self.seen = torch.zeros(self.num_samples, dtype=torch.bool, device=self.device)
+        self.epoch = 0
+        self._generator = torch.Generator(device=self.device)
+        self._generator.manual_seed(self.seed)
+
+    # -- writing ------------------------------------------------------------------------------------
+
+    def update(self, indices: torch.Tensor, scores: torch.Tensor) -> None:
+        """Store ``scores[i]`` as the score of dataset sample ``indices[i]`` (no host synchronisation)."""
+        where = "ScoreStore.update"
+        _check_tensor(where, "indices", indices, ndim=1, dtypes=(torch.int64,))
+        _check_tensor(where, "scores", scores, ndim=1, dtypes=(torch.float32,))
+        if indices.shape[0] != scores.shape[0]:
+            raise ValueError(f"aql.selection.{where}: indices and scores must have the same length, "
+                             f"got {indices.shape[0]} and {scores.shape[0]}")
+        indices = indices.to(self.device, non_blocking=True)
+        scores = scores.detach().to(self.device, non_blocking=True)
+        self.scores.index_copy_(0, indices, scores)
+        self.seen.index_fill_(0, indices, True)
+
+    # -- selecting ----------------------------------------------------------------------------------
+
+    def next_subset(self) -> Subset:
+        """The subset for the next epoch (see the class docstring); advances the random generator."""
+        top = aql_kernels.topk_indices(self.scores, self.num_top)
+        if self.num_explore:
+            # Uniform keys in [0, 1) for seen samples and [2, 3) for never-seen ones; the top part gets
+            # -1. The n_explore largest keys are then a uniform sample of the never-seen rest, topped up
+            # with a uniform sample of the seen rest (exact: topk of i.i.d. keys is a uniform subset).
+            keys = torch.rand(self.num_samples, generator=self._generator, device=self.device)
+            keys = keys + 2.0 * (~self.seen).to(keys.dtype)
+            keys.index_fill_(0, top, -1.0)
+            explore = aql_kernels.topk_indices(keys, self.num_explore)
+            indices = torch.cat([top, explore])
+            weights = torch.cat([
+                torch.ones(self.num_top, dtype=torch.float32, device=self.device),
+                torch.full((self.num_explore,), self._explore_weight, dtype=torch.float32, device=self.device),
+            ])
+            indices, order = torch.sort(indices)
+            weights = weights[order]
+        else:
+            indices = top
+            weights = torch.ones(self.num_top, dtype=torch.float32, device=self.device)
+        self.epoch += 1
+        return Subset(indices, weights)
+
+    # -- persistence --------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {
+            "num_samples": self.num_samples,
+            "query_budget": self.query_budget,
+            "exploration": self.exploration,
+            "seed": self.seed,
+            "unseen_score": self.unseen_score,
+            "epoch": self.epoch,
+            "scores": self.scores.clone(),
+            "seen": self.seen.clone(),
+            "generator": self._generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        where = "ScoreStore.load_state_dict"
+        if not isinstance(state, dict):
+            raise TypeError(f"aql.selection.{where}: state must be a dict, got {type(state).__name__}")
+        missing = {"num_samples", "query_budget", "exploration", "epoch", "scores", "seen", "generator"} - state.keys()
+        if missing:
+            raise ValueError(f"aql.selection.{where}: state lacks keys {sorted(missing)}")
+        for key in ("num_samples", "query_budget", "exploration"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"aql.selection.{where}: {key} must match this store's {getattr(self, key)!r}, "
+                                 f"got {state[key]!r}")
+        _check_tensor(where, "state['scores']", state["scores"], ndim=1, dtypes=(torch.float32,))
+        _check_tensor(where, "state['seen']", state["seen"], ndim=1, dtypes=(torch.bool,))
+        if state["scores"].shape[0] != self.num_samples or state["seen"].shape[0] != self.num_samples:
+            raise ValueError(f"aql.selection.{where}: state['scores'] and state['seen'] must have length "
+                             f"{self.num_samples}, got {state['scores'].shape[0]} and {state['seen'].shape[0]}")
+        self.scores.copy_(state["scores"])
+        self.seen.copy_(state["seen"])
+        self.epoch = int(state["epoch"])
+        self.seed = int(state.get("seed", self.seed))
+        self.unseen_score = float(state.get("unseen_score", self.unseen_score))
+        self._generator.set_state(state["generator"])
