@@ -1,0 +1,258 @@
+"""Datasets for the trainer. Every dataset returns `(x, y, index)` so that per-sample scores can be
+written back to the sample they belong to (`aql.selection.ScoreStore`).
+
+- MNIST-1D, generated locally with the `mnist1d` package (`make_dataset`, never its downloading
+  `get_dataset`) and cached as an .npz under a cache directory.
+- Text: WikiText-103 through Hugging Face `datasets` in streaming mode, local text files, or any
+  `datasets.Dataset` with a text column; tokenised with the GPT-2 tokenizer when it loads from the local
+  cache and a byte-level tokenizer otherwise; cut into fixed-length sequences (x = tokens[:-1],
+  y = tokens[1:]).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+__all__ = [
+    "IndexedTensorDataset",
+    "ByteTokenizer",
+    "load_tokenizer",
+    "mnist1d_datasets",
+    "token_sequences",
+    "sequence_dataset",
+    "text_file_dataset",
+    "hf_text_dataset",
+    "wikitext103_dataset",
+    "build_datasets",
+]
+
+
+class IndexedTensorDataset(Dataset):
+    """Inputs and targets held as tensors; item i is `(inputs[i], targets[i], i)`.
+
+    `gather(indices)` returns whole batches by one index operation (the trainer uses it instead of a
+    per-sample DataLoader, which on MNIST-1D sized inputs costs more than the model).
+    `ignore_index` marks target positions that carry no loss (text padding); `tokens_per_sample` is the
+    number of target positions per sample (1 for classification, seq_len for text).
+    """
+
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100, name: str = "data"):
+        if not isinstance(inputs, torch.Tensor) or not isinstance(targets, torch.Tensor):
+            raise TypeError(f"aql.data.IndexedTensorDataset: inputs and targets must be tensors, got {type(inputs).__name__}, {type(targets).__name__}")
+        if inputs.shape[0] != targets.shape[0]:
+            raise ValueError(f"aql.data.IndexedTensorDataset: inputs and targets must have the same length, got {inputs.shape[0]} and {targets.shape[0]}")
+        self.inputs = inputs
+        self.targets = targets
+        self.ignore_index = ignore_index
+        self.name = name
+
+    def __len__(self) -> int:
+        return self.inputs.shape[0]
+
+    def __getitem__(self, index: int):
+        return self.inputs[index], self.targets[index], index
+
+    def gather(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.inputs[indices], self.targets[indices]
+
+    @property
+    def tokens_per_sample(self) -> int:
+        return int(np.prod(self.targets.shape[1:])) if self.targets.dim() > 1 else 1
+
+    def __repr__(self) -> str:
+        return f"IndexedTensorDataset({self.name}, n={len(self)}, x={tuple(self.inputs.shape[1:])}, y={tuple(self.targets.shape[1:])})"
+
+
+# ----------------------------------------------------------------------------------------------- MNIST-1D
+def _mnist1d_arrays(num_samples: int, train_split: float, seed: int, cache_dir: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Generates (or reads from the cache) the MNIST-1D arrays x, y, x_test, y_test."""
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args(as_dict=True)
+    args.update(num_samples=int(num_samples), train_split=float(train_split), seed=int(seed))
+    args.pop("url", None)  # only the download path uses it
+    key = hashlib.sha256(json.dumps(args, sort_keys=True).encode()).hexdigest()[:16]
+    cache = Path(cache_dir) / f"mnist1d_{num_samples}_{key}.npz"
+    if cache.is_file():
+        with np.load(cache) as stored:
+            return {name: stored[name] for name in ("x", "y", "x_test", "y_test")}
+    # make_dataset reseeds the global numpy / python generators; keep the caller's streams intact.
+    numpy_state, python_state = np.random.get_state(), random.getstate()
+    try:
+        from mnist1d.utils import ObjectView
+
+        arrays = make_dataset(ObjectView(dict(args)))
+    finally:
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)
+    out = {name: np.asarray(arrays[name]) for name in ("x", "y", "x_test", "y_test")}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    temporary = cache.with_suffix(f".tmp{os.getpid()}.npz")
+    np.savez(temporary, **out)
+    os.replace(temporary, cache)
+    return out
+
+
+def mnist1d_datasets(num_samples: int = 10000, *, train_split: float = 0.8, val_fraction: float = 0.1, seed: int = 42,
+                     cache_dir: str | os.PathLike = "data_cache") -> tuple[IndexedTensorDataset, IndexedTensorDataset | None, IndexedTensorDataset]:
+    """MNIST-1D as (train, val, test): x float32 [n, 40], y int64 [n].
+
+    `num_samples` is split into train and test by `train_split`; `val_fraction` of the train part is
+    held out as val (None when 0). Generated by `mnist1d.data.make_dataset` (no network), cached.
+    """
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 20:
+        raise ValueError(f"aql.data.mnist1d_datasets: num_samples must be an int >= 20, got {num_samples!r}")
+    if not 0.0 < train_split < 1.0:
+        raise ValueError(f"aql.data.mnist1d_datasets: train_split must be in (0, 1), got {train_split!r}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"aql.data.mnist1d_datasets: val_fraction must be in [0, 1), got {val_fraction!r}")
+    arrays = _mnist1d_arrays(num_samples, train_split, seed, cache_dir)
+    x = torch.from_numpy(arrays["x"]).float()
+    y = torch.from_numpy(arrays["y"]).long()
+    n_val = int(round(val_fraction * x.shape[0]))
+    train = IndexedTensorDataset(x[n_val:].contiguous(), y[n_val:].contiguous(), name="mnist1d/train")
+    val = IndexedTensorDataset(x[:n_val].contiguous(), y[:n_val].contiguous(), name="mnist1d/val") if n_val else None
+    test = IndexedTensorDataset(torch.from_numpy(arrays["x_test"]).float(), torch.from_numpy(arrays["y_test"]).long(), name="mnist1d/test")
+    return train, val, test
+
+
+# --------------------------------------------------------------------------------------------------- text
+class ByteTokenizer:
+    """UTF-8 bytes as tokens 0..255, end-of-text 256: works everywhere, vocabulary 257."""
+
+    name = "byte"
+    vocab_size = 257
+    eos_id = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+
+class _HFTokenizer:
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+        self.name = "gpt2"
+        self.vocab_size = len(tokenizer)
+        self.eos_id = tokenizer.eos_token_id
+
+    def encode(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=False)
+
+
+def load_tokenizer(name: str = "auto"):
+    """`gpt2`: the GPT-2 BPE from the local Hugging Face cache (raises if absent; nothing downloads);
+    `byte`: `ByteTokenizer`; `auto`: GPT-2 when it loads offline, else bytes."""
+    if name not in ("auto", "gpt2", "byte"):
+        raise ValueError(f"aql.data.load_tokenizer: name must be one of auto, gpt2, byte, got {name!r}")
+    if name == "byte":
+        return ByteTokenizer()
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained("gpt2", local_files_only=True)
+        tokenizer.model_max_length = int(1e30)  # we cut sequences ourselves; silence the length warning
+        return _HFTokenizer(tokenizer)
+    except Exception as error:  # OSError when not cached, ImportError without transformers
+        if name == "gpt2":
+            raise RuntimeError(f"aql.data.load_tokenizer: the GPT-2 tokenizer is not in the local Hugging Face cache ({error}); "
+                               "run once with network to cache it, or use data.tokenizer=byte") from error
+        return ByteTokenizer()
+
+
+def token_sequences(texts: Iterable[str], tokenizer, seq_len: int, *, max_tokens: int = 0) -> torch.Tensor:
+    """Tokenises `texts` (end-of-text between documents), concatenates them and cuts windows of
+    seq_len + 1 tokens (the last token of one window starts the next); int64 [n, seq_len + 1].
+    Stops reading once max_tokens tokens are in (0 = read everything); a short tail is dropped."""
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        raise ValueError(f"aql.data.token_sequences: seq_len must be an int >= 1, got {seq_len!r}")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
+        raise ValueError(f"aql.data.token_sequences: max_tokens must be an int >= 0, got {max_tokens!r}")
+    buffer: list[int] = []
+    for text in texts:
+        if not isinstance(text, str):
+            raise TypeError(f"aql.data.token_sequences: texts must yield str, got {type(text).__name__}")
+        if not text.strip():
+            continue
+        buffer.extend(tokenizer.encode(text))
+        buffer.append(tokenizer.eos_id)
+        if max_tokens and len(buffer) >= max_tokens:
+            del buffer[max_tokens:]
+            break
+    n = (len(buffer) - 1) // seq_len if buffer else 0
+    if n < 1:
+        return torch.empty(0, seq_len + 1, dtype=torch.long)
+    tokens = torch.tensor(buffer[: n * seq_len + 1], dtype=torch.long)
+    return tokens.unfold(0, seq_len + 1, seq_len).contiguous()
+
+
+def sequence_dataset(texts: Iterable[str], tokenizer, seq_len: int, *, max_tokens: int = 0, name: str = "text") -> IndexedTensorDataset:
+    """`(x, y, i)` with x = window[:-1], y = window[1:], both int64 [seq_len]."""
+    windows = token_sequences(texts, tokenizer, seq_len, max_tokens=max_tokens)
+    if windows.shape[0] == 0:
+        raise ValueError(f"aql.data.sequence_dataset: {name} holds fewer than seq_len + 1 = {seq_len + 1} tokens")
+    return IndexedTensorDataset(windows[:, :-1].contiguous(), windows[:, 1:].contiguous(), name=name)
+
+
+def _read_lines(paths: Iterable[str | os.PathLike]) -> Iterator[str]:
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"aql.data.text_file_dataset: no text file at {path}")
+        with path.open("r", encoding="utf-8", errors="replace") as handle:
+            yield from handle
+
+
+def text_file_dataset(paths, tokenizer, seq_len: int, *, max_tokens: int = 0) -> IndexedTensorDataset:
+    """Local UTF-8 text files, line by line, as fixed-length token sequences."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    return sequence_dataset(_read_lines(paths), tokenizer, seq_len, max_tokens=max_tokens, name="text_files")
+
+
+def hf_text_dataset(dataset, tokenizer, seq_len: int, *, text_column: str = "text", max_tokens: int = 0, name: str = "hf") -> IndexedTensorDataset:
+    """Any Hugging Face `datasets.Dataset` / `IterableDataset` (streaming) with a text column."""
+    def texts():
+        for row in dataset:
+            if text_column not in row:
+                raise KeyError(f"aql.data.hf_text_dataset: rows have no column {text_column!r} (columns: {', '.join(row)})")
+            yield row[text_column]
+
+    return sequence_dataset(texts(), tokenizer, seq_len, max_tokens=max_tokens, name=name)
+
+
+def wikitext103_dataset(split: str, tokenizer, seq_len: int, *, max_tokens: int = 0) -> IndexedTensorDataset:
+    """WikiText-103 (raw) streamed from the Hugging Face hub, the first max_tokens tokens of `split`."""
+    if split not in ("train", "validation", "test"):
+        raise ValueError(f"aql.data.wikitext103_dataset: split must be train, validation or test, got {split!r}")
+    from datasets import load_dataset
+
+    stream = load_dataset("wikitext", "wikitext-103-raw-v1", split=split, streaming=True)
+    return hf_text_dataset(stream, tokenizer, seq_len, max_tokens=max_tokens, name=f"wikitext103/{split}")
+
+
+def build_datasets(data_config, *, tokenizer=None):
+    """(train, val, test) for a `DataConfig`; val / test may be None (text_files without them)."""
+    if data_config.name == "mnist1d":
+        return mnist1d_datasets(data_config.num_samples, train_split=data_config.train_split, val_fraction=data_config.val_fraction,
+                                seed=data_config.data_seed, cache_dir=data_config.cache_dir)
+    tokenizer = tokenizer or load_tokenizer(data_config.tokenizer)
+    seq_len = data_config.seq_len
+    if data_config.name == "wikitext103":
+        return (wikitext103_dataset("train", tokenizer, seq_len, max_tokens=data_config.max_train_tokens),
+                wikitext103_dataset("validation", tokenizer, seq_len, max_tokens=data_config.max_eval_tokens),
+                wikitext103_dataset("test", tokenizer, seq_len, max_tokens=data_config.max_eval_tokens))
+    if data_config.name == "text_files":
+        train = text_file_dataset(data_config.text_files, tokenizer, seq_len, max_tokens=data_config.max_train_tokens)
+        val = text_file_dataset(data_config.val_text_files, tokenizer, seq_len, max_tokens=data_config.max_eval_tokens) if data_config.val_text_files else None
+        test = text_file_dataset(data_config.test_text_files, tokenizer, seq_len, max_tokens=data_config.max_eval_tokens) if data_config.test_text_files else None
+        return train, val, test
+    raise ValueError(f"aql.data.build_datasets: unknown data.name {data_config.name!r}")

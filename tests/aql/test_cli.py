@@ -1,0 +1,100 @@
+"""`python -m aql`: info, a tiny train through --set, config errors as exit code 2, a tiny demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from aql.cli import backends_table, info_text, main
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO = str(ROOT / "configs" / "mnist1d_demo.yaml")
+
+
+@pytest.fixture(autouse=True)
+def _offline_one_thread(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)  # the demo config sets training.cpu_threads
+
+
+def tiny(tmp_path, *extra):
+    return ["--set", "data.num_samples=300", "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", "training.epochs=2",
+            "--set", "model.channels=[8, 8]", "--set", "training.batch_size=32", *extra]
+
+
+def test_info_lists_backends_versions_and_devices(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    for name in ("triton", "cpu_library", "cuda_library", "cuda_device", "torch", "python", "mnist1d", "cpu"):
+        assert name in out, name
+    assert torch.__version__ in out
+    assert backends_table().splitlines()[0].split() == ["backend", "available", "detail"]
+    assert info_text().startswith(backends_table())
+
+
+def test_module_entry_point_runs():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-m", "aql", "info"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "backend" in done.stdout and "cuda_device" in done.stdout
+
+
+def test_tiny_train_through_set(tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    code = main(["train", "--config", DEMO, *tiny(tmp_path, "--set", "aql_v2.selection_strategy=stale",
+                                                    "--set", f"logging.output_dir={out_dir}")])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "test_accuracy" in printed and "overhead_pct" in printed
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    final = records[-1]
+    assert final["event"] == "fit" and final["strategy"] == "stale" and final["epochs"] == 2
+    assert final["samples_backpropagated"] == 2 * round(0.2 * 216)  # 300 -> 240 train -> 216 after val
+    state = torch.load(out_dir / "checkpoint.pt", weights_only=False)
+    assert state["epoch"] == 2 and state["config"]["training"]["batch_size"] == 32
+    # --resume on a finished run trains nothing more
+    assert main(["train", "--config", DEMO, *tiny(tmp_path, "--set", "aql_v2.selection_strategy=stale",
+                                                    "--set", f"logging.output_dir={out_dir}"), "--resume"]) == 0
+    assert torch.load(out_dir / "checkpoint.pt", weights_only=False)["step"] == state["step"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("training.batch_size=many", "training.batch_size: expected an integer, got 'many'"),
+    ("aql_v2.query_budget=0", "aql_v2.query_budget: 0.0 is outside (0.0, 1.0]"),
+    ("aql_v2.selection_strategy=greedy", "aql_v2.selection_strategy: 'greedy' is not allowed"),
+])
+def test_config_errors_exit_2_with_the_message(override, message, capsys):
+    assert main(["train", "--config", DEMO, "--set", override]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_config_file(tmp_path, capsys):
+    assert main(["train", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "no config file" in capsys.readouterr().err
+
+
+def test_tiny_demo_writes_the_plot(tmp_path, capsys):
+    code = main(["demo", "--output-dir", str(tmp_path / "demo"), *tiny(tmp_path, "--set", "training.epochs=5")])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert out.index("backend") < out.index("== baseline")  # the backends table comes first
+    for name in ("baseline", "aql", "baseline_short"):
+        assert f"== {name}" in out
+    plot = tmp_path / "demo" / "demo_accuracy_vs_samples.png"
+    assert f"plot: {plot}" in out
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
+    # 300 samples -> 240 train -> 216 after val; AQL takes round(0.2 * 216) = 43 per epoch
+    assert summary["baseline"]["samples_backpropagated"] == 5 * 216
+    assert summary["aql"]["samples_backpropagated"] == 5 * 43
+    assert summary["baseline_short"]["samples_backpropagated"] == 1 * 216  # round(5 * 0.2) epochs of all data
+    assert summary["baseline"]["overhead_pct"] == 0.0 and summary["aql"]["overhead_pct"] > 0.0

@@ -1,0 +1,158 @@
+"""aql.config: the template loads as-is, every rule rejects with a message naming key, value and rule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from aql.config import Config, ConfigError, config_from_dict, load_config, parse_override
+
+ROOT = Path(__file__).resolve().parents[2]
+TEMPLATE = ROOT / "configs" / "aql_v2_config.yaml"
+DEMO = ROOT / "configs" / "mnist1d_demo.yaml"
+
+
+def test_template_is_the_design_documents_and_loads_as_is():
+    design = (ROOT.parent / "shared" / "seed" / "aql_v2_design.md")
+    text = TEMPLATE.read_text(encoding="utf-8")
+    if design.is_file():  # the shipped file starts with the template, verbatim
+        doc = design.read_text(encoding="utf-8")
+        start = doc.index("# configs/aql_v2_config.yaml")
+        assert text.startswith(doc[start:doc.index("```", start)])
+    raw = yaml.safe_load(text)
+    assert raw["training"]["learning_rate"] == "3e-4"  # why float fields take numeric strings
+    config = load_config(TEMPLATE)
+    assert isinstance(config, Config)
+    assert config.model.type == "gpt2" and config.model.n_layers == 12 and config.model.vocab_size == 50257
+    assert isinstance(config.training.learning_rate, float) and config.training.learning_rate == pytest.approx(3e-4)
+    assert config.training.gradient_accumulation == 4 and config.training.max_steps == 50000
+    assert config.aql_v2.selection_strategy == "streaming" and config.aql_v2.query_budget == 0.2
+    assert config.aql_v2.difficulty_stages == [0.3, 0.6, 1.0]
+    assert config.logging.wandb_project == "efficient-llm-training"
+    assert config.logging.wandb_tags == ["aql-v2", "wikitext-103"]
+
+
+def test_demo_config_loads():
+    config = load_config(DEMO)
+    assert config.model.type == "mnist1d_cnn" and config.data.name == "mnist1d"
+    assert config.aql_v2.query_budget == 0.2 and config.logging.wandb_project is None
+
+
+def test_defaults_and_empty_file(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert load_config(empty) == Config()
+    assert load_config(None) == Config()
+
+
+@pytest.mark.parametrize("value, expected", [("3e-4", 3e-4), ("1.5E-3", 1.5e-3), (2, 2.0), ("7", 7.0)])
+def test_float_fields_accept_numbers_and_numeric_strings(value, expected):
+    config = config_from_dict({"training": {"learning_rate": value}})
+    assert isinstance(config.training.learning_rate, float)
+    assert config.training.learning_rate == pytest.approx(expected)
+
+
+# (raw mapping, fragments the message must hold)
+BAD = [
+    ({"modle": {}}, ["modle", "unknown", "model"]),
+    ({"training": {"batch_sise": 3}}, ["training.batch_sise", "unknown", "batch_size"]),
+    ({"training": {"batch_size": "64"}}, ["training.batch_size", "'64'", "integer"]),
+    ({"training": {"batch_size": 6.5}}, ["training.batch_size", "6.5", "integer"]),
+    ({"training": {"batch_size": True}}, ["training.batch_size", "True", "integer"]),
+    ({"training": {"learning_rate": "fast"}}, ["training.learning_rate", "'fast'", "number"]),
+    ({"training": {"learning_rate": "nan"}}, ["training.learning_rate", "finite"]),
+    ({"training": {"learning_rate": 0}}, ["training.learning_rate", "0.0", "outside"]),
+    ({"training": {"batch_size": 0}}, ["training.batch_size", "0", ">= 1"]),
+    ({"training": {"gradient_accumulation": 0}}, ["training.gradient_accumulation", ">= 1"]),
+    ({"training": {"precision": "fp8"}}, ["training.precision", "'fp8'", "bf16"]),
+    ({"aql_v2": {"query_budget": 0}}, ["aql_v2.query_budget", "0.0", "(0.0, 1.0]"]),
+    ({"aql_v2": {"query_budget": 1.5}}, ["aql_v2.query_budget", "1.5", "(0.0, 1.0]"]),
+    ({"aql_v2": {"query_budget": -0.2}}, ["aql_v2.query_budget", "-0.2"]),
+    ({"aql_v2": {"fisher_ema_decay": 1.0}}, ["aql_v2.fisher_ema_decay", "1.0", "[0.0, 1.0)"]),
+    ({"aql_v2": {"fisher_ema_decay": -0.01}}, ["aql_v2.fisher_ema_decay", "-0.01", "[0.0, 1.0)"]),
+    ({"aql_v2": {"uncertainty_method": "bayes"}}, ["aql_v2.uncertainty_method", "'bayes'", "laplace", "ensemble", "mc_dropout"]),
+    ({"aql_v2": {"selection_strategy": "random"}}, ["aql_v2.selection_strategy", "'random'", "none", "stale", "streaming", "curriculum"]),
+    ({"aql_v2": {"score": "margin"}}, ["aql_v2.score", "'margin'", "loss", "entropy", "el2n"]),
+    ({"aql_v2": {"exploration": 1.2}}, ["aql_v2.exploration", "1.2"]),
+    ({"aql_v2": {"difficulty_stages": [0.6, 0.3]}}, ["aql_v2.difficulty_stages", "increasing"]),
+    ({"aql_v2": {"difficulty_stages": [0.5, 1.5]}}, ["aql_v2.difficulty_stages", "(0, 1]"]),
+    ({"aql_v2": {"difficulty_stages": "0.3"}}, ["aql_v2.difficulty_stages", "list"]),
+    ({"aql_v2": {"curriculum_enabled": "yes please"}}, ["aql_v2.curriculum_enabled", "true or false"]),
+    ({"aql_v2": {"selection_strategy": "curriculum", "curriculum_enabled": False}}, ["aql_v2.curriculum_enabled", "curriculum"]),
+    ({"logging": {"wandb_tags": "aql"}}, ["logging.wandb_tags", "list"]),
+    ({"logging": {"wandb_project": ""}}, ["logging.wandb_project", "null"]),
+    ({"logging": "often"}, ["logging", "mapping"]),
+    ({"model": {"type": "resnet"}}, ["model.type", "'resnet'", "mnist1d_cnn", "gpt2"]),
+    ({"model": {"d_model": 100, "n_heads": 12}}, ["model.d_model", "n_heads"]),
+    ({"model": {"channels": [8, 0]}}, ["model.channels[1]", ">= 1"]),
+    ({"data": {"name": "mnist1d"}}, ["data.name", "'mnist1d'", "gpt2"]),
+    ({"model": {"type": "mnist1d_cnn"}, "data": {"name": "mnist1d", "num_samples": 5}}, ["data.num_samples", ">= 20"]),
+    ({"data": {"seq_len": 2048}}, ["data.seq_len", "n_positions"]),
+    ({"data": {"name": "text_files"}}, ["data.text_files", "at least one"]),
+    ({"device": "tpu"}, ["device", "'tpu'", "cuda"]),
+    ({"seed": "zero"}, ["seed", "'zero'", "integer"]),
+]
+
+
+@pytest.mark.parametrize("raw, fragments", BAD, ids=[next(iter(r)) + ":" + str(r[next(iter(r))])[:40] for r, _ in BAD])
+def test_each_rule_rejects_with_a_message_naming_key_and_value(raw, fragments):
+    with pytest.raises(ConfigError) as caught:
+        config_from_dict(raw)
+    assert isinstance(caught.value, ValueError)
+    for fragment in fragments:
+        assert fragment in str(caught.value), (fragment, str(caught.value))
+
+
+def test_overrides_are_yaml_scalars_validated_like_the_file():
+    config = load_config(TEMPLATE, ["training.batch_size=64", "training.learning_rate=1e-3", "aql_v2.selection_strategy=stale",
+                                    "logging.wandb_project=null", "aql_v2.difficulty_stages=[0.5, 1.0]", "seed=7",
+                                    "training.epochs=3"])
+    assert config.training.batch_size == 64 and config.training.learning_rate == pytest.approx(1e-3)
+    assert config.aql_v2.selection_strategy == "stale" and config.logging.wandb_project is None
+    assert config.aql_v2.difficulty_stages == [0.5, 1.0] and config.seed == 7 and config.training.epochs == 3
+    # the file itself is untouched by overrides
+    assert load_config(TEMPLATE).training.batch_size == 32
+
+
+@pytest.mark.parametrize("override, fragments", [
+    ("training.batch_size=big", ["training.batch_size", "'big'", "integer"]),
+    ("aql_v2.query_budget=2", ["aql_v2.query_budget", "2.0", "(0.0, 1.0]"]),
+    ("training.batchsize=3", ["training.batchsize", "unknown"]),
+    ("trainin.batch_size=3", ["trainin", "unknown section"]),
+    ("training=3", ["training", "section"]),
+    ("training.batch_size", ["section.key=value"]),
+    ("a.b.c=1", ["section.key"]),
+    ("training.batch_size={a: 1}", ["one key at a time"]),
+])
+def test_bad_overrides(override, fragments):
+    with pytest.raises(ConfigError) as caught:
+        load_config(DEMO, [override])
+    for fragment in fragments:
+        assert fragment in str(caught.value), (fragment, str(caught.value))
+
+
+def test_parse_override():
+    assert parse_override("training.batch_size=64") == (["training", "batch_size"], 64)
+    assert parse_override("logging.wandb_project=null") == (["logging", "wandb_project"], None)
+    assert parse_override("device=cuda:1") == (["device"], "cuda:1")
+    assert parse_override("training.learning_rate=3e-4") == (["training", "learning_rate"], "3e-4")
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config file"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "list.yaml"
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(bad)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("training: {batch_size: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(broken)
+
+
+def test_to_dict_round_trips():
+    config = load_config(DEMO)
+    assert config_from_dict(config.to_dict()) == config
