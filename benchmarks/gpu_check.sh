@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# GPU check: build the native libraries in place, run the test suite with real compiled Triton and
+# the CUDA selector, run the GPU benchmarks, and print a short table. Needs a CUDA GPU, the torch and
+# triton already installed, CMake and nvcc; no network. Budget: under 8 minutes on an H100.
+#
+#   bash benchmarks/gpu_check.sh            # results under ${OUT:-gpu_check_out}/
+#   AQL_CUDA_ARCHS=90 bash benchmarks/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR="${OUT:-gpu_check_out}"
+mkdir -p "$OUT_DIR"
+PY="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET
+status=0
+step() { printf '\n=== %s (%ss) ===\n' "$1" "$SECONDS"; }
+
+step "environment"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || { echo "no GPU"; exit 1; }
+"$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+
+step "build (CMake, CUDA on)"
+# Only the card's own architecture by default: a quicker build than the 80;90 release default.
+ARCH="${AQL_CUDA_ARCHS:-$("$PY" -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}{n}')")}"
+GEN=(); command -v ninja >/dev/null && GEN=(-G Ninja)
+cmake -S . -B build/gpu_check "${GEN[@]}" -DCMAKE_BUILD_TYPE=Release -DAQL_BUILD_CUDA=ON \
+  -DAQL_CUDA_ARCHS="$ARCH" >"$OUT_DIR/cmake.log" 2>&1 && cmake --build build/gpu_check --parallel >>"$OUT_DIR/cmake.log" 2>&1
+if [ $? -ne 0 ]; then tail -40 "$OUT_DIR/cmake.log"; echo "BUILD FAILED"; exit 1; fi
+"$PY" -c "import aql_kernels; [print(f'{k:14s} {v.available!s:5s} {v.detail}') for k, v in aql_kernels.backends().items()]"
+
+step "tests (compiled Triton, CUDA selector)"
+timeout 300 "$PY" -m pytest tests/kernels -q -x -p no:cacheprovider --junitxml="$OUT_DIR/tests.xml" 2>&1 | tee "$OUT_DIR/tests.log" | tail -25
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+timeout 120 "$PY" -m pytest tests/aql -q -p no:cacheprovider -k "not slow" 2>&1 | tail -5
+
+step "GPU benchmarks"
+timeout 240 "$PY" -m pytest benchmarks -q -p no:cacheprovider --benchmark-only -k cuda \
+  --benchmark-json="$OUT_DIR/bench.json" --benchmark-columns=median,iqr,rounds 2>&1 | tail -40
+
+step "summary"
+"$PY" benchmarks/summarize.py "$OUT_DIR/bench.json" | tee "$OUT_DIR/summary.txt"
+echo "gpu_check finished in ${SECONDS}s with status $status"
+exit $status
