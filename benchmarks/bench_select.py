@@ -1,0 +1,90 @@
+"""Exact top-k selection against its peers, k = 0.2 N.
+
+CPU (native C++ library, the boolean mask included in the time) against numpy.partition,
+numpy.argpartition, torch.topk(sorted=False) and torch.kthvalue at N = 1e6 and 1e7; goal: at least 3x
+faster than numpy.partition at N = 1e7. GPU (CUDA library) against torch.topk(sorted=False),
+torch.kthvalue and torch.sort at N = 1e6, 1e7 and 1e8; goal: at least 5x faster than torch.topk at
+N = 1e8. `bytes` in extra_info is the floor of the traffic (one read of the float32 scores plus the
+one-byte mask write), so GB/s says how close a case gets to one pass.
+
+    python -m pytest benchmarks/bench_select.py --benchmark-only --benchmark-columns=median,iqr,rounds
+    python -m pytest benchmarks/bench_select.py --benchmark-only -k cuda      # GPU cases only
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import aql_kernels
+from aql_kernels import _native
+from benchmarks.conftest import requires_cuda
+
+FRACTION = 0.2
+CPU_SIZES = {"1e6": 10**6, "1e7": 10**7}
+GPU_SIZES = {"1e6": 10**6, "1e7": 10**7, "1e8": 10**8}
+
+
+def _k(n: int) -> int:
+    return int(FRACTION * n)
+
+
+def _cpu_cases(scores: torch.Tensor, k: int):
+    n = scores.shape[0]
+    array = scores.numpy()
+    return {
+        "aql_topk_mask": lambda: aql_kernels.topk_mask(scores, k),
+        "aql_topk_indices": lambda: aql_kernels.topk_indices(scores, k),
+        "numpy_partition": lambda: np.partition(array, n - k),
+        "numpy_argpartition": lambda: np.argpartition(array, n - k),
+        "torch_topk_unsorted": lambda: torch.topk(scores, k, sorted=False),
+        "torch_kthvalue": lambda: torch.kthvalue(scores, n - k + 1),
+    }
+
+
+@pytest.mark.parametrize("size", list(CPU_SIZES))
+@pytest.mark.parametrize(
+    "case", ["aql_topk_mask", "aql_topk_indices", "numpy_partition", "numpy_argpartition", "torch_topk_unsorted", "torch_kthvalue"]
+)
+def test_select_cpu(bench, case, size):
+    if case.startswith("aql") and not _native.CPU.has("aql_topk_select"):
+        pytest.skip(f"the CPU library is not built: {_native.CPU.reason}")
+    n = CPU_SIZES[size]
+    torch.manual_seed(0)
+    scores = torch.rand(n)
+    k = _k(n)
+    bench.benchmark.group = f"select cpu N={size} k=0.2N"
+    bench.benchmark.extra_info.update({"n": n, "k": k, "bytes": 5 * n})
+    bench(_cpu_cases(scores, k)[case], rounds=15 if n >= 10**7 else 40)
+
+
+def _cuda_cases(scores: torch.Tensor, k: int):
+    n = scores.shape[0]
+    return {
+        "aql_cuda_topk_mask": lambda: aql_kernels.topk_mask(scores, k),
+        "aql_cuda_topk_indices": lambda: aql_kernels.topk_indices(scores, k),
+        "torch_cuda_topk_unsorted": lambda: torch.topk(scores, k, sorted=False),
+        "torch_cuda_kthvalue": lambda: torch.kthvalue(scores, n - k + 1),
+        "torch_cuda_sort": lambda: torch.sort(scores),
+    }
+
+
+@requires_cuda
+@pytest.mark.parametrize("size", list(GPU_SIZES))
+@pytest.mark.parametrize(
+    "case", ["aql_cuda_topk_mask", "aql_cuda_topk_indices", "torch_cuda_topk_unsorted", "torch_cuda_kthvalue", "torch_cuda_sort"]
+)
+def test_select_cuda(bench, case, size):
+    if case.startswith("aql") and not _native.CUDA.has("aql_cuda_topk_select"):
+        pytest.skip(f"the CUDA library is not built: {_native.CUDA.reason}")
+    n = GPU_SIZES[size]
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    scores = torch.rand(n, device="cuda", generator=generator)
+    k = _k(n)
+    fn = _cuda_cases(scores, k)[case]
+    fn()  # first call: library load, allocator warm-up
+    torch.cuda.synchronize()
+    bench.benchmark.group = f"select cuda N={size} k=0.2N"
+    bench.benchmark.extra_info.update({"n": n, "k": k, "bytes": 5 * n})
+    bench(fn, device="cuda", rounds=20)
