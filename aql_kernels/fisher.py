@@ -7,21 +7,27 @@ each fisher element (12 bytes per float32 parameter, 10 for bfloat16 / float16 g
 peer, ``torch._foreach_mul_`` followed by ``torch._foreach_addcmul_``, reads the state twice and
 writes it twice (20 bytes per parameter).
 
-The whole parameter list is one launch. On CUDA the Triton kernel reads the tensors' addresses from
-a device table (int64 addresses, element counts and gradient dtype codes, cached while the list of
-tensors is unchanged) and a flat table of work items, one per block of BLOCK elements of one tensor,
-so that one huge tensor and a hundred tiny ones keep every program equally busy. This is the
-multi-tensor-apply pattern of NVIDIA Apex (``csrc/multi_tensor_apply.cuh``) with the chunk list built
-once on the host instead of on every call. On CPU the C++ library splits the concatenated element
+The whole parameter list is one launch. On CUDA the Triton kernel runs a persistent grid (a few
+programs per SM). The list is cut into tiles of BLOCK elements, none straddling two tensors, and
+program p takes one contiguous run of tiles, so every program gets the same number of tiles
+whatever the mix of one huge embedding and a hundred biases. A program walks its run tensor by
+tensor: it reads a tensor's addresses, element count and gradient dtype from a device table once,
+then streams that tensor's tiles in an inner loop with no lookup at all. This is the
+multi-tensor-apply pattern of NVIDIA Apex (``csrc/multi_tensor_apply.cuh``) with the chunk list
+replaced by arithmetic on a cached table. On CPU the C++ library splits the concatenated element
 range of all tensors evenly across the OpenMP threads.
 """
 
 from __future__ import annotations
 
+import bisect
 import collections
 import contextlib
 import ctypes
-from typing import Optional
+import functools
+import itertools
+import operator
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -39,9 +45,17 @@ __all__ = ["fisher_ema_", "fisher_ema_reference", "IMPLEMENTATIONS"]
 
 _OP = "fisher_ema_"
 _GRAD_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-# Elements per Triton program: 16 KiB of float32 state, 32 values per thread with 4 warps.
-_BLOCK = 4096
 _FLOAT32_MAX = torch.finfo(torch.float32).max
+# Elements per tile: 16 per thread with 8 warps, four 16-byte loads of the state and four of a float32
+# gradient in flight per thread and iteration. ptxas (sm_90a, triton 3.6) gives the kernel 58
+# registers (64 on sm_80), so 4 programs of 256 threads fit on an SM at once (32 warps, 128 KiB of loads
+# in flight): well above the ~36 KB per SM that a ~1 us DRAM latency at 4.8 TB/s over 132 SMs asks
+# for. Tiles of 8192 with 8 warps (32 elements per thread) cost 226 registers: one program per SM.
+_BLOCK = 4096
+_NUM_WARPS = 8
+_PROGRAMS_PER_SM = 4
+# Programs when the kernel runs in the interpreter (CPU tensors under TRITON_INTERPRET=1).
+_INTERPRETER_PROGRAMS = 4
 
 # ---------------------------------------------------------------------------------------------------
 # Triton kernel
@@ -49,94 +63,117 @@ _FLOAT32_MAX = torch.finfo(torch.float32).max
 if triton is not None:
 
     @triton.jit
-    def _load_as_float32(pointer, offsets, numel, MASKED: tl.constexpr):
-        if MASKED:
-            return tl.load(pointer + offsets, mask=offsets < numel, other=0.0).to(tl.float32)
-        return tl.load(pointer + offsets).to(tl.float32)
+    def _fisher_ema_tiles(state_pointer, grad_pointer, first, stop, numel, decay, one_minus_decay, scale,
+                          BLOCK: tl.constexpr):
+        """Tiles [first, stop) of one tensor. Only a tensor's last tile can be partial, so the loop runs
+        unmasked (its accesses vectorise) and the partial tile, if this run holds it, comes after."""
+        lanes = tl.arange(0, BLOCK)
+        whole = tl.minimum(stop, numel // BLOCK)
+        tile = first
+        # A while loop rather than `for tile in range(first, whole)`: the interpreter cannot turn its
+        # runtime bounds into Python ints (numpy 2.4). The compiled loop is the same: same PTX body,
+        # 58 registers on sm_90a either way.
+        while tile < whole:
+            start = tile * BLOCK
+            # The gradient is read once and never again: evict_first keeps it from pushing the
+            # state (read, then written back) and the caller's data out of L2.
+            grad = tl.load(grad_pointer + start + lanes, eviction_policy="evict_first").to(tl.float32)
+            states = state_pointer + start + lanes
+            state = tl.load(states)
+            scaled = grad * scale
+            tl.store(states, decay * state + one_minus_decay * (scaled * scaled))
+            tile += 1
+        if stop > whole:
+            offsets = whole * BLOCK + lanes
+            inside = offsets < numel
+            grad = tl.load(grad_pointer + offsets, mask=inside, other=0.0, eviction_policy="evict_first").to(tl.float32)
+            state = tl.load(state_pointer + offsets, mask=inside, other=0.0)
+            scaled = grad * scale
+            tl.store(state_pointer + offsets, decay * state + one_minus_decay * (scaled * scaled), mask=inside)
 
-    @triton.jit
-    def _fisher_ema_block(state_pointer, grad_f32, grad_bf16, grad_f16, code, offsets, numel, decay, one_minus_decay,
-                          scale, MASKED: tl.constexpr):
-        if code == 0:
-            grad = _load_as_float32(grad_f32, offsets, numel, MASKED)
-        elif code == 1:
-            grad = _load_as_float32(grad_bf16, offsets, numel, MASKED)
-        else:
-            grad = _load_as_float32(grad_f16, offsets, numel, MASKED)
-        state = _load_as_float32(state_pointer, offsets, numel, MASKED)
-        scaled = grad * scale
-        fresh = decay * state + one_minus_decay * (scaled * scaled)
-        if MASKED:
-            tl.store(state_pointer + offsets, fresh, mask=offsets < numel)
-        else:
-            tl.store(state_pointer + offsets, fresh)
-
-    @triton.jit
+    # The two counts vary from list to list: left unspecialised, a count that happens to be 1 or a
+    # multiple of 16 does not compile a second kernel.
+    @triton.jit(do_not_specialize=["tensor_count", "tile_count"])
     def _fisher_ema_kernel(
-        table,  # int64 [4, T]: fisher addresses, gradient addresses, element counts, gradient dtype codes
-        work,  # int64 [P]: (tensor index << 32) | block index within that tensor, one per program
-        tensor_count,
+        table,  # int64 [5 T + 1 + programs], see _build_table
+        tensor_count,  # T
+        tile_count,  # tiles of BLOCK elements over the whole list, no tile straddling two tensors
         decay,
         one_minus_decay,  # formed in double on the host: 1 - float32(0.999) is 1.3e-5 off 0.001
         scale,
         BLOCK: tl.constexpr,
         ALIGNED: tl.constexpr,  # every address is a multiple of 16 bytes: lets the accesses vectorise
     ):
-        """f = decay * f + (1 - decay) * (scale * g)^2 over one block of one tensor of the list.
+        """f = decay * f + (1 - decay) * (scale * g)^2 over a contiguous run of tiles of the list.
 
-        One read of f and g and one write of f. The addresses come from `table` because the list has
-        tensors of different sizes and dtypes that no single base pointer reaches; the dtype branch
-        is uniform across a program. Full blocks run unmasked: a mask against an element count read
-        from memory has unknown alignment and would keep the accesses scalar (checked in the PTX for
-        sm_90: 16-byte ld/st.global.v4 only on the unmasked path).
+        One read of f and g and one write of f; the table costs a few scalar loads per tensor that the
+        run touches (one or two for most programs), not per tile. Program p owns tiles
+        [p * q + min(p, r), (p + 1) * q + min(p + 1, r)) with q, r = divmod(tile_count, programs), and
+        table row 5 holds the tensor of its first tile. The dtype branch is uniform across a program.
+        Multi-tensor apply as in NVIDIA Apex (csrc/multi_tensor_apply.cuh), on a persistent grid.
+
+        Layout: 16-bit gradients are declared 8-byte aligned though they are 16: at 16 bytes Triton
+        gives their loads 8 elements per thread while a float32 store takes at most 4, and converts
+        every result between the two layouts through shared memory (a barrier per tile). At 8 bytes
+        every access has 4 elements per thread: 16-byte ld/st.global.v4 for float32 and 8-byte v2 loads
+        for 16-bit gradients, no shared memory (checked in the PTX for sm_80 and sm_90).
         """
-        item = tl.load(work + tl.program_id(0))
-        index = item >> 32
-        block = item & 0xFFFFFFFF
-        state_pointer = tl.load(table + index).to(tl.pointer_type(tl.float32))
-        grad_address = tl.load(table + tensor_count + index)
-        numel = tl.load(table + 2 * tensor_count + index)
-        code = tl.load(table + 3 * tensor_count + index)
-        grad_f32 = grad_address.to(tl.pointer_type(tl.float32))
-        grad_bf16 = grad_address.to(tl.pointer_type(tl.bfloat16))
-        grad_f16 = grad_address.to(tl.pointer_type(tl.float16))
-        if ALIGNED:
-            state_pointer = tl.multiple_of(state_pointer, 16)
-            grad_f32 = tl.multiple_of(grad_f32, 16)
-            grad_bf16 = tl.multiple_of(grad_bf16, 16)
-            grad_f16 = tl.multiple_of(grad_f16, 16)
-        offsets = block * BLOCK + tl.arange(0, BLOCK)
-        if (block + 1) * BLOCK <= numel:
-            _fisher_ema_block(state_pointer, grad_f32, grad_bf16, grad_f16, code, offsets, numel, decay, one_minus_decay, scale,
-                              MASKED=False)
-        else:
-            _fisher_ema_block(state_pointer, grad_f32, grad_bf16, grad_f16, code, offsets, numel, decay, one_minus_decay, scale,
-                              MASKED=True)
+        program = tl.program_id(0)
+        programs = tl.num_programs(0)
+        share = tile_count // programs
+        extra = tile_count % programs
+        begin = (program * share + tl.minimum(program, extra)).to(tl.int64)
+        end = begin + share + (program < extra).to(tl.int64)
+        index = tl.load(table + 5 * tensor_count + 1 + program)
+        while begin < end:
+            tensor_first = tl.load(table + 4 * tensor_count + index)
+            tensor_stop = tl.load(table + 4 * tensor_count + 1 + index)
+            state_pointer = tl.load(table + index).to(tl.pointer_type(tl.float32))
+            grad_address = tl.load(table + tensor_count + index)
+            numel = tl.load(table + 2 * tensor_count + index)
+            code = tl.load(table + 3 * tensor_count + index)
+            stop = tl.minimum(end, tensor_stop)
+            first = begin - tensor_first
+            last = stop - tensor_first
+            grad_f32 = grad_address.to(tl.pointer_type(tl.float32))
+            grad_bf16 = grad_address.to(tl.pointer_type(tl.bfloat16))
+            grad_f16 = grad_address.to(tl.pointer_type(tl.float16))
+            if ALIGNED:
+                state_pointer = tl.multiple_of(state_pointer, 16)
+                grad_f32 = tl.multiple_of(grad_f32, 16)
+                grad_bf16 = tl.multiple_of(grad_bf16, 8)
+                grad_f16 = tl.multiple_of(grad_f16, 8)
+            if code == 0:
+                _fisher_ema_tiles(state_pointer, grad_f32, first, last, numel, decay, one_minus_decay, scale, BLOCK)
+            elif code == 1:
+                _fisher_ema_tiles(state_pointer, grad_bf16, first, last, numel, decay, one_minus_decay, scale, BLOCK)
+            else:
+                _fisher_ema_tiles(state_pointer, grad_f16, first, last, numel, decay, one_minus_decay, scale, BLOCK)
+            begin = stop
+            index += 1
 
-# Device tables, keyed on what they encode, so a training loop that passes the same tensors every
-# step uploads them once. Least recently used entries go first.
+# Device tables, keyed on everything they encode (device, addresses, sizes, dtypes, program count), so
+# a training loop that passes the same tensors every step uploads its table once. Least recently
+# used entries go first.
 _TABLE_CACHE_SIZE = 16
-_address_tables: collections.OrderedDict = collections.OrderedDict()
-_work_tables: collections.OrderedDict = collections.OrderedDict()
+_tables: collections.OrderedDict = collections.OrderedDict()
 
 
-def _cached(cache: collections.OrderedDict, key, build):
-    value = cache.get(key)
-    if value is None:
-        value = build()
-        cache[key] = value
-        if len(cache) > _TABLE_CACHE_SIZE:
-            cache.popitem(last=False)
-    else:
-        cache.move_to_end(key)
-    return value
+class _Table(NamedTuple):
+    table: torch.Tensor  # on the device
+    host: torch.Tensor  # its pinned source, kept alive with it
+    programs: int
+    tile_count: int
+    aligned: bool
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _upload(values: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """int64 tensor on `device` without a host sync: pinned host buffer + asynchronous copy.
-
-    Returns (device tensor, host tensor); the host buffer stays referenced with the cache entry.
-    """
+    """int64 tensor on `device` without a host sync: pinned host buffer + asynchronous copy."""
     if device.type == "cuda":
         host = torch.tensor(values, dtype=torch.int64).pin_memory()
         return host.to(device, non_blocking=True), host
@@ -144,25 +181,42 @@ def _upload(values: list[int], device: torch.device) -> tuple[torch.Tensor, torc
     return host, host
 
 
-def _fisher_ema_triton_launch(pairs: list[tuple[torch.Tensor, torch.Tensor]], decay: float, scale: float) -> None:
-    device = pairs[0][0].device
-    addresses = [(f.data_ptr(), g.data_ptr(), f.numel(), _GRAD_CODES[g.dtype]) for f, g in pairs]
-    numels = tuple(entry[2] for entry in addresses)
+def _build_table(work: "_Work", programs: Optional[int]) -> _Table:
+    """Rows: state addresses, gradient addresses, element counts, gradient dtype codes (T each), the
+    first global tile of each tensor and the tile count at the end (T + 1), the tensor that holds each
+    program's first tile (one per program)."""
+    numels = work.numels
+    tile_starts = [0, *itertools.accumulate(-(-numel // _BLOCK) for numel in numels)]
+    tile_count = tile_starts[-1]
+    if programs is None:
+        device = work.device
+        programs = _PROGRAMS_PER_SM * _multiprocessors(device.index) if device.type == "cuda" else _INTERPRETER_PROGRAMS
+    programs = max(1, min(programs, tile_count))
+    share, extra = divmod(tile_count, programs)
+    # Empty tensors own no tile: bisect_right passes over them to the tensor that holds the tile.
+    first_tensor = [bisect.bisect_right(tile_starts, p * share + min(p, extra)) - 1 for p in range(programs)]
+    values = [*work.state_addresses, *work.grad_addresses, *numels, *work.codes, *tile_starts, *first_tensor]
+    table, host = _upload(values, work.device)
+    aligned = all(address % 16 == 0 for address in itertools.chain(work.state_addresses, work.grad_addresses))
+    return _Table(table, host, programs, tile_count, aligned)
 
-    def build_work():
-        items = [(index << 32) | block for index, numel in enumerate(numels) for block in range(triton.cdiv(numel, _BLOCK))]
-        return _upload(items, device)
 
-    def build_table():
-        columns = [entry[column] for column in range(4) for entry in addresses]
-        return _upload(columns, device)
-
-    work, _ = _cached(_work_tables, (device, _BLOCK, numels), build_work)
-    table, _ = _cached(_address_tables, (device, tuple(addresses)), build_table)
-    aligned = all(entry[0] % 16 == 0 and entry[1] % 16 == 0 for entry in addresses)
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        _fisher_ema_kernel[(work.numel(),)](table, work, len(addresses), decay, 1.0 - decay, scale, BLOCK=_BLOCK,
-                                             ALIGNED=aligned, num_warps=4)
+def _fisher_ema_triton_launch(work: "_Work", decay: float, scale: float, *, programs: Optional[int] = None) -> None:
+    """One launch for the whole list; `programs` overrides the grid size (tests of the persistent loop)."""
+    key = (work.device, programs, tuple(work.state_addresses), tuple(work.grad_addresses), tuple(work.numels),
+           tuple(work.codes))
+    entry = _tables.get(key)
+    if entry is None:
+        entry = _tables[key] = _build_table(work, programs)
+        if len(_tables) > _TABLE_CACHE_SIZE:
+            _tables.popitem(last=False)
+    else:
+        _tables.move_to_end(key)
+    device = work.device
+    switch = device.type == "cuda" and device.index != torch.cuda.current_device()
+    with torch.cuda.device(device) if switch else contextlib.nullcontext():
+        _fisher_ema_kernel[(entry.programs,)](entry.table, len(work.numels), entry.tile_count, decay, 1.0 - decay, scale,
+                                               BLOCK=_BLOCK, ALIGNED=entry.aligned, num_warps=_NUM_WARPS)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -208,16 +262,6 @@ def _validate(op: str, fisher, grads, decay, scale) -> None:
             raise ValueError(f"{name}: grads[{i}] must be on {device} (like fisher[0]), got {grad.device}")
 
 
-def _pairs(op: str, fisher, grads) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The (state, contiguous gradient) pairs that have work; runs on real tensors only.
-
-    A non-contiguous gradient is copied to a contiguous one (one extra pass over that tensor).
-    """
-    _check_distinct(op, fisher, grads)
-    return [(state, grad if grad.is_contiguous() else grad.contiguous())
-            for state, grad in zip(fisher, grads) if grad is not None and state.numel() != 0]
-
-
 def _check_distinct(op: str, fisher, grads) -> None:
     """Each state that gets updated appears once: updating one twice in one call has no sequential meaning."""
     seen = set()
@@ -228,6 +272,67 @@ def _check_distinct(op: str, fisher, grads) -> None:
         if address in seen:
             raise ValueError(f"aql_kernels.{op}: the same fisher tensor appears twice in the list (address {address:#x})")
         seen.add(address)
+
+
+class _Work(NamedTuple):
+    """The (state, gradient) pairs that have work: gradient not None, state not empty."""
+
+    device: Optional[torch.device]  # None for an empty list
+    states: list
+    grads: list  # contiguous
+    state_addresses: list
+    grad_addresses: list
+    numels: list
+    codes: list  # _GRAD_CODES of the gradients
+    plain: bool  # every tensor of the call is a torch.Tensor, not a subclass (fake, functional, ...)
+
+
+_TENSOR = torch.Tensor
+_PLAIN = {torch.Tensor}
+_FLOAT32_ONLY = {torch.float32}
+_NONES = itertools.repeat(None)
+_dtype_of = operator.attrgetter("dtype")
+_device_of = operator.attrgetter("device")
+_shape_of = operator.attrgetter("shape")
+
+
+def _collect(op: str, fisher, grads, decay, scale) -> _Work:
+    """Validates the arguments (like `_validate`) and returns the pairs that have work.
+
+    A training loop calls this every step on a list of ~150 tensors, so the common case (plain
+    contiguous tensors, distinct states, float decay and scale) is checked with one C-level `map` per
+    property over the whole list: ~0.13 ms for GPT-2 small's 148 pairs on the 2-core CI-class CPU,
+    where a validating walk, a second walk for the pairs and a third for the addresses took ~0.23 ms.
+    Anything else takes `_validate`, which names the first bad argument, and the general walk.
+    """
+    if (type(fisher) in (list, tuple) and type(grads) in (list, tuple) and len(fisher) == len(grads) and len(fisher) > 0
+            and type(decay) is float and 0.0 <= decay < 1.0 and type(scale) is float and abs(scale) <= _FLOAT32_MAX):
+        states, gradients = fisher, grads
+        if any(map(operator.is_, grads, _NONES)):
+            states = [state for state, grad in zip(fisher, grads) if grad is not None]
+            gradients = [grad for grad in grads if grad is not None]
+        if set(map(type, fisher)) == _PLAIN and set(map(type, gradients)) <= _PLAIN:
+            codes = list(map(_GRAD_CODES.get, map(_dtype_of, gradients)))
+            numels = list(map(_TENSOR.numel, states))
+            if (None not in codes and 0 not in numels and set(map(_dtype_of, fisher)) == _FLOAT32_ONLY
+                    and len(set(map(_device_of, fisher)).union(map(_device_of, gradients))) == 1
+                    and all(map(_TENSOR.is_contiguous, fisher)) and all(map(_TENSOR.is_contiguous, gradients))
+                    and list(map(_shape_of, states)) == list(map(_shape_of, gradients))):
+                state_addresses = list(map(_TENSOR.data_ptr, states))
+                if len(set(state_addresses)) == len(state_addresses):
+                    return _Work(fisher[0].device, states, gradients, state_addresses,
+                                 list(map(_TENSOR.data_ptr, gradients)), numels, codes, True)
+    _validate(op, fisher, grads, decay, scale)
+    _check_distinct(op, fisher, grads)
+    # A non-contiguous gradient is copied to a contiguous one (one extra pass over that tensor).
+    pairs = [(state, grad if grad.is_contiguous() else grad.contiguous())
+             for state, grad in zip(fisher, grads) if grad is not None and state.numel() != 0]
+    states = [state for state, _ in pairs]
+    gradients = [grad for _, grad in pairs]
+    plain = all(type(t) is _TENSOR for t in itertools.chain(fisher, grads) if t is not None)
+    return _Work(fisher[0].device if len(fisher) else None, states, gradients, [s.data_ptr() for s in states],
+                 [g.data_ptr() for g in gradients], [s.numel() for s in states], [_GRAD_CODES[g.dtype] for g in gradients],
+                 plain)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -246,59 +351,59 @@ def fisher_ema_reference(fisher: list[torch.Tensor], grads: list[Optional[torch.
     torch._foreach_addcmul_(states, scaled, scaled, value=1.0 - float(decay))
 
 
-def _fisher_ema_native_unchecked(fisher, grads, decay: float, scale: float) -> None:
-    pairs = _pairs(_OP, fisher, grads)
-    if not pairs:
-        return
-    if pairs[0][0].device.type != "cpu":
-        raise ValueError(f"aql_kernels.{_OP}: the native implementation runs on CPU tensors, got {pairs[0][0].device}")
-    count = len(pairs)
-    states = (ctypes.c_void_p * count)(*[f.data_ptr() for f, _ in pairs])
-    gradients = (ctypes.c_void_p * count)(*[g.data_ptr() for _, g in pairs])
-    codes = (ctypes.c_int32 * count)(*[_GRAD_CODES[g.dtype] for _, g in pairs])
-    numels = (ctypes.c_int64 * count)(*[f.numel() for f, _ in pairs])
-    _native.CPU.call("aql_fisher_ema", count, states, gradients, codes, numels, float(decay), float(scale))
+def _fisher_ema_native_run(work: _Work, decay: float, scale: float) -> None:
+    if work.device.type != "cpu":
+        raise ValueError(f"aql_kernels.{_OP}: the native implementation runs on CPU tensors, got {work.device}")
+    count = len(work.numels)
+    _native.CPU.call("aql_fisher_ema", count, (ctypes.c_void_p * count)(*work.state_addresses),
+                     (ctypes.c_void_p * count)(*work.grad_addresses), (ctypes.c_int32 * count)(*work.codes),
+                     (ctypes.c_int64 * count)(*work.numels), decay, scale)
 
 
-def _fisher_ema_triton_unchecked(fisher, grads, decay: float, scale: float) -> None:
+def _fisher_ema_triton_run(work: _Work, decay: float, scale: float) -> None:
     if triton is None:
         raise RuntimeError(f"aql_kernels.{_OP}: the Triton implementation needs triton, which does not import here")
-    pairs = _pairs(_OP, fisher, grads)
-    if pairs:
-        _fisher_ema_triton_launch(pairs, float(decay), float(scale))
+    _fisher_ema_triton_launch(work, decay, scale)
 
 
-def _fisher_ema_reference_unchecked(fisher, grads, decay: float, scale: float) -> None:
-    fisher_ema_reference(fisher, grads, decay, scale=scale)
+def _fisher_ema_reference_run(work: _Work, decay: float, scale: float) -> None:
+    states, grads = work.states, work.grads
+    scaled = torch._foreach_mul([g.float() for g in grads], scale)
+    torch._foreach_mul_(states, decay)
+    torch._foreach_addcmul_(states, scaled, scaled, value=1.0 - decay)
 
 
 def _fisher_ema_native(fisher: list[torch.Tensor], grads: list[Optional[torch.Tensor]], decay: float, *, scale: float = 1.0) -> None:
     """C++ / OpenMP implementation (CPU tensors)."""
-    _validate(_OP, fisher, grads, decay, scale)
-    _fisher_ema_native_unchecked(fisher, grads, decay, scale)
+    work = _collect(_OP, fisher, grads, decay, scale)
+    if work.numels:
+        _fisher_ema_native_run(work, float(decay), float(scale))
 
 
 def _fisher_ema_triton(fisher: list[torch.Tensor], grads: list[Optional[torch.Tensor]], decay: float, *, scale: float = 1.0) -> None:
     """Triton implementation: one launch for the whole list (CUDA tensors, or CPU under TRITON_INTERPRET=1)."""
-    _validate(_OP, fisher, grads, decay, scale)
-    _fisher_ema_triton_unchecked(fisher, grads, decay, scale)
+    work = _collect(_OP, fisher, grads, decay, scale)
+    if work.numels:
+        _fisher_ema_triton_run(work, float(decay), float(scale))
 
 
 _RUNNERS = {
-    "reference": _fisher_ema_reference_unchecked,
-    "native": _fisher_ema_native_unchecked,
-    "triton": _fisher_ema_triton_unchecked,
+    "reference": _fisher_ema_reference_run,
+    "native": _fisher_ema_native_run,
+    "triton": _fisher_ema_triton_run,
 }
 
 
 # ---------------------------------------------------------------------------------------------------
 # torch.library op and the public function
 # ---------------------------------------------------------------------------------------------------
+def _run(work: _Work, decay: float, scale: float) -> None:
+    if work.numels:
+        _RUNNERS[choose(_OP, work.device, native_symbol="aql_fisher_ema")](work, decay, scale)
+
+
 def _fisher_ema_op(fisher: list[torch.Tensor], grads: list[Optional[torch.Tensor]], decay: float, scale: float) -> None:
-    if len(fisher) == 0:
-        return
-    key = choose(_OP, fisher[0].device, native_symbol="aql_fisher_ema")
-    _RUNNERS[key](fisher, grads, decay, scale)
+    _run(_collect(_OP, fisher, grads, decay, scale), decay, scale)
 
 
 # Defined with torch.library.Library rather than torch.library.custom_op: the latter's Python wrapper
@@ -314,6 +419,10 @@ def _fisher_ema_fake(fisher, grads, decay, scale) -> None:
     return None
 
 
+# Python dispatch modes (fake tensors, functionalization, user modes) must see the op.
+_dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", None)
+
+
 def fisher_ema_(fisher: list[torch.Tensor], grads: list[Optional[torch.Tensor]], decay: float, *, scale: float = 1.0) -> None:
     """In place, for every i with grads[i] not None:
     fisher[i] = decay * fisher[i] + (1 - decay) * (scale * grads[i]) ** 2.
@@ -324,8 +433,17 @@ def fisher_ema_(fisher: list[torch.Tensor], grads: list[Optional[torch.Tensor]],
     the gradient of a mean loss into that of a sum). One kernel launch for the whole list on CUDA; no
     host synchronisation.
     """
-    _validate(_OP, fisher, grads, decay, scale)
-    torch.ops.aql.fisher_ema_.default(list(fisher), list(grads), float(decay), float(scale))
+    if torch.compiler.is_compiling():
+        _validate(_OP, fisher, grads, decay, scale)
+        torch.ops.aql.fisher_ema_.default(list(fisher), list(grads), float(decay), float(scale))
+        return
+    work = _collect(_OP, fisher, grads, decay, scale)
+    if work.plain and _dispatch_modes is not None and _dispatch_modes() == 0:
+        # Eager call on plain tensors: the op's own implementation, without the dispatcher's round trip
+        # of two 148-tensor lists through C++ (~37 us on the CI-class CPU) and a second `_collect`.
+        _run(work, float(decay), float(scale))
+    else:
+        torch.ops.aql.fisher_ema_.default(list(fisher), list(grads), float(decay), float(scale))
 
 
 IMPLEMENTATIONS = {

@@ -3,6 +3,7 @@ parameter list of a GPT-2-small-shaped model.
 
 Goals (DESIGN.md): >= 1.25x the peer on CPU, >= 1.5x on GPU. The CPU list is GPT-2 small cut to
 ~50M parameters (6 blocks, an 8192-token embedding) to fit a CI machine; the GPU list is the full 124M.
+`test_fisher_ema_host_overhead` times the Python part of a GPU call alone (any machine, no GPU).
 
     python -m pytest benchmarks/bench_fisher.py --benchmark-only --benchmark-columns=median,iqr,rounds
 """
@@ -92,3 +93,30 @@ def test_fisher_ema_cuda(bench, case, grad_dtype):
         aql_kernels.fisher_ema_(fisher, grads, 0.95)  # compile the kernel and upload the tables
         bench(aql_kernels.fisher_ema_, fisher, grads, 0.95, device="cuda")
     _record(bench, fisher, grads, ("cuda", grad_dtype), case)
+
+
+class _NoLaunch:
+    """Stands in for the Triton kernel: `kernel[grid](...)` does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+@pytest.mark.skipif(fisher_module.triton is None, reason="triton does not import here")
+@pytest.mark.parametrize("case", ["public fisher_ema_", "torch.ops.aql.fisher_ema_"])
+def test_fisher_ema_host_overhead(bench, case, monkeypatch):
+    """The Python part of a GPU call on GPT-2 small's 148 tensors (checks, address table lookup, grid),
+    timed on CPU tensors with the kernel launch left out: on a GPU this host time adds to the kernel's
+    whenever the caller waits for the result. The launch itself (triton's launcher) is not included."""
+    bench.benchmark.group = "fisher_ema host overhead per call, 148 tensors (Python only, no launch)"
+    shapes = gpt2_parameter_shapes(12, 50257)
+    fisher = [torch.empty(shape) for shape in shapes]  # never touched: no memory is committed
+    grads = [torch.empty(shape) for shape in shapes]
+    monkeypatch.setattr(fisher_module, "_fisher_ema_kernel", _NoLaunch(), raising=False)
+    for key in ("native", "reference"):  # CPU tensors take the GPU path
+        monkeypatch.setitem(fisher_module._RUNNERS, key, fisher_module._RUNNERS["triton"])
+    if case == "public fisher_ema_":
+        bench(aql_kernels.fisher_ema_, fisher, grads, 0.95, rounds=200)
+    else:
+        bench(torch.ops.aql.fisher_ema_.default, fisher, grads, 0.95, 1.0, rounds=200)
+    bench.benchmark.extra_info.update(tensors=len(shapes), implementation=case)

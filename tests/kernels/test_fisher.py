@@ -9,7 +9,7 @@ import torch
 import aql_kernels
 from aql_kernels import fisher as fisher_module
 from aql_kernels._native import CPU
-from tests.conftest import implementation_device, requires_cuda
+from tests.conftest import implementation_device, requires_cuda, triton_device
 
 IMPLEMENTATIONS = sorted(fisher_module.IMPLEMENTATIONS)
 GRAD_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -184,13 +184,14 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from aql_kernels import fisher
-signature = {"table": "*i64", "work": "*i64", "tensor_count": "i32", "decay": "fp32", "one_minus_decay": "fp32",
+signature = {"table": "*i64", "tensor_count": "i32", "tile_count": "i32", "decay": "fp32", "one_minus_decay": "fp32",
              "scale": "fp32", "BLOCK": "constexpr", "ALIGNED": "constexpr"}
 out = {}
 for arch in (80, 90):
     for aligned in (True, False):
         source = ASTSource(fn=fisher._fisher_ema_kernel, signature=signature, constexprs={"BLOCK": fisher._BLOCK, "ALIGNED": aligned})
-        out[f"{arch}-{aligned}"] = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4}).asm["ptx"]
+        kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": fisher._NUM_WARPS})
+        out[f"{arch}-{aligned}"] = {"ptx": kernel.asm["ptx"], "ttgir": kernel.asm["ttgir"], "shared": kernel.metadata.shared}
 json.dump(out, sys.stdout)
 """
 
@@ -198,9 +199,11 @@ json.dump(out, sys.stdout)
 def test_triton_kernel_compiles_for_the_gpu_and_vectorises():
     """The interpreter does not run the compiler: this compiles the kernel ahead of time for sm_80 and
     sm_90 (no device needed; in a fresh process, since TRITON_INTERPRET=1 replaces @triton.jit) and
-    checks that the aligned variant uses 16-byte accesses."""
+    checks the hot loop's code: 16-byte loads and stores of float32, 8-byte loads of 16-bit gradients,
+    and no layout conversion through shared memory between the loads and the store."""
     import json
     import os
+    import re
     import subprocess
     import sys
 
@@ -211,10 +214,26 @@ def test_triton_kernel_compiles_for_the_gpu_and_vectorises():
     if done.returncode != 0 and "ptxas" in done.stderr:
         pytest.skip(f"triton cannot assemble for the GPU here: {done.stderr[-300:]}")
     assert done.returncode == 0, done.stderr[-2000:]
-    ptx = json.loads(done.stdout)
+    compiled = json.loads(done.stdout)
+
+    def count(pattern, ptx):
+        return len(re.findall(pattern, ptx))
+
     for arch in (80, 90):
-        assert "ld.global.v4.b32" in ptx[f"{arch}-True"] and "st.global.v4.b32" in ptx[f"{arch}-True"]
-        assert "ld.global.v4" not in ptx[f"{arch}-False"]  # unaligned tensors: element-wise accesses, still correct
+        aligned, unaligned = compiled[f"{arch}-True"], compiled[f"{arch}-False"]
+        for variant in (aligned, unaligned):
+            assert variant["shared"] == 0 and "convert_layout" not in variant["ttgir"] and "bar.sync" not in variant["ptx"]
+        ptx = aligned["ptx"]
+        # Per thread and tile, groups of 4 elements (4 with the shipped BLOCK and warps): one 16-byte
+        # state load and store each in every one of the 3 dtype branches, one 16-byte float32 gradient
+        # load (evict_first) and one 8-byte load per 16-bit gradient dtype.
+        groups = fisher_module._BLOCK // (32 * fisher_module._NUM_WARPS * 4)
+        assert count(r"ld\.global\.v4\.b32", ptx) == 3 * groups
+        assert count(r"st\.global\.v4\.b32", ptx) == 3 * groups
+        assert count(r"ld\.global\.L1::evict_first[.A-Za-z0-9:_]*\.v4\.b32", ptx) == groups
+        assert count(r"ld\.global\.L1::evict_first[.A-Za-z0-9:_]*\.v2\.b32", ptx) == 2 * groups
+        # Unaligned tensors: element-wise accesses, still correct.
+        assert count(r"(ld|st)\.global[.A-Za-z0-9:_]*\.v[24]\.", unaligned["ptx"]) == 0
 
 
 @requires_cuda
@@ -234,6 +253,105 @@ def test_cuda_one_launch_without_host_sync():
         torch.cuda.synchronize()
     kernels = [e for e in profile.events() if e.device_type == torch.autograd.DeviceType.CUDA and "fisher" in e.name]
     assert len(kernels) == 1, [e.name for e in kernels]
+
+
+# ---- the persistent grid ---------------------------------------------------------------------------
+# Tiles of BLOCK elements, an empty tensor, partial last tiles, a tensor of exactly one tile and one
+# that spans several programs' runs.
+_BLOCK = fisher_module._BLOCK
+PERSISTENT_SHAPES = [(3 * _BLOCK + 5,), (0,), (17,), (_BLOCK,), (2, _BLOCK + 1), (5,), (4 * _BLOCK - 1,), (0, 3), (1,)]
+
+
+@pytest.mark.parametrize("programs", [1, 3, 4, 5, 13, 64])
+def test_persistent_loop_more_tiles_than_programs(programs):
+    """Every program walks several tiles and tensors; every tile must be updated exactly once (decay
+    0.5 makes a tile done twice or skipped show). The list has 14 tiles: 3, 4, 5 and 13 programs leave
+    a remainder that some programs take one extra tile of; 64 programs are cut down to 14."""
+    device = triton_device()
+    grad_dtypes = [GRAD_DTYPES[i % 3] for i in range(len(PERSISTENT_SHAPES))]
+    fisher = [torch.rand(shape, device=device) * 3 for shape in PERSISTENT_SHAPES]
+    grads = [None if i == 5 else (torch.randn(shape, device=device) * 2).to(dtype)
+             for i, (shape, dtype) in enumerate(zip(PERSISTENT_SHAPES, grad_dtypes))]
+    expected = _expected(fisher, grads, 0.5, 0.75)
+    work = fisher_module._collect("fisher_ema_", fisher, grads, 0.5, 0.75)
+    fisher_module._fisher_ema_triton_launch(work, 0.5, 0.75, programs=programs)
+    _assert_matches(fisher, expected)
+
+
+def _walk(table: list[int], tensor_count: int, tile_count: int, programs: int) -> list[tuple[int, int]]:
+    """The kernel's walk over its table, in plain Python: the (tensor, local tile) pairs each program visits."""
+    visits = []
+    share, extra = divmod(tile_count, programs)
+    starts = table[4 * tensor_count: 5 * tensor_count + 1]
+    for program in range(programs):
+        begin = program * share + min(program, extra)
+        end = begin + share + (program < extra)
+        index = table[5 * tensor_count + 1 + program]
+        while begin < end:
+            stop = min(end, starts[index + 1])
+            visits += [(index, tile - starts[index]) for tile in range(begin, stop)]
+            begin = stop
+            index += 1
+    return visits
+
+
+@pytest.mark.parametrize("trial", range(4))
+def test_table_partitions_the_tiles(trial):
+    """Host side only (no kernel): for random lists with empty tensors and any program count, the
+    table makes the programs visit each tile of each tensor exactly once."""
+    for _ in range(50):
+        count = int(torch.randint(1, 12, ()))
+        numels = [int(n) for n in torch.randint(0, 4 * _BLOCK, (count,))]
+        numels = [0 if torch.rand(()) < 0.2 else n for n in numels]
+        if not any(numels):
+            numels[0] = 1
+        work = fisher_module._Work(torch.device("cpu"), [], [], [16 * (i + 1) for i in range(count)], [16 * (i + 100) for i in range(count)],
+                                   numels, [0] * count, True)
+        programs = int(torch.randint(1, 40, ()))
+        built = fisher_module._build_table(work, programs)
+        tiles = [-(-n // _BLOCK) for n in numels]
+        assert built.tile_count == sum(tiles) and built.programs == min(programs, sum(tiles))
+        visits = _walk(built.table.tolist(), count, built.tile_count, built.programs)
+        assert sorted(visits) == [(t, j) for t in range(count) for j in range(tiles[t])]
+
+
+@pytest.mark.parametrize("name", IMPLEMENTATIONS)
+def test_list_forms_and_integer_scalars(name):
+    """Tuples, integer decay / scale, None gradients and empty tensors that share an address (the
+    general path of the argument walk) give the same result as the common case."""
+    device = _device_for(name)
+    fisher, grads = _make([(5,), (3, 4), (2,), (6,)], torch.float32, device, none_at=(2,))
+    empties = [torch.empty(0, device=device), torch.empty(0, device=device)]
+    fisher += empties
+    grads += [torch.empty(0, device=device), torch.empty(0, device=device)]
+    expected = _expected(fisher, grads, 0.0, 2.0)
+    fisher_module.IMPLEMENTATIONS[name](tuple(fisher), tuple(grads), 0, scale=2)
+    _assert_matches(fisher, expected)
+
+
+def test_public_function_goes_through_the_op_under_a_dispatch_mode():
+    """Eager calls on plain tensors run the implementation directly; under a Python dispatch mode the
+    registered op must be visible (and give the same result)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    fisher, grads = _make([(5,), (3, 4)], torch.bfloat16, "cpu")
+    direct = [f.clone() for f in fisher]
+    expected = _expected(fisher, grads, 0.9, 1.5)
+    aql_kernels.fisher_ema_(direct, grads, 0.9, scale=1.5)
+    with Record() as mode:
+        aql_kernels.fisher_ema_(fisher, grads, 0.9, scale=1.5)
+    assert "aql.fisher_ema_.default" in mode.ops
+    _assert_matches(fisher, expected)
+    _assert_matches(direct, expected)
 
 
 # ---- bad input ------------------------------------------------------------------------------------
