@@ -29,15 +29,24 @@ if [ $? -ne 0 ]; then tail -40 "$OUT_DIR/cmake.log"; echo "BUILD FAILED"; exit 1
 "$PY" -c "import aql_kernels; [print(f'{k:14s} {v.available!s:5s} {v.detail}') for k, v in aql_kernels.backends().items()]"
 
 step "tests (compiled Triton, CUDA selector)"
-timeout 300 "$PY" -m pytest tests/kernels -q -x -p no:cacheprovider --junitxml="$OUT_DIR/tests.xml" 2>&1 | tee "$OUT_DIR/tests.log" | tail -25
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-timeout 120 "$PY" -m pytest tests/aql -q -p no:cacheprovider -k "not slow" 2>&1 | tail -5
+# The selector first: its CUDA kernels are the code that only this machine can run.
+for suite in tests/kernels/test_select.py "tests/kernels/test_scores.py tests/kernels/test_fisher.py"; do
+  name=$(basename ${suite%% *} .py)
+  timeout "${AQL_TEST_TIMEOUT:-200}" "$PY" -m pytest $suite -q -p no:cacheprovider --junitxml="$OUT_DIR/$name.xml" \
+    >"$OUT_DIR/$name.log" 2>&1
+  rc=$?
+  tail -15 "$OUT_DIR/$name.log"
+  [ $rc -eq 0 ] || { status=1; echo "FAILED: $suite (exit $rc)"; }
+done
 
 step "GPU benchmarks"
-timeout 240 "$PY" -m pytest benchmarks -q -p no:cacheprovider --benchmark-only -k cuda \
-  --benchmark-json="$OUT_DIR/bench.json" --benchmark-columns=median,iqr,rounds 2>&1 | tail -40
+# torch.compile peers are left out here: their compile time would not fit the budget of this check.
+timeout "${AQL_BENCH_TIMEOUT:-180}" "$PY" -m pytest benchmarks -q -p no:cacheprovider --benchmark-only \
+  -k "cuda and not compile" --benchmark-json="$OUT_DIR/bench.json" --benchmark-columns=median,iqr,rounds \
+  >"$OUT_DIR/bench.log" 2>&1 || status=1
+grep -E "passed|failed|error" "$OUT_DIR/bench.log" | tail -3
 
 step "summary"
-"$PY" benchmarks/summarize.py "$OUT_DIR/bench.json" | tee "$OUT_DIR/summary.txt"
+[ -f "$OUT_DIR/bench.json" ] && "$PY" benchmarks/summarize.py "$OUT_DIR/bench.json" | tee "$OUT_DIR/summary.txt"
 echo "gpu_check finished in ${SECONDS}s with status $status"
 exit $status
