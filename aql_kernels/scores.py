@@ -12,7 +12,8 @@ For each row x of ``logits[N, V]`` and p = softmax(x) (computed in float32):
 
 Layout of this file: the Triton kernels (forward, backward) and their launchers, the C++ CPU
 launchers (``csrc/cpu/scores.cpp`` through ctypes), the pure-torch reference (the spec), the
-``torch.library`` ops with their fake implementations and autograd, and the public functions.
+``torch.library`` ops with their fake implementations and autograd, the eager path (the chosen
+launcher called directly, autograd through a torch.autograd.Function) and the public functions.
 
 Special values, the same in every implementation:
 - a row containing NaN gets NaN lse / entropy / maxprob / margin (and NaN loss / el2n unless its
@@ -28,6 +29,7 @@ Special values, the same in every implementation:
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import NamedTuple, Optional
 
 import torch
@@ -100,97 +102,58 @@ def _empty_outputs(logits: torch.Tensor, with_targets: bool):
 # Triton (CUDA tensors; CPU tensors under TRITON_INTERPRET=1)
 # ---------------------------------------------------------------------------------------------------
 
-# Columns per loop step: fixed, so registers do not grow with V (no spill cliff at large V).
-# Compiled for sm_90 by triton 3.6 (cuobjdump -res-usage, bfloat16 input, with targets):
-# BLOCK=2048 with 8 warps uses 110 registers and no local memory (two programs per SM);
-# BLOCK=4096 needs 16 warps for 115 registers (one program per SM) or 224 with 8 warps.
-_BLOCK_MAX = 2048
+# The forward splits each row into chunks of CHUNK_BLOCKS * BLOCK columns: a 2-D grid (rows x
+# chunks) of programs reduces every chunk to partial statistics, and a second small kernel combines
+# the partials of each row (when a row is one chunk the first kernel finishes it directly). With one
+# program per row, each program waits for one block at a time, so N = 4096 rows keep too few loads
+# in flight per SM for HBM (the H200 reached 621 GB/s on 4096 x 32000 bf16); the split grid gives every SM dozens of programs, and each
+# program keeps its next two blocks in flight while it reduces the current one.
+# Eight elements per thread (one or two 16-byte loads): the loop carries six [BLOCK] float32 states
+# and three blocks; triton 3.6 compiles it for sm_90 to 114 (bfloat16) / 116 (float32) registers
+# with no local memory; a loop step is 230 / 237 SASS instructions per thread (8 elements), 39 of
+# them in the rarely taken rescale branch (the one-program-per-row kernel it replaces: 308, all run).
+_ELEMENTS_PER_THREAD = 8
+_NUM_WARPS = 8
+_BLOCK = _ELEMENTS_PER_THREAD * 32 * _NUM_WARPS  # 2048 columns per loop step
+_CHUNK_BLOCKS_MAX = 8  # at most 8 steps per program: the serial chain of a program stays short
+_PROGRAMS_PER_SM = 16  # split rows until the grid has at least this many programs per SM
+_CHUNKS_MAX = 1024  # partials per row that one combine program holds in registers (V beyond 2M: longer chunks)
 
 if triton is not None:
 
     @triton.jit
-    def _softmax_scores_kernel(
-        logits_ptr, row_stride, n_cols, targets_ptr, ignore_index,
+    def _finish_row(
+        row, row_ptr, n_cols, target, ignore_index,
+        shift, sum_exp, sum_x_exp, sum_sq, row_max, argmax, row_second, first_nan,
         lse_ptr, entropy_ptr, maxprob_ptr, margin_ptr, argmax_ptr, loss_ptr, el2n_ptr,
-        HAS_TARGETS: tl.constexpr, BLOCK: tl.constexpr,
+        HAS_TARGETS: tl.constexpr,
     ):
-        """One program per row; a loop over V in BLOCK-wide steps reads every logit exactly once.
+        """Writes the seven statistics of one row from its combined sums (see the forward kernel).
 
-        Online softmax (Milakov & Gimelshein 2018, "Online normalizer calculation for softmax",
-        arXiv:1805.02867): with the running shift k = running maximum, each lane keeps
-            s += e, tq += (x - k) e, and s' += e, q' += e^2 outside the target column,
-        with e = exp(x - k); when the maximum grows to k' the sums are rescaled by a = exp(k - k')
-        (tq becomes a (tq + (k - k') s)). Each lane also keeps its top two logits (as a multiset),
-        the index of its first maximum and of its first NaN. At the end, with s the lane sum,
-            lse = k + log s, entropy = log s - tq / s, maxprob = exp(x_max - k) / s,
-            margin = maxprob - exp(x_2nd - k) / s, loss = (k - x[t]) + log s,
-            el2n = sqrt(q' + s'^2) / s   (= ||p - onehot(t)||, without cancellation).
-        Memory traffic: N * V reads of the logits (one pass), N targets, seven [N] writes.
-        Accumulation is float32 whatever the input dtype.
+        sum_exp, sum_x_exp (log2 units) and sum_sq leave out the target column; its term is added
+        here from one scalar load, so el2n needs no cancelling subtraction.
         """
-        row = tl.program_id(0).to(tl.int64)
-        row_ptr = logits_ptr + row * row_stride
-        offsets = tl.arange(0, BLOCK)
+        LOG2E: tl.constexpr = 1.4426950408889634
+        LN2: tl.constexpr = 0.6931471805599453
         if HAS_TARGETS:
-            target = tl.load(targets_ptr + row).to(tl.int64)
+            valid = target != ignore_index
+            in_range = (target >= 0) & (target < n_cols)
+            x_target = tl.load(row_ptr + target, mask=in_range, other=0.0).to(tl.float32)
+            d_target = tl.maximum((x_target - shift) * LOG2E, -200.0)
+            e_target = tl.where(in_range, tl.exp2(d_target), 0.0)
+            s = sum_exp + e_target
+            t = sum_x_exp + tl.where(in_range, d_target * e_target, 0.0)
         else:
-            target = -1
-        first = tl.full([BLOCK], float("-inf"), tl.float32)
-        second = tl.full([BLOCK], float("-inf"), tl.float32)
-        first_index = tl.zeros([BLOCK], tl.int32)
-        nan_index = tl.full([BLOCK], 2147483647, tl.int32)
-        sum_exp = tl.zeros([BLOCK], tl.float32)
-        sum_exp_excl = tl.zeros([BLOCK], tl.float32)
-        sum_x_exp = tl.zeros([BLOCK], tl.float32)
-        sum_sq_excl = tl.zeros([BLOCK], tl.float32)
-        shift = tl.max(sum_exp, axis=0)  # a float32 scalar 0.0 that the loop can carry
-        # A while loop rather than range(0, n_cols, BLOCK): the interpreter cannot turn a runtime
-        # n_cols into a Python int under numpy >= 2.4, and compiled code is the same scf loop.
-        start = 0
-        while start < n_cols:
-            cols = start + offsets
-            in_row = cols < n_cols
-            x = tl.load(row_ptr + cols, mask=in_row, other=float("-inf")).to(tl.float32)
-            nan_index = tl.minimum(nan_index, tl.where(x != x, cols, 2147483647))
-            # lanes see increasing columns, so a strict '>' keeps the lowest index of a tie
-            first_index = tl.where(x > first, cols, first_index)
-            second = tl.maximum(second, tl.minimum(first, x))
-            first = tl.maximum(first, x)
-            running_max = tl.max(first, axis=0)
-            new_shift = tl.where(tl.abs(running_max) < float("inf"), running_max, 0.0)
-            # In [-200, 0]: delta > 0 only when the first finite maximum replaces the initial
-            # shift 0 (sums still 0) or the maximum becomes +inf (row overwritten at the end);
-            # -200 keeps delta * s finite across the float range (exp(-200) is 0 in float32).
-            delta = tl.minimum(tl.maximum(shift - new_shift, -200.0), 0.0)
-            scale = tl.exp(delta)
-            sum_x_exp = scale * (sum_x_exp + delta * sum_exp)
-            sum_exp = scale * sum_exp
-            sum_exp_excl = scale * sum_exp_excl
-            sum_sq_excl = (scale * scale) * sum_sq_excl
-            shift = new_shift
-            d = tl.maximum(x - shift, -104.0)  # exp(-104) is 0 in float32; keeps -inf out of d * e
-            e = tl.where(in_row, tl.exp(d), 0.0)
-            sum_exp += e
-            sum_x_exp += d * e
-            not_target = cols.to(tl.int64) != target
-            sum_exp_excl += tl.where(not_target, e, 0.0)
-            sum_sq_excl += tl.where(not_target, e * e, 0.0)
-            start += BLOCK
-
-        row_max = tl.max(first, axis=0)
-        argmax = tl.min(tl.where(first == row_max, first_index, 2147483647), axis=0)
-        # the second largest of the row: every lane's first, except the argmax lane's second
-        row_second = tl.max(tl.where(first_index == argmax, second, first), axis=0)
-        first_nan = tl.min(nan_index, axis=0)
+            s = sum_exp
+            t = sum_x_exp
         has_nan = first_nan < 2147483647
         plus_inf = row_max == float("inf")
-        s = tl.sum(sum_exp, axis=0)
         log_s = tl.log(s)
         lse = shift + log_s
-        entropy = log_s - tl.sum(sum_x_exp, axis=0) / s
+        entropy = log_s - (t * LN2) / s
         # relative to the shift (== row_max when finite), not to lse: exact near the float range
-        maxprob = tl.exp(row_max - shift) / s
-        margin = maxprob - tl.exp(row_second - shift) / s
+        maxprob = tl.exp2((row_max - shift) * LOG2E) / s
+        margin = maxprob - tl.exp2((row_second - shift) * LOG2E) / s
         bad = has_nan | plus_inf
         lse = tl.where(has_nan, float("nan"), tl.where(plus_inf, float("inf"), lse))
         entropy = tl.where(bad, float("nan"), entropy)
@@ -202,16 +165,178 @@ if triton is not None:
         tl.store(margin_ptr + row, margin)
         tl.store(argmax_ptr + row, tl.where(has_nan, first_nan, argmax).to(tl.int64))
         if HAS_TARGETS:
-            valid = target != ignore_index
-            in_range = (target >= 0) & (target < n_cols)
-            x_target = tl.load(row_ptr + target, mask=valid & in_range, other=0.0).to(tl.float32)
-            s_excl = tl.sum(sum_exp_excl, axis=0)
-            el2n = tl.sqrt(tl.sum(sum_sq_excl, axis=0) + s_excl * s_excl) / s
+            el2n = tl.sqrt(sum_sq + sum_exp * sum_exp) / s
             el2n = tl.where(bad | (~in_range), float("nan"), el2n)
+            x_loss = tl.where(in_range, x_target, 0.0)
             loss = tl.where(in_range, (shift - x_target) + log_s, float("nan"))
-            loss = tl.where(has_nan, float("nan"), tl.where(plus_inf, lse - x_target, loss))
+            loss = tl.where(has_nan, float("nan"), tl.where(plus_inf, lse - x_loss, loss))
             tl.store(loss_ptr + row, tl.where(valid, loss, 0.0))
             tl.store(el2n_ptr + row, tl.where(valid, el2n, 0.0))
+
+    @triton.jit
+    def _softmax_scores_kernel(
+        logits_ptr, row_stride, n_cols, targets_ptr, ignore_index,
+        partial_ptr, partial_index_ptr, partial_plane, n_chunks,
+        lse_ptr, entropy_ptr, maxprob_ptr, margin_ptr, argmax_ptr, loss_ptr, el2n_ptr,
+        HAS_TARGETS: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr, CHUNK_BLOCKS: tl.constexpr,
+    ):
+        """Program (row, chunk) reduces columns [chunk * CHUNK_BLOCKS * BLOCK, ...) of its row.
+
+        Online softmax (Milakov & Gimelshein 2018, "Online normalizer calculation for softmax",
+        arXiv:1805.02867) in base 2: with the shift k = the running maximum of the chunk and
+        d = (x - k) log2(e), e = 2^d, each lane keeps s += e, t += d e, q += e^2 over the columns
+        other than the target (whose term is added back by _finish_row from one scalar load), and
+        its top two logits (as a multiset) with the index of its first maximum. The sums are
+        rescaled (t becomes a (t + delta s), a = 2^delta) only in the rare steps where the maximum
+        grows. Then, with s, t, q summed over the row:
+            lse = k + log s, entropy = log s - t ln(2) / s, maxprob = exp(x_max - k) / s,
+            margin = maxprob - exp(x_2nd - k) / s, loss = (k - x[t]) + log s,
+            el2n = sqrt(q' + s'^2) / s   (primes: without the target column; = ||p - onehot(t)||).
+        NaN is tracked by the NaN-propagating lane maximum; only a chunk that holds a NaN is
+        scanned again for the index of its first NaN.
+        Memory traffic: N * V reads of the logits (one pass; two blocks ahead, evict-first),
+        N targets, seven [N] writes, plus 8 words per (row, chunk) of partials when SPLIT.
+        Accumulation is float32 whatever the input dtype.
+        """
+        LOG2E: tl.constexpr = 1.4426950408889634
+        row = tl.program_id(0).to(tl.int64)
+        chunk = tl.program_id(1)
+        row_ptr = logits_ptr + row * row_stride
+        offsets = tl.arange(0, BLOCK)
+        chunk_start = chunk * (CHUNK_BLOCKS * BLOCK)
+        chunk_end = tl.minimum(chunk_start + CHUNK_BLOCKS * BLOCK, n_cols)
+        if HAS_TARGETS:
+            target = tl.load(targets_ptr + row).to(tl.int64)
+            # the column left out of the sums: the target when it is a column of the row
+            in_range = (target >= 0) & (target < n_cols)
+            excluded = tl.where(in_range, target, -1).to(tl.int32)
+        else:
+            target = -1
+            excluded = -1
+        first = tl.full([BLOCK], float("-inf"), tl.float32)
+        second = tl.full([BLOCK], float("-inf"), tl.float32)
+        # the block in which each lane met its maximum: a scalar per step, so that no index vector
+        # (int32, laid out unlike the 16-bit logits) crosses shared memory inside the loop
+        first_block = tl.zeros([BLOCK], tl.int32) + chunk_start
+        sum_exp = tl.zeros([BLOCK], tl.float32)
+        sum_x_exp = tl.zeros([BLOCK], tl.float32)
+        sum_sq = tl.zeros([BLOCK], tl.float32)
+        shift = tl.max(sum_exp, axis=0)  # a float32 scalar 0.0 that the loop can carry
+        # two blocks in flight ahead of the one being reduced (masked off past the chunk)
+        x = tl.load(row_ptr + chunk_start + offsets, mask=offsets < chunk_end - chunk_start, other=float("-inf"),
+                    eviction_policy="evict_first")
+        x_next = tl.load(row_ptr + chunk_start + BLOCK + offsets, mask=offsets < chunk_end - chunk_start - BLOCK,
+                         other=float("-inf"), eviction_policy="evict_first")
+        block_start = chunk_start
+        # A while loop rather than range(start, end, BLOCK): the interpreter cannot turn runtime
+        # bounds into Python ints under numpy >= 2.4, and compiled code is the same scf loop.
+        while block_start < chunk_end:
+            next_start = block_start + BLOCK
+            after_next = next_start + BLOCK
+            x_after_next = tl.load(row_ptr + after_next + offsets, mask=offsets < chunk_end - after_next,
+                                   other=float("-inf"), eviction_policy="evict_first")
+            xf = x.to(tl.float32)
+            # lanes see increasing columns, so a strict '>' keeps the lowest index of a tie (and a
+            # lane of only -inf keeps its first column)
+            first_block = tl.where(xf > first, block_start, first_block)
+            second = tl.maximum(second, tl.minimum(first, xf))
+            first = tl.maximum(first, xf, propagate_nan=tl.PropagateNan.ALL)
+            running_max = tl.max(first, axis=0)
+            new_shift = tl.where(tl.abs(running_max) < float("inf"), running_max, 0.0)
+            if new_shift != shift:
+                # In [-200, 0] (log2 units): delta > 0 only when the first finite maximum replaces
+                # the initial shift 0 (sums still 0) or the maximum becomes +inf (row overwritten
+                # at the end); the clamp keeps delta * s finite across the float range.
+                delta = tl.minimum(tl.maximum((shift - new_shift) * LOG2E, -200.0), 0.0)
+                scale = tl.exp2(delta)
+                sum_x_exp = scale * (sum_x_exp + delta * sum_exp)
+                sum_exp = scale * sum_exp
+                sum_sq = (scale * scale) * sum_sq
+                shift = new_shift
+            d = tl.maximum((xf - shift) * LOG2E, -200.0)  # 2^-200 is 0 in float32: keeps -inf out of d * e
+            e = tl.exp2(d)
+            e = tl.where(offsets == excluded - block_start, 0.0, e)  # the target's term is added at the end
+            sum_exp += e
+            sum_x_exp += d * e
+            sum_sq += e * e
+            x = x_next
+            x_next = x_after_next
+            block_start = next_start
+
+        first_index = first_block + offsets
+        chunk_max = tl.max(first, axis=0)
+        chunk_argmax = tl.min(tl.where(first == chunk_max, first_index, 2147483647), axis=0)
+        # the second largest of the chunk: every lane's first, except the argmax lane's second
+        chunk_second = tl.max(tl.where(first_index == chunk_argmax, second, first), axis=0)
+        first_nan = tl.min(tl.full([BLOCK], 2147483647, tl.int32), axis=0)
+        if tl.max((first != first).to(tl.int32), axis=0) > 0:  # rare: find the chunk's first NaN
+            scan_start = chunk_start
+            while scan_start < chunk_end:
+                scan = scan_start + offsets
+                y = tl.load(row_ptr + scan, mask=scan < chunk_end, other=0.0).to(tl.float32)
+                first_nan = tl.minimum(first_nan, tl.min(tl.where(y != y, scan, 2147483647), axis=0))
+                scan_start += BLOCK
+        s = tl.sum(sum_exp, axis=0)
+        t = tl.sum(sum_x_exp, axis=0)
+        q = tl.sum(sum_sq, axis=0)
+        if SPLIT:
+            at = row * n_chunks + chunk
+            tl.store(partial_ptr + at, shift)
+            tl.store(partial_ptr + partial_plane + at, s)
+            tl.store(partial_ptr + 2 * partial_plane + at, t)
+            tl.store(partial_ptr + 3 * partial_plane + at, q)
+            tl.store(partial_ptr + 4 * partial_plane + at, chunk_max)
+            tl.store(partial_ptr + 5 * partial_plane + at, chunk_second)
+            tl.store(partial_index_ptr + at, chunk_argmax)
+            tl.store(partial_index_ptr + partial_plane + at, first_nan)
+        else:
+            _finish_row(row, row_ptr, n_cols, target, ignore_index, shift, s, t, q, chunk_max, chunk_argmax,
+                        chunk_second, first_nan, lse_ptr, entropy_ptr, maxprob_ptr, margin_ptr, argmax_ptr,
+                        loss_ptr, el2n_ptr, HAS_TARGETS)
+
+    @triton.jit
+    def _softmax_scores_combine_kernel(
+        logits_ptr, row_stride, n_cols, targets_ptr, ignore_index,
+        partial_ptr, partial_index_ptr, partial_plane, n_chunks,
+        lse_ptr, entropy_ptr, maxprob_ptr, margin_ptr, argmax_ptr, loss_ptr, el2n_ptr,
+        HAS_TARGETS: tl.constexpr, CHUNKS: tl.constexpr,
+    ):
+        """One program per row: merges the row's chunk partials (each relative to its own shift k_c)
+        into the row's sums relative to k = the row maximum, with a_c = 2^delta_c,
+        delta_c = (k_c - k) log2(e):  s = sum a_c s_c,  t = sum a_c (t_c + delta_c s_c),
+        q = sum a_c^2 q_c; the argmax is the lowest chunk argmax among the chunks that reach the
+        row maximum. Memory traffic: 8 words per (row, chunk), one logit per row (the target's).
+        """
+        LOG2E: tl.constexpr = 1.4426950408889634
+        row = tl.program_id(0).to(tl.int64)
+        chunks = tl.arange(0, CHUNKS)
+        present = chunks < n_chunks
+        at = row * n_chunks + chunks
+        shift_c = tl.load(partial_ptr + at, mask=present, other=0.0)
+        s_c = tl.load(partial_ptr + partial_plane + at, mask=present, other=0.0)
+        t_c = tl.load(partial_ptr + 2 * partial_plane + at, mask=present, other=0.0)
+        q_c = tl.load(partial_ptr + 3 * partial_plane + at, mask=present, other=0.0)
+        max_c = tl.load(partial_ptr + 4 * partial_plane + at, mask=present, other=float("-inf"))
+        second_c = tl.load(partial_ptr + 5 * partial_plane + at, mask=present, other=float("-inf"))
+        argmax_c = tl.load(partial_index_ptr + at, mask=present, other=2147483647)
+        nan_c = tl.load(partial_index_ptr + partial_plane + at, mask=present, other=2147483647)
+        row_max = tl.max(max_c, axis=0)
+        shift = tl.where(tl.abs(row_max) < float("inf"), row_max, 0.0)
+        delta = tl.minimum(tl.maximum((shift_c - shift) * LOG2E, -200.0), 0.0)
+        scale = tl.exp2(delta)
+        s = tl.sum(scale * s_c, axis=0)
+        t = tl.sum(scale * (t_c + delta * s_c), axis=0)
+        q = tl.sum((scale * scale) * q_c, axis=0)
+        argmax = tl.min(tl.where(max_c == row_max, argmax_c, 2147483647), axis=0)
+        row_second = tl.max(tl.where(argmax_c == argmax, second_c, max_c), axis=0)
+        first_nan = tl.min(nan_c, axis=0)
+        if HAS_TARGETS:
+            target = tl.load(targets_ptr + row).to(tl.int64)
+        else:
+            target = -1
+        _finish_row(row, logits_ptr + row * row_stride, n_cols, target, ignore_index, shift, s, t, q, row_max,
+                    argmax, row_second, first_nan, lse_ptr, entropy_ptr, maxprob_ptr, margin_ptr, argmax_ptr,
+                    loss_ptr, el2n_ptr, HAS_TARGETS)
 
     @triton.jit
     def _softmax_scores_backward_kernel(
@@ -221,21 +346,25 @@ if triton is not None:
         """grad[i, j] = g_i * (exp(x_ij - lse_i) - [j == t_i]), zero rows where t_i == ignore_index.
 
         Recomputes softmax from the forward's saved lse instead of storing probabilities.
-        Memory traffic: one read and one write of N * V elements (plus N targets, lse, g). Each
-        element is read and then written by the same program, so grad_ptr may be logits_ptr
-        (in-place backward).
+        Memory traffic: one read and one write of N * V elements (plus N targets, lse, g), a pure
+        stream: a 2-D grid (rows x column blocks), int32 column offsets, exp2 with the lse scaled
+        once per program, evict-first loads and 16-byte vector accesses. Each element is read and
+        then written by the same program, so grad_ptr may be logits_ptr (in-place backward).
         """
+        LOG2E: tl.constexpr = 1.4426950408889634
         row = tl.program_id(0).to(tl.int64)
-        cols = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         in_row = cols < n_cols
+        x = tl.load(logits_ptr + row * row_stride + cols, mask=in_row, other=0.0, eviction_policy="evict_first")
         target = tl.load(targets_ptr + row).to(tl.int64)
         valid = target != ignore_index
         g = tl.where(valid, tl.load(grad_loss_ptr + row), 0.0)
-        lse = tl.where(valid, tl.load(lse_ptr + row), 0.0)
-        x = tl.load(logits_ptr + row * row_stride + cols, mask=in_row, other=0.0).to(tl.float32)
-        p = tl.exp(x - lse)
-        grad = g * (p - tl.where(cols == target, 1.0, 0.0))
-        grad = tl.where(valid, grad, 0.0)
+        lse2 = tl.where(valid, tl.load(lse_ptr + row), 0.0) * LOG2E
+        p = tl.exp2(x.to(tl.float32) * LOG2E - lse2)
+        # the target's column: a scalar offset inside this block (out of [0, BLOCK) when elsewhere)
+        local = target - tl.program_id(1).to(tl.int64) * BLOCK
+        hit = tl.where((local >= 0) & (local < BLOCK), local, -1).to(tl.int32)
+        grad = g * (p - tl.where(tl.arange(0, BLOCK) == hit, 1.0, 0.0))
         tl.store(grad_ptr + row * grad_row_stride + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
 
 
@@ -245,37 +374,68 @@ def _require_triton() -> None:
         raise RuntimeError(f"aql_kernels.softmax_scores: the Triton implementation is unavailable: {status.detail}")
 
 
-def _triton_config(v: int) -> tuple[int, int]:
-    block = min(_BLOCK_MAX, max(16, triton.next_power_of_2(v)))
-    num_warps = 4 if block <= 1024 else 8
-    return block, num_warps
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1  # CPU tensors under TRITON_INTERPRET=1: fewest programs (the interpreter runs them serially)
+
+
+def _forward_grid(n: int, v: int, sm_count: int, block: int, chunk_blocks: int | None) -> tuple[int, int]:
+    """(chunk_blocks, n_chunks): the fewest chunks per row that give the grid
+    _PROGRAMS_PER_SM programs per SM, with at most _CHUNK_BLOCKS_MAX blocks per chunk."""
+    blocks = triton.cdiv(v, block)
+    if chunk_blocks is None:
+        wanted = min(blocks, max(triton.cdiv(_PROGRAMS_PER_SM * sm_count, n), triton.cdiv(blocks, _CHUNK_BLOCKS_MAX)))
+        chunk_blocks = min(triton.next_power_of_2(triton.cdiv(blocks, wanted)), triton.next_power_of_2(blocks))
+        chunk_blocks = max(chunk_blocks, triton.next_power_of_2(triton.cdiv(blocks, _CHUNKS_MAX)))
+    return chunk_blocks, triton.cdiv(blocks, chunk_blocks)
 
 
 def _device_guard(tensor: torch.Tensor):
     # Triton launches on the current CUDA device; make it the tensor's.
-    if tensor.device.type == "cuda":
+    if tensor.device.type == "cuda" and tensor.device.index != torch.cuda.current_device():
         return torch.cuda.device(tensor.device)
     return contextlib.nullcontext()
 
 
-def _triton_forward(logits, targets, ignore_index, out=None):
+def _triton_forward(logits, targets, ignore_index, out=None, *, block=None, chunk_blocks=None):
+    """block / chunk_blocks override the launch shape (the tests force several chunks per row)."""
     _require_triton()
     logits, row_stride = _unit_columns(logits)
     n, v = logits.shape
-    if v > 2**31 - 1 - _BLOCK_MAX:  # column indices are int32 inside the kernel
-        raise ValueError(f"aql_kernels.softmax_scores: the Triton kernel needs V < 2**31 - {_BLOCK_MAX + 1}, got {v}")
+    if block is None:  # short rows: one block per row, no wider than the row
+        block = min(_BLOCK, max(16, triton.next_power_of_2(v)))
+    num_warps = max(1, min(_NUM_WARPS, block // (32 * _ELEMENTS_PER_THREAD)))
+    if v > 2**31 - 1 - 2 * block:  # column indices (up to two blocks past the row) are int32 in the kernel
+        raise ValueError(f"aql_kernels.softmax_scores: the Triton kernel needs V < 2**31 - {2 * block + 1}, got {v}")
+    chunk_blocks, n_chunks = _forward_grid(n, v, _sm_count(logits.device), block, chunk_blocks)
     out = _empty_outputs(logits, targets is not None) if out is None else out
     lse, entropy, maxprob, margin, argmax, loss, el2n = out
     has_targets = targets is not None
-    targets_arg = targets.contiguous() if has_targets else argmax  # unused placeholder pointer
-    block, num_warps = _triton_config(v)
+    targets_arg = targets if has_targets else argmax  # unused placeholder pointer without targets
+    if has_targets and targets.stride(0) != 1:
+        targets_arg = targets.contiguous()
+    split = n_chunks > 1
+    if split:
+        # 6 float32 and 2 int32 words per (row, chunk): < 0.5% of the logits' bytes at 4096 x 32000
+        partial = torch.empty((6, n * n_chunks), device=logits.device, dtype=torch.float32)
+        partial_index = torch.empty((2, n * n_chunks), device=logits.device, dtype=torch.int32)
+    else:
+        partial, partial_index = lse, argmax  # unused
+    outputs = (lse, entropy, maxprob, margin, argmax, loss if has_targets else lse, el2n if has_targets else lse)
     with _device_guard(logits):
-        _softmax_scores_kernel[(n,)](
-            logits, row_stride, v, targets_arg, ignore_index,
-            lse, entropy, maxprob, margin, argmax,
-            loss if has_targets else lse, el2n if has_targets else lse,
-            HAS_TARGETS=has_targets, BLOCK=block, num_warps=num_warps,
+        _softmax_scores_kernel[(n, n_chunks)](
+            logits, row_stride, v, targets_arg, ignore_index, partial, partial_index, n * n_chunks, n_chunks,
+            *outputs, HAS_TARGETS=has_targets, SPLIT=split, BLOCK=block, CHUNK_BLOCKS=chunk_blocks,
+            num_warps=num_warps,
         )
+        if split:
+            _softmax_scores_combine_kernel[(n,)](
+                logits, row_stride, v, targets_arg, ignore_index, partial, partial_index, n * n_chunks, n_chunks,
+                *outputs, HAS_TARGETS=has_targets, CHUNKS=max(16, triton.next_power_of_2(n_chunks)),
+                num_warps=1 if n_chunks <= 256 else 4,
+            )
     return out
 
 
@@ -284,11 +444,15 @@ def _triton_backward(logits, targets, lse, grad_rows, ignore_index, out):
     n, v = logits.shape
     logits_u, row_stride = _unit_columns(logits)
     grad_row_stride = out.stride(0) if n > 1 else v
-    block = min(2048, max(16, triton.next_power_of_2(v)))
+    # 16 elements per thread: two 16-byte accesses per thread and direction in float32, one in 16-bit
+    block = min(4096, max(16, triton.next_power_of_2(v)))
+    num_warps = max(1, min(8, block // 512))
     with _device_guard(logits):
         _softmax_scores_backward_kernel[(n, triton.cdiv(v, block))](
-            logits_u, row_stride, v, targets.contiguous(), ignore_index, lse.contiguous(),
-            grad_rows.float().contiguous(), out, grad_row_stride, BLOCK=block, num_warps=4 if block <= 1024 else 8,
+            logits_u, row_stride, v, targets if targets.stride(0) == 1 else targets.contiguous(), ignore_index,
+            lse if lse.stride(0) == 1 else lse.contiguous(),
+            grad_rows if grad_rows.dtype == torch.float32 and grad_rows.stride(0) == 1 else grad_rows.float().contiguous(),
+            out, grad_row_stride, BLOCK=block, num_warps=num_warps,
         )
     return out
 
@@ -297,13 +461,29 @@ def _triton_backward(logits, targets, lse, grad_rows, ignore_index, out):
 # C++ CPU library (csrc/cpu/scores.cpp)
 # ---------------------------------------------------------------------------------------------------
 
+_NATIVE_FUNCTIONS: dict = {}
+_DTYPE_CODES: dict = {}
+
+
 def _native_call(op: str, name: str, *args) -> None:
-    try:
-        _native.CPU.call(name, *args)
-    except _native.NativeError as error:
-        if error.status == 2:  # AQL_ERR_TARGET_OUT_OF_RANGE
-            raise ValueError(f"aql_kernels.{op}: {error.message}") from None
-        raise
+    # The ctypes function and dtype codes are looked up once: per call the C call is then the only
+    # cost besides argument conversion (pointers are passed as plain ints to c_void_p arguments).
+    function = _NATIVE_FUNCTIONS.get(name)
+    if function is None:
+        function = _NATIVE_FUNCTIONS[name] = _native.CPU.function(name)
+    status = function(*args)
+    if status != 0:
+        message = _native.CPU.function("aql_last_error")().decode("utf-8", "replace")
+        if status == 2:  # AQL_ERR_TARGET_OUT_OF_RANGE
+            raise ValueError(f"aql_kernels.{op}: {message}")
+        raise _native.NativeError(name, status, message)
+
+
+def _dtype_code(dtype: torch.dtype) -> int:
+    code = _DTYPE_CODES.get(dtype)
+    if code is None:
+        code = _DTYPE_CODES[dtype] = _native.dtype_code(dtype)
+    return code
 
 
 def _native_forward(logits, targets, ignore_index, out=None):
@@ -311,13 +491,17 @@ def _native_forward(logits, targets, ignore_index, out=None):
     n, v = logits.shape
     out = _empty_outputs(logits, targets is not None) if out is None else out
     lse, entropy, maxprob, margin, argmax, loss, el2n = out
-    targets64 = targets.to(torch.int64).contiguous() if targets is not None else None
-    p = _native.pointer
+    if targets is None:
+        targets_ptr = loss_ptr = el2n_ptr = None
+    else:
+        if targets.dtype != torch.int64 or targets.stride(0) != 1:
+            targets = targets.to(torch.int64).contiguous()
+        targets_ptr, loss_ptr, el2n_ptr = targets.data_ptr(), loss.data_ptr(), el2n.data_ptr()
     _native_call(
         "softmax_scores", "aql_softmax_scores",
-        p(logits), _native.dtype_code(logits.dtype), n, v, row_stride, p(targets64), ignore_index,
-        p(lse), p(entropy), p(maxprob), p(margin), p(argmax),
-        p(loss if targets64 is not None else None), p(el2n if targets64 is not None else None),
+        logits.data_ptr(), _dtype_code(logits.dtype), n, v, row_stride, targets_ptr, ignore_index,
+        lse.data_ptr(), entropy.data_ptr(), maxprob.data_ptr(), margin.data_ptr(), argmax.data_ptr(),
+        loss_ptr, el2n_ptr,
     )
     return out
 
@@ -326,14 +510,16 @@ def _native_backward(logits, targets, lse, grad_rows, ignore_index, out):
     n, v = logits.shape
     logits_u, row_stride = _unit_columns(logits)
     grad_row_stride = out.stride(0) if n > 1 else v
-    targets64 = targets.to(torch.int64).contiguous()
-    lse = lse.contiguous()
-    grad_rows = grad_rows.float().contiguous()
-    p = _native.pointer
+    if targets.dtype != torch.int64 or targets.stride(0) != 1:
+        targets = targets.to(torch.int64).contiguous()
+    if lse.stride(0) != 1:
+        lse = lse.contiguous()
+    if grad_rows.dtype != torch.float32 or grad_rows.stride(0) != 1:
+        grad_rows = grad_rows.float().contiguous()
     _native_call(
         "cross_entropy_with_scores", "aql_softmax_scores_backward",
-        p(logits_u), _native.dtype_code(logits_u.dtype), n, v, row_stride, p(targets64), ignore_index,
-        p(lse), p(grad_rows), p(out), _native.dtype_code(out.dtype), grad_row_stride,
+        logits_u.data_ptr(), _dtype_code(logits_u.dtype), n, v, row_stride, targets.data_ptr(), ignore_index,
+        lse.data_ptr(), grad_rows.data_ptr(), out.data_ptr(), _dtype_code(out.dtype), grad_row_stride,
     )
     return out
 
@@ -445,8 +631,16 @@ _FORWARD = {"reference": _reference_forward, "native": _native_forward, "triton"
 _BACKWARD = {"reference": _reference_backward, "native": _native_backward, "triton": _triton_backward}
 
 
+_CHOSEN: dict = {}
+
+
 def _choose(device: torch.device) -> str:
-    return _dispatch.choose("softmax_scores", device, native_symbol="aql_softmax_scores")
+    # The answer depends only on the device type (what is built and installed does not change while
+    # the process runs), so it is computed, and any fallback warned about, once per device type.
+    name = _CHOSEN.get(device.type)
+    if name is None:
+        name = _CHOSEN[device.type] = _dispatch.choose("softmax_scores", device, native_symbol="aql_softmax_scores")
+    return name
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -535,6 +729,82 @@ _cross_entropy_op.register_autograd(_cross_entropy_backward, setup_context=_setu
 
 
 # ---------------------------------------------------------------------------------------------------
+# Eager path
+# ---------------------------------------------------------------------------------------------------
+# Dispatching through the torch.library ops costs ~80 us per call on a 2-core CPU (schema parsing,
+# the Python dispatcher, the autograd wrapper); in plain eager mode the public functions call the
+# chosen launcher directly and run the loss's autograd through a torch.autograd.Function. Under
+# torch.compile / export, for tensor subclasses (FakeTensor, FunctionalTensor, ...) and under a
+# TorchDispatchMode (make_fx, FakeTensorMode) they go through the registered ops, so tracing sees them.
+
+_dispatch_stack_depth = getattr(torch._C, "_len_torch_dispatch_stack", None)
+_functorch_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+
+
+def _eager(logits: torch.Tensor, targets: torch.Tensor | None) -> bool:
+    if torch.compiler.is_compiling() or type(logits) is not torch.Tensor:
+        return False
+    if targets is not None and type(targets) is not torch.Tensor:
+        return False
+    if _dispatch_stack_depth is None or _dispatch_stack_depth() != 0:
+        return False
+    # torch.func transforms wrap plain tensors (vmap, grad): those go through the registered ops
+    return _functorch_wrapped is None or not _functorch_wrapped(logits)
+
+
+def _rows_gradient(grad_loss: torch.Tensor, reduction: str, n: int, count) -> torch.Tensor:
+    """d loss / d rows[i] as a float32 [N] vector for the backward kernels."""
+    if reduction == "none":
+        return grad_loss
+    if reduction == "mean":
+        grad_loss = grad_loss / count
+    return grad_loss.float().expand(n).contiguous()
+
+
+class _CrossEntropyFunction(torch.autograd.Function):
+    """Eager autograd of cross_entropy_with_scores: the forward launcher, the loss reduction and the
+    backward launcher in one node (the registered op's autograd plus sum / div would be three)."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, ignore_index, reduction, inplace_backward, implementation):
+        outputs = _FORWARD[implementation](logits, targets, ignore_index)
+        rows = outputs[5]
+        count = None
+        if reduction == "none":
+            loss = rows
+        elif reduction == "sum":
+            loss = rows.sum()
+        else:
+            count = (targets != ignore_index).sum()
+            loss = rows.sum() / count
+        ctx.save_for_backward(logits, targets, outputs[0])
+        ctx.count = count
+        ctx.settings = (ignore_index, reduction, inplace_backward, implementation)
+        # (loss, lse, entropy, maxprob, margin, argmax, el2n[, rows]): with reduction="none" the
+        # loss *is* the rows, which the caller detaches for the scores
+        scores = (*outputs[:5], outputs[6]) if reduction == "none" else (*outputs[:5], outputs[6], rows)
+        ctx.mark_non_differentiable(*scores)
+        return (loss, *scores)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, *unused):
+        logits, targets, lse = ctx.saved_tensors
+        ignore_index, reduction, inplace_backward, implementation = ctx.settings
+        grad_rows = _rows_gradient(grad_loss, reduction, logits.shape[0], ctx.count)
+        if inplace_backward:
+            _BACKWARD[implementation](logits, targets, lse, grad_rows, ignore_index, logits)
+            # the kernels write through raw pointers: mark the buffer as changed, as the in-place op
+            # of the compiled path does, so that a later use of a saved copy raises
+            torch.autograd.graph.increment_version(logits)
+            grad = logits
+        else:
+            grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+            _BACKWARD[implementation](logits, targets, lse, grad_rows, ignore_index, grad)
+        return grad, None, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------------
 # Public functions
 # ---------------------------------------------------------------------------------------------------
 
@@ -551,7 +821,16 @@ def softmax_scores(logits: torch.Tensor, targets: torch.Tensor | None = None, *,
     int64); ``loss`` and ``el2n`` only when targets (int64 / int32 ``[N]``) are given. Dispatches
     by device: CUDA -> Triton, CPU -> the C++ library, else (or when missing) the reference."""
     _validate(logits, targets, ignore_index)
-    return _wrap(torch.ops.aql.softmax_scores(logits, targets, ignore_index), targets is not None)
+    if _eager(logits, targets):
+        implementation = _choose(logits.device)
+        if implementation == "reference" and logits.requires_grad:
+            with torch.no_grad():
+                outputs = _FORWARD[implementation](logits, targets, ignore_index)
+        else:
+            outputs = _FORWARD[implementation](logits, targets, ignore_index)
+    else:
+        outputs = torch.ops.aql.softmax_scores(logits, targets, ignore_index)
+    return _wrap(outputs, targets is not None)
 
 
 def cross_entropy_with_scores(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100,
@@ -578,16 +857,27 @@ def cross_entropy_with_scores(logits: torch.Tensor, targets: torch.Tensor, *, ig
         raise TypeError(f"aql_kernels.{op}: inplace_backward must be a bool, got {type(inplace_backward).__name__}")
     if inplace_backward and logits.shape[1] > 1 and logits.stride(1) != 1:
         raise ValueError(f"aql_kernels.{op}: inplace_backward needs logits with unit column stride, got strides {logits.stride()}")
-    outputs = torch.ops.aql.cross_entropy_with_scores(logits, targets, ignore_index, inplace_backward)
-    rows = outputs[5]
+    if _eager(logits, targets):
+        implementation = _choose(logits.device)
+        if torch.is_grad_enabled() and logits.requires_grad:
+            loss, *scores = _CrossEntropyFunction.apply(logits, targets, ignore_index, reduction, inplace_backward,
+                                                         implementation)
+            rows = loss.detach() if reduction == "none" else scores[6]
+            return loss, SoftmaxScores(*scores[:5], rows, scores[5])
+        with torch.no_grad():  # (the reference implementation would otherwise record a graph)
+            outputs = _FORWARD[implementation](logits, targets, ignore_index)
+        rows = outputs[5]
+    else:
+        outputs = torch.ops.aql.cross_entropy_with_scores(logits, targets, ignore_index, inplace_backward)
+        rows = outputs[5]
+        outputs = tuple(t.detach() for t in outputs)
     if reduction == "none":
         loss = rows
     elif reduction == "sum":
         loss = rows.sum()
     else:
         loss = rows.sum() / (targets != ignore_index).sum()
-    scores = _wrap(tuple(t.detach() for t in outputs), True)
-    return loss, scores
+    return loss, _wrap(outputs, True)
 
 
 def _implementation(name: str):

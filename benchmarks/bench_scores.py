@@ -5,10 +5,15 @@ CPU, N=4096, V=32000 float32 (goal: native >= 15x faster than the eager composit
   torch_eager_composite F.log_softmax, then the statistics in eager torch
   aql_reference         softmax_scores_reference (the pure-torch spec)
   memory_floor_sum      logits.sum(dim=1): one plain read of the logits, the floor of any one-pass op
+CPU host overhead, N=512, V=10 (the per-call cost of the Python layer and the C call on a tiny input):
+  aql_softmax_scores / torch_cross_entropy_fwd, aql_cross_entropy_fwd_bwd / torch_cross_entropy_fwd_bwd
+CPU forward+backward, N=4096, V=32000 float32: aql_cross_entropy_fwd_bwd against torch_cross_entropy_fwd_bwd
 GPU (Triton; skipped without CUDA), forward and forward+backward, float32 and bfloat16:
   aql_triton against the eager composite, torch.compile of the composite, F.cross_entropy and
   Liger-Kernel's cross-entropy when `liger_kernel` is installed (Liger writes its gradient during
-  the forward, so it only appears in the fwd+bwd groups).
+  the forward, so it only appears in the fwd+bwd groups). The forward groups also hold
+  device_copy_cuda, a device-to-device copy of the logits whose GB/s counts its read and its write:
+  the goal of the statistics-only pass is >= 90% of that figure.
 `bytes` in extra_info is the traffic of a one-pass kernel over the logits (forward: one read;
 forward+backward: two reads and one write), and `GB/s` divides it by the median, so the column says
 how close each case gets to that floor whatever it really moves.
@@ -82,6 +87,46 @@ def test_scores_cpu(bench, case):
     _record_bandwidth(bench, CPU_N * CPU_V * 4)
 
 
+@pytest.mark.parametrize("case", ["aql_softmax_scores", "torch_cross_entropy_fwd", "aql_cross_entropy_fwd_bwd",
+                                  "torch_cross_entropy_fwd_bwd"])
+def test_scores_cpu_host_overhead(bench, case):
+    if case.startswith("aql") and not _native.CPU.has("aql_softmax_scores"):
+        pytest.skip(f"the CPU library lacks aql_softmax_scores: {_native.CPU.reason or 'rebuild it'}")
+    n, v = 512, 10
+    logits, targets = _inputs(n, v, torch.float32, "cpu")
+    bench.benchmark.group = f"scores cpu host overhead N={n} V={v}"
+    bench.benchmark.extra_info.update({"n": n, "v": v, "omp_threads": _threads()})
+    if case == "aql_softmax_scores":
+        bench(lambda: softmax_scores(logits, targets), rounds=200)
+    elif case == "torch_cross_entropy_fwd":
+        bench(lambda: F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="none"), rounds=200)
+    else:
+        bench(_fwd_bwd_step(case, logits), rounds=200)
+
+
+def _fwd_bwd_step(case: str, logits: torch.Tensor):
+    logits = logits.clone().requires_grad_(True)
+    targets = torch.randint(0, logits.shape[1], (logits.shape[0],))
+    if case.startswith("aql"):
+        def loss_fn(x, t):
+            return cross_entropy_with_scores(x, t, ignore_index=IGNORE)[0]
+    else:
+        def loss_fn(x, t):
+            return F.cross_entropy(x, t, ignore_index=IGNORE)
+    return lambda: torch.autograd.grad(loss_fn(logits, targets), logits)
+
+
+@pytest.mark.parametrize("case", ["aql_cross_entropy_fwd_bwd", "torch_cross_entropy_fwd_bwd"])
+def test_scores_cpu_fwd_bwd(bench, case):
+    if case.startswith("aql") and not _native.CPU.has("aql_softmax_scores_backward"):
+        pytest.skip(f"the CPU library lacks aql_softmax_scores_backward: {_native.CPU.reason or 'rebuild it'}")
+    logits, _ = _inputs(CPU_N, CPU_V, torch.float32, "cpu")
+    bench.benchmark.group = f"scores cpu fwd+bwd N={CPU_N} V={CPU_V} float32"
+    bench.benchmark.extra_info.update({"n": CPU_N, "v": CPU_V, "omp_threads": _threads()})
+    bench(_fwd_bwd_step(case, logits), rounds=3)
+    _record_bandwidth(bench, 3 * CPU_N * CPU_V * 4)
+
+
 def _threads():
     return _native.CPU.num_threads() if _native.CPU.has("aql_num_threads") else None
 
@@ -109,11 +154,15 @@ def _require_triton():
 @requires_cuda
 @pytest.mark.parametrize("dtype", list(GPU_DTYPES))
 @pytest.mark.parametrize("shape", list(GPU_SHAPES))
-@pytest.mark.parametrize("case", ["aql_triton_cuda", "torch_eager_composite_cuda", "torch_compile_composite_cuda", "torch_cross_entropy_cuda"])
+@pytest.mark.parametrize("case", ["aql_triton_cuda", "torch_eager_composite_cuda", "torch_compile_composite_cuda", "torch_cross_entropy_cuda",
+                                  "device_copy_cuda"])
 def test_scores_fwd_cuda(bench, case, shape, dtype):
     n, v = GPU_SHAPES[shape]
     logits, targets = _inputs(n, v, GPU_DTYPES[dtype], "cuda")
-    if case == "aql_triton_cuda":
+    copy = torch.empty_like(logits) if case == "device_copy_cuda" else None
+    if case == "device_copy_cuda":
+        fn = lambda: copy.copy_(logits)  # noqa: E731
+    elif case == "aql_triton_cuda":
         _require_triton()
         fn = lambda: softmax_scores(logits, targets)  # noqa: E731
     elif case == "torch_eager_composite_cuda":
@@ -126,7 +175,7 @@ def test_scores_fwd_cuda(bench, case, shape, dtype):
     bench.benchmark.group = f"scores cuda fwd {shape} {dtype}"
     bench.benchmark.extra_info.update({"n": n, "v": v, "dtype": dtype})
     bench(fn, device="cuda", rounds=20)
-    _record_bandwidth(bench, n * v * logits.element_size())
+    _record_bandwidth(bench, (2 if case == "device_copy_cuda" else 1) * n * v * logits.element_size())
 
 
 @requires_cuda

@@ -268,6 +268,75 @@ def test_public_function_dispatches_to_the_chosen_implementation():
 
 
 # --------------------------------------------------------------------------------------------------
+# the Triton forward split over several programs per row
+# --------------------------------------------------------------------------------------------------
+
+def _split_rows(v, block, dtype, device):
+    """Rows whose decisive columns sit at block and chunk boundaries (block * chunk_blocks)."""
+    x = (torch.randn(12, v) * 2).clamp(-6.0, 6.0)  # below the planted maxima
+    targets = torch.randint(0, v, (12,))
+    x[0, block - 1] = x[0, block] = 9.0                   # tie across a block boundary: argmax block - 1
+    x[1, v - 1] = 9.0                                      # maximum in the last (partial) block
+    x[1, 0] = 8.0                                          # second largest in the first
+    targets[1] = v - 1
+    x[2, 3] = x[2, 3 + block] = 7.0                        # same lane, two blocks: the earlier one wins
+    x[3, :] = 1.25                                         # all equal over every chunk
+    x[4, : 2 * block] = float("-inf")                      # leading chunk(s) of -inf
+    targets[4] = 2 * block
+    x[5, v - 2] = float("nan")                             # NaN in the last chunk only ...
+    x[6, 2 * block + 1] = x[6, v - 1] = float("nan")       # ... and in two chunks: the first one counts
+    x[7, block + 2] = float("inf")                         # +inf in a middle chunk
+    x[8, block:] = 30.0 + torch.randn(v - block)           # the maximum grows from chunk to chunk
+    x[8, v - 1] = 40.0
+    x[9, 5] = 11.0                                          # the target is the maximum, far ahead
+    targets[9] = 5
+    targets[10] = IGNORE
+    targets[11] = 3
+    return x.to(dtype=dtype, device=device), targets.to(device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("block,chunk_blocks,v", [(16, 1, 100), (32, 2, 203), (64, 3, 1000), (16, 4, 64)],
+                         ids=lambda x: str(x))
+def test_triton_split_rows_match_reference(dtype, block, chunk_blocks, v):
+    # small blocks make many chunks per row (up to 13 here); V is not a multiple of the chunk, except
+    # in the last case (V = one chunk exactly, the kernel then finishes the row without partials)
+    device = _skip_unavailable("triton")
+    logits, targets = _split_rows(v, block, dtype, device)
+    out = _poisoned_outputs(logits.shape[0], True, device)
+    got = S._wrap(S._triton_forward(logits, targets, IGNORE, out=out, block=block, chunk_blocks=chunk_blocks), True)
+    _assert_scores_close(got, _expected(logits, targets), *TOLERANCES[dtype])
+    assert got.argmax[0] == block - 1 and got.margin[0] == 0
+    assert got.argmax[2] == 3 and got.margin[2] == 0
+    assert got.argmax[3] == 0 and got.margin[3] == 0
+    assert got.argmax[5] == v - 2 and got.argmax[6] == 2 * block + 1
+    # without targets, and with an ignore_index that is a real column (its row keeps its statistics)
+    plain = S._wrap(S._triton_forward(logits, None, IGNORE, block=block, chunk_blocks=chunk_blocks), False)
+    _assert_scores_close(plain, _expected(logits, None), *TOLERANCES[dtype])
+    targets = torch.where(targets == IGNORE, 0, targets)
+    column = S._wrap(S._triton_forward(logits, targets, 3, block=block, chunk_blocks=chunk_blocks), True)
+    _assert_scores_close(column, _expected(logits, targets, ignore_index=3), *TOLERANCES[dtype])
+    assert column.loss[11] == 0 and column.el2n[11] == 0
+
+
+def test_triton_forward_grid():
+    # the chunk count that the launcher picks: enough programs per SM, bounded steps per program
+    if S.triton is None:
+        pytest.skip("triton is not installed")
+    block = S._BLOCK
+    assert S._forward_grid(4096, 32000, 132, block, None) == (8, 2)        # 16 blocks a row, 8192 programs
+    assert S._forward_grid(8192, 128256, 132, block, None) == (8, 8)
+    assert S._forward_grid(1, 262144, 132, block, None) == (1, 128)        # one row: one block per program
+    assert S._forward_grid(64, 100, 132, block, None) == (1, 1)
+    for n, v in [(1, 1), (3, 50257), (7, 2049), (100000, 4096 * 3 + 1), (1, 2**30)]:
+        chunk_blocks, n_chunks = S._forward_grid(n, v, 132, block, None)
+        blocks = -(-v // block)
+        assert 1 <= chunk_blocks and n_chunks * chunk_blocks >= blocks and n_chunks <= S._CHUNKS_MAX
+        assert chunk_blocks <= S._CHUNK_BLOCKS_MAX or v > S._CHUNKS_MAX * S._CHUNK_BLOCKS_MAX * block
+        assert (n_chunks - 1) * chunk_blocks < blocks  # no empty chunk
+
+
+# --------------------------------------------------------------------------------------------------
 # gradients
 # --------------------------------------------------------------------------------------------------
 
@@ -292,6 +361,67 @@ def test_cross_entropy_matches_torch(reduction, inplace_backward):
     torch.testing.assert_close(base.grad.double(), reference_input.grad, atol=1e-7, rtol=1e-5)
     if inplace_backward:  # the gradient was written over the logits' buffer
         torch.testing.assert_close(logits.detach(), base.grad)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_eager_path_matches_the_registered_ops(monkeypatch, reduction):
+    # The public functions skip the torch.library dispatch in eager mode; both routes must agree.
+    n, v = 11, 300
+    base = _random_logits(n, v, torch.float32, "cpu")
+    targets = _random_targets(n, v, "cpu")
+
+    def run():
+        x = base.clone().requires_grad_(True)
+        loss, scores = cross_entropy_with_scores(x, targets, reduction=reduction)
+        weights = torch.linspace(0.5, 2.0, n) if reduction == "none" else torch.tensor(1.3)
+        (loss * weights).sum().backward()
+        return loss.detach(), scores, x.grad, softmax_scores(base, targets)
+
+    eager = run()
+    monkeypatch.setattr(S, "_eager", lambda logits, targets: False)
+    through_ops = run()
+    for a, b in zip(eager[:3], through_ops[:3]):
+        if isinstance(a, tuple):
+            for u, w in zip(a, b):
+                assert torch.equal(u, w)
+        else:
+            assert torch.equal(a, b)
+    for u, w in zip(eager[3], through_ops[3]):
+        assert torch.equal(u, w)
+    assert eager[1].loss.requires_grad is False and eager[1].loss.shape == (n,)
+
+
+def test_tracing_modes_use_the_registered_ops():
+    # Under FakeTensorMode (what export / AOT tracing run) the eager shortcut must not touch data.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        logits = torch.empty(6, 40)
+        targets = torch.zeros(6, dtype=torch.int64)
+        scores = softmax_scores(logits, targets)
+        loss, _ = cross_entropy_with_scores(logits.requires_grad_(True), targets)
+    assert scores.lse.shape == (6,) and scores.argmax.dtype == torch.int64 and loss.shape == ()
+
+
+def test_inplace_backward_bumps_the_version_counter():
+    # x is saved by the multiplication before the loss overwrites it with its gradient: using the
+    # saved x afterwards must raise, not silently read the gradient.
+    base = _random_logits(4, 50, torch.float32, "cpu").requires_grad_(True)
+    x = base * 1.0
+    squares = (x * x).sum()
+    loss, _ = cross_entropy_with_scores(x, _random_targets(4, 50, "cpu", ignore_some=False), inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (loss + squares).backward()
+
+
+def test_cross_entropy_without_grad_returns_plain_tensors():
+    logits = _random_logits(5, 40, torch.float32, "cpu").requires_grad_(True)
+    targets = _random_targets(5, 40, "cpu")
+    with torch.no_grad():
+        loss, scores = cross_entropy_with_scores(logits, targets)
+    assert not loss.requires_grad and all(not t.requires_grad for t in scores)
+    want = F.cross_entropy(logits.detach().double(), targets, ignore_index=IGNORE)
+    torch.testing.assert_close(loss.double(), want, atol=2e-5, rtol=2e-5)
 
 
 def test_cross_entropy_all_rows_ignored_is_nan_like_torch():
