@@ -10,13 +10,16 @@ fewer steps per epoch, and the schedule is sized for that).
 
 `aql_v2.selection_strategy`:
 - `none`: the baseline, every sample every epoch, plain `F.cross_entropy`, no AQL machinery.
+- `random`: the control of data selection: a uniformly random `query_budget` share of the data each
+  epoch (a fresh draw per epoch, fixed by (seed, epoch)), plain `F.cross_entropy`, no AQL machinery.
 - `stale`: `ScoreStore` holds one score per sample, written from the training forward's statistics
   (`aql_v2.score`: loss, entropy or el2n; no extra forward); between epochs `next_subset()` picks the
   `query_budget` fraction to train on next (never-seen samples first, an `exploration` share at random).
-  The loss is the mean weighted by the subset's importance weights (`aql_v2.importance_weights`); note
-  that the explored share carries weight (N - top) / explored, ~41 at budget 0.2 and exploration 0.1,
-  so those few samples dominate the gradient (MNIST-1D demo config at learning rate 3e-3: test
-  accuracy 0.76 with exploration 0.1, 0.90 with 0.0 or with the weights off).
+  The loss is the plain mean over the micro-batch; with `aql_v2.importance_weights: true` it is the
+  mean weighted by the subset's importance weights. Off by default: the explored share carries weight
+  (N - top) / explored, ~41 at budget 0.2 and exploration 0.1, so those few samples dominate the
+  gradient (MNIST-1D demo config at learning rate 3e-3: test accuracy 0.76 with the weights and
+  exploration 0.1, 0.90 with the weights off or exploration 0.0).
 - `streaming`: candidate batches of `batch_size / query_budget` samples are scored without gradients
   (by the model's softmax statistics, or by the estimator with `aql_v2.scorer: estimator`) and
   `StreamingAQL.process_batch` keeps the ones above its running threshold; kept samples are regrouped
@@ -24,10 +27,21 @@ fewer steps per epoch, and the schedule is sized for that).
 - `curriculum`: `CurriculumAQL.select_batch` draws the samples in the current difficulty range from the
   candidate stream, up to `query_budget` of the epoch; `maybe_advance_stage(val_loss)` after each epoch.
 
-Overhead: the AQL parts (score bookkeeping, Fisher updates, candidate scoring, selection) are timed
-against the rest of training, with CUDA events on GPU (read once per log interval, so no per-step
-synchronisation) and `time.perf_counter` on CPU (where every op is synchronous). The fused loss itself is
-counted as training: its cost against `F.cross_entropy` is what `benchmarks/` measure.
+Overhead (`overhead_time`, and `overhead_pct` = AQL time / the rest of the training time), timed with
+CUDA events on GPU (read once per log interval, so no per-step synchronisation) and
+`time.perf_counter` on CPU (where every op is synchronous):
+- timed as AQL: per step, picking the per-sample score out of the fused loss's statistics and handing
+  it to the score store, and the Fisher update (every `fisher_update_freq` optimizer steps); per epoch,
+  the store's write-back and `next_subset()` and the copy of the epoch's indices to the device; for
+  streaming / curriculum, the candidates' scoring forward and the selection;
+- timed as training: batch gathering and transfer, forward, the loss, backward, clipping, optimizer
+  and scheduler; evaluation, checkpoints and logging are in neither;
+- caused by AQL but counted as training: the fused loss's extra cost over the baseline's
+  `F.cross_entropy` (the demo prints both runs' time per step, and `benchmarks/` measure the two
+  losses side by side) and the estimator's forward hook on the head (a row counter).
+The per-step path is lean: the estimator's `_update_from_grads_unchecked` and the store's deferred
+`_write` skip the argument checks of their public twins (the trainer guarantees the types), and
+nothing in it synchronises with the device.
 
 Checkpoints (`<output_dir>/checkpoint.pt`, written to a temporary file then `os.replace`d) hold the
 model, optimizer, scheduler, estimator, selector and score store states, the RNG states (torch, CUDA,
@@ -110,37 +124,49 @@ class WarmupCosine:
 
 
 class OverheadClock:
-    """Time spent inside `with clock.aql():` against the whole time between `lap()`s.
+    """Time spent between `begin()` and `end()` (or inside `with clock.aql():`) against the whole time
+    between `lap()`s.
 
     CUDA: a pair of events around each AQL region and one at each lap; `lap()` waits for the last
-    event, so the only synchronisation is once per log interval. CPU: perf_counter (CPU ops are
-    synchronous, so wall time is the time they take).
+    event, so the only synchronisation is once per log interval. The events come from a pool that
+    `lap()` refills, so a region costs two `Event.record` calls and no allocation. CPU: perf_counter
+    (CPU ops are synchronous, so wall time is the time they take).
     """
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
+        self._pool: list = []
+        self._pairs: list = []
         self.restart()
 
     def _event(self):
-        event = torch.cuda.Event(enable_timing=True)
+        event = self._pool.pop() if self._pool else torch.cuda.Event(enable_timing=True)
         event.record()
         return event
 
     def restart(self) -> None:
-        self._pairs: list = []
+        if self.cuda:
+            for start, end in self._pairs:
+                self._pool += (start, end)
+        self._pairs = []
         self._aql = 0.0
         self._start = self._event() if self.cuda else time.perf_counter()
 
+    def begin(self):
+        """Starts an AQL region; pass the returned token to `end`."""
+        return self._event() if self.cuda else time.perf_counter()
+
+    def end(self, token) -> None:
+        if self.cuda:
+            self._pairs.append((token, self._event()))
+        else:
+            self._aql += time.perf_counter() - token
+
     @contextlib.contextmanager
     def aql(self):
-        if self.cuda:
-            start = self._event()
-            yield
-            self._pairs.append((start, self._event()))
-        else:
-            start = time.perf_counter()
-            yield
-            self._aql += time.perf_counter() - start
+        token = self.begin()
+        yield
+        self.end(token)
 
     def lap(self) -> tuple[float, float]:
         """(aql seconds, total seconds) since the last lap / restart; starts the next interval."""
@@ -149,6 +175,7 @@ class OverheadClock:
             end.synchronize()
             aql = sum(s.elapsed_time(e) for s, e in self._pairs) / 1000.0
             total = self._start.elapsed_time(end) / 1000.0
+            self._pool += (self._start, end)
         else:
             aql, total = self._aql, time.perf_counter() - self._start
         self.restart()
@@ -185,18 +212,29 @@ def _split_batch(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None
 
 
 class _EpochBatches:
-    """Batches of sample indices over a dataset for one epoch, in an order fixed by (seed, epoch)."""
+    """Batches of sample indices over a dataset for one epoch, in an order fixed by (seed, epoch).
 
-    def __init__(self, dataset, order: torch.Tensor, batch_size: int, weights: torch.Tensor | None = None, skip: int = 0):
+    `device`: where the yielded index (and weight) slices live. The dataset is gathered with the CPU
+    order; the per-sample bookkeeping reads the indices on the training device, so they are copied
+    there once per epoch rather than once per batch (a per-batch copy from pageable host memory waits
+    for the CUDA stream)."""
+
+    def __init__(self, dataset, order: torch.Tensor, batch_size: int, weights: torch.Tensor | None = None, skip: int = 0,
+                 device: torch.device | None = None):
         self.dataset, self.order, self.batch_size, self.weights, self.skip = dataset, order, batch_size, weights, skip
+        self.iterations = 0  # one pass over a permutation of distinct indices never repeats one
+        self.device_order = order if device is None else order.to(device)
+        if weights is not None and device is not None:
+            self.weights = weights.to(device)
 
     def __len__(self) -> int:
         return max(0, math.ceil(self.order.numel() / self.batch_size) - self.skip)
 
     def __iter__(self):
+        self.iterations += 1
         for start in range(self.skip * self.batch_size, self.order.numel(), self.batch_size):
-            index = self.order[start:start + self.batch_size]
-            x, y = _gather(self.dataset, index)
+            x, y = _gather(self.dataset, self.order[start:start + self.batch_size])
+            index = self.device_order[start:start + self.batch_size]
             if self.weights is None:
                 yield x, y, index
             else:
@@ -247,11 +285,16 @@ class AQLv2Trainer:
         self.config = config
         self.device = resolve_device(config.device)
         self.model = model.to(self.device)
+        # the device as tensors report it ("cuda" -> "cuda:0"), for per-step comparisons that must not
+        # fail on the missing index
+        self._tensor_device = torch.empty(0, device=self.device).device
         self.train_data, self.val_data, self.test_data = train_data, val_data, test_data
         self.output_dir = Path(output_dir if output_dir is not None else config.logging.output_dir)
         self.callbacks = list(callbacks)
         self.ignore_index = ignore_index
         self.strategy = config.aql_v2.selection_strategy
+        self._score_name = config.aql_v2.score  # the SoftmaxScores field that ranks samples
+        self._distinct_indices = False  # set per epoch by train_epoch
         t = config.training
         use_bf16 = t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
@@ -272,7 +315,7 @@ class AQLv2Trainer:
         self.uncertainty = None
         self.selector = None
         self.score_store = None
-        if self.strategy != "none":
+        if self.strategy not in ("none", "random"):
             self._build_aql_components()
 
         self.step = 0
@@ -382,7 +425,7 @@ class AQLv2Trainer:
         if logits.dim() != 2 or logits.shape[0] != targets.shape[0]:
             raise ValueError(f"aql.trainer: the model must return 2-D logits with one row per target, got {tuple(logits.shape)} "
                              f"for {targets.shape[0]} targets")
-        if self.strategy == "none":
+        if self.strategy in ("none", "random"):
             per_token = F.cross_entropy(logits.float(), targets, ignore_index=self.ignore_index, reduction="none")
             scores = None
         else:
@@ -405,10 +448,24 @@ class AQLv2Trainer:
         self._step_rows += targets.shape[0]
         self._epoch_tokens += valid.sum().long()
         if self.score_store is not None and index is not None:
-            with self._clock.aql():
-                sample_scores = self._per_sample(self._score_field(scores), batch)
-                self.score_store.update(index.to(self.device, non_blocking=True), sample_scores.float())
+            token = self._clock.begin()
+            sample_scores = self._per_sample(getattr(scores, self._score_name), batch)
+            if index.device != self._tensor_device or index.dtype != torch.int64 or index.dim() != 1 or index.shape[0] != batch:
+                index = self._check_index(index, batch)
+            # float32 [B] on the store's device, int64 [B]; distinct across the epoch's batches when they
+            # come from the epoch's own subset loader (see train_epoch)
+            self.score_store._write(index, sample_scores, distinct=self._distinct_indices)
+            self._clock.end(token)
         self._last_batch = (x, y)
+
+    def _check_index(self, index: torch.Tensor, batch: int) -> torch.Tensor:
+        """A sample-index tensor from a user's loader, as the store's `_write` needs it."""
+        if index.dim() != 1 or index.shape[0] != batch:
+            raise ValueError(f"aql.trainer: a batch's index must be 1-D with one entry per sample ({batch}), "
+                             f"got shape {tuple(index.shape)}")
+        if index.dtype.is_floating_point or index.dtype == torch.bool or index.is_complex():
+            raise TypeError(f"aql.trainer: a batch's index must hold integer sample indices, got {index.dtype}")
+        return index.to(self.device, torch.int64, non_blocking=True)
 
     def _optimizer_step(self, micro_batches: int) -> None:
         a, t = self.config.aql_v2, self.config.training
@@ -417,12 +474,14 @@ class AQLv2Trainer:
             if grads:
                 torch._foreach_mul_(grads, t.gradient_accumulation / micro_batches)
         if self.uncertainty is not None and self.step % a.fisher_update_freq == 0:
-            with self._clock.aql():
-                if a.uncertainty_method == "laplace":
-                    # the loss of this step is a mean over its rows (tokens for language models)
-                    self.uncertainty.update_from_grads(max(1, self._step_rows), reduction="mean")
-                elif a.uncertainty_method == "ensemble":
-                    self.uncertainty.train_ensemble(*self._last_batch)
+            token = self._clock.begin()
+            if a.uncertainty_method == "laplace":
+                # the loss of this step is a mean over its rows (tokens for language models), unscaled,
+                # and backward ran since the last zero_grad: the estimator's unchecked per-step path
+                self.uncertainty._update_from_grads_unchecked(max(1, self._step_rows))
+            elif a.uncertainty_method == "ensemble":
+                self.uncertainty.train_ensemble(*self._last_batch)
+            self._clock.end(token)
         if t.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
         self.optimizer.step()
@@ -468,7 +527,7 @@ class AQLv2Trainer:
         """Micro-batches (x, y, index, weight) to back-propagate, after the strategy's selection."""
         batch_size = self.config.training.batch_size
         stream = self._counted(data_loader)
-        if self.strategy in ("none", "stale"):
+        if self.strategy in ("none", "random", "stale"):
             for batch in stream:
                 yield _split_batch(batch)
         elif self.strategy == "streaming":
@@ -511,6 +570,10 @@ class AQLv2Trainer:
         streaming / curriculum), evaluates val, checkpoints; returns the epoch's metrics."""
         self.model.train()
         self._move_epoch_state()
+        # The stale loader of `epoch_loader` iterates a permutation of the store's subset (distinct
+        # indices), and the store was written back when it was made: on its first pass the epoch's
+        # score writes never repeat a sample.
+        self._distinct_indices = self.strategy == "stale" and isinstance(data_loader, _EpochBatches) and data_loader.iterations == 0
         accumulation = self.config.training.gradient_accumulation
         micro = 0
         max_steps = self.config.training.max_steps
@@ -546,8 +609,10 @@ class AQLv2Trainer:
             self._write_record({"event": "eval", "step": self.step, "epoch": self.epoch, **{f"val_{k}": v for k, v in val.items()}})
             self._clock.restart()  # evaluation is neither training nor AQL
         if lg.save_every and self.step % lg.save_every == 0:
+            self._write_back_scores()
             self.save_checkpoint()
         if self._stop_requested:
+            self._write_back_scores()
             self.save_checkpoint()
             raise KeyboardInterrupt(f"aql.trainer: interrupted; checkpoint written at step {self.step} to {self.checkpoint_path}")
 
@@ -570,7 +635,16 @@ class AQLv2Trainer:
         if self._progress is not None:
             self._progress.set_postfix(loss=f"{record['train_loss']:.4f}", overhead=f"{record['overhead_pct']:.2f}%")
 
+    def _write_back_scores(self) -> None:
+        """Applies the score store's deferred writes as timed AQL work; a checkpoint would otherwise
+        do it in time that is counted as neither AQL nor training."""
+        if self.score_store is not None:
+            token = self._clock.begin()
+            self.score_store._flush()
+            self._clock.end(token)
+
     def _end_epoch(self) -> dict[str, Any]:
+        self._write_back_scores()
         aql_time, total = self._clock.lap()
         self._epoch_aql_time += aql_time
         self._epoch_total_time += total
@@ -658,8 +732,15 @@ class AQLv2Trainer:
                     self._epoch_subset = (subset.indices.cpu(), subset.weights.float().cpu())
             indices, weights = self._epoch_subset
             permutation = torch.randperm(indices.numel(), generator=generator)
-            return _EpochBatches(self.train_data, indices[permutation], batch_size, weights[permutation], skip=self._consumed)
+            token = self._clock.begin()
+            self.score_store._flush()  # (nothing to write when next_subset just ran)
+            batches = _EpochBatches(self.train_data, indices[permutation], batch_size, weights[permutation], skip=self._consumed,
+                                    device=self.device)
+            self._clock.end(token)
+            return batches
         order = torch.randperm(len(self.train_data), generator=generator)
+        if self.strategy == "random":  # the first k of a uniform permutation: a uniform k-subset, in random order
+            order = order[:self._planned_samples_per_epoch()]
         if self.strategy == "streaming":
             batch_size = max(1, math.ceil(batch_size / self.config.aql_v2.query_budget))
         return _EpochBatches(self.train_data, order, batch_size, skip=self._consumed)

@@ -64,6 +64,15 @@ class CurriculumAQL:
     batch is full also returns ``exhausted=True`` (with ``stream_ended=True``) but does not advance:
     that is the end of an epoch, not evidence that the band is empty.
 
+    Empty band at a stage's start: a stage that has yielded no sample yet and whose first looked-at
+    source batches (at least ``batch_size`` samples together) hold no in-band sample is dry at once
+    (with ``advance_if_exhausted``), without spending ``max_lookahead`` source batches on it. A fresh
+    model predicts nearly uniformly, so every normalised entropy is near 1 and the easy bands are
+    empty: without this rule the first two stages consumed ``2 * max_lookahead`` candidate batches
+    per epoch before anything trained, and an epoch shorter than that trained nothing at all (and,
+    with no training, the validation loss never fell enough to advance the stage either). After a
+    stage has yielded samples only the ``max_lookahead`` rule applies.
+
     In-band samples left over from the last source batch of a call are carried to the next call of
     the same stage (at most one source batch of them), dropped on a stage change or when another
     iterable is passed; `state_dict()` includes it (the position in the stream is the caller's).
@@ -102,6 +111,7 @@ class CurriculumAQL:
                             f"got {type(advance_if_exhausted).__name__} {advance_if_exhausted!r}")
         self.advance_if_exhausted = advance_if_exhausted
         self.training_stage = 0
+        self._stage_yielded = 0  # samples select_batch returned in the current stage
         self.stage_start_loss: float | None = None
         self._carry: tuple[torch.Tensor, torch.Tensor] | None = None
         self._source = None  # the iterable whose iterator select_batch continues
@@ -183,6 +193,8 @@ class CurriculumAQL:
             pieces_targets.append(carry_targets)
             found = carry_data.shape[0]
         looked_at = 0
+        looked_at_rows = 0
+        empty_at_start = False
         stream_ended = False
         while found < batch_size and looked_at < self.max_lookahead:
             try:
@@ -204,7 +216,12 @@ class CurriculumAQL:
                                  f"got shapes {tuple(data.shape)} and {tuple(targets.shape)}")
             rows = self.in_band(self.difficulty(data)).nonzero().squeeze(1)  # the per-batch host sync
             count = rows.shape[0]
+            looked_at_rows += data.shape[0]
             if count == 0:
+                if (self.advance_if_exhausted and found == 0 and self._stage_yielded == 0
+                        and looked_at_rows >= batch_size):
+                    empty_at_start = True
+                    break
                 continue
             take = min(count, batch_size - found)
             pieces_data.append(data.index_select(0, rows[:take].to(data.device)))
@@ -215,6 +232,7 @@ class CurriculumAQL:
                 self._carry = (data.index_select(0, rest.to(data.device)), targets.index_select(0, rest.to(targets.device)))
 
         exhausted = found < batch_size
+        self._stage_yielded += min(found, batch_size)
         if found > batch_size:  # a carry larger than the batch
             all_data, all_targets = torch.cat(pieces_data), torch.cat(pieces_targets)
             self._carry = (all_data[batch_size:], all_targets[batch_size:])
@@ -222,8 +240,9 @@ class CurriculumAQL:
         out_data = torch.cat(pieces_data) if pieces_data else None
         out_targets = torch.cat(pieces_targets) if pieces_targets else None
         if exhausted and not stream_ended:
-            logger.info("curriculum stage %d: band %s ran dry (%d of %d samples in %d batches)", stage,
-                        self.get_difficulty_range(), found, batch_size, looked_at)
+            logger.info("curriculum stage %d: band %s ran dry (%d of %d samples in %d batches%s)", stage,
+                        self.get_difficulty_range(), found, batch_size, looked_at,
+                        ", empty at the stage's start" if empty_at_start else "")
             if self.advance_if_exhausted:
                 self._advance(f"band exhausted after {looked_at} batches")
         return CurriculumBatch(out_data, out_targets, exhausted, looked_at, stream_ended, stage)
@@ -234,6 +253,7 @@ class CurriculumAQL:
         if self.training_stage + 1 >= self.num_stages:
             return False
         self.training_stage += 1
+        self._stage_yielded = 0
         self._carry = None
         logger.info("curriculum: advanced to stage %d, band %s (%s)", self.training_stage,
                     self.get_difficulty_range(), reason)
@@ -272,6 +292,7 @@ class CurriculumAQL:
             "stage_advance_threshold": self.stage_advance_threshold,
             "max_lookahead": self.max_lookahead,
             "num_classes": self.num_classes,
+            "stage_yielded": self._stage_yielded,
             "carry": None if self._carry is None else tuple(t.clone() for t in self._carry),
         }
 
@@ -288,6 +309,7 @@ class CurriculumAQL:
         if isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage < self.num_stages:
             raise ValueError(f"aql.selection.{where}: training_stage must be an int in [0, {self.num_stages - 1}], got {stage!r}")
         self.training_stage = stage
+        self._stage_yielded = int(state.get("stage_yielded", 0))
         start = state.get("stage_start_loss")
         self.stage_start_loss = None if start is None else float(start)
         self.stage_advance_threshold = float(state.get("stage_advance_threshold", self.stage_advance_threshold))

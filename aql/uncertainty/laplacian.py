@@ -102,6 +102,8 @@ class LaplacianUncertainty(UncertaintyEstimator):
         if head.bias is not None and head.bias.requires_grad:
             self._bias_index = next(i for i, p in enumerate(self.params) if p is head.bias)
         self.fisher = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in self.params]
+        # (device, dtype) of the first parameter at the last successful Fisher update (None before it)
+        self._checked_layout: tuple[torch.device, torch.dtype] | None = None
         self.updates = 0
         self.samples_seen = 0
 
@@ -129,18 +131,34 @@ class LaplacianUncertainty(UncertaintyEstimator):
 
     # ---- Fisher updates -----------------------------------------------------------------------------
     def _follow_model_device(self) -> None:
+        """Moves the Fisher tensors to their parameters' devices. The model moves as a whole
+        (`model.to`), so while the first parameter keeps the (device, dtype) of the last successful
+        update nothing can have moved: O(1) per step instead of a walk over every parameter."""
+        first = self.params[0]
+        if (first.device, first.dtype) == self._checked_layout:
+            return
         for i, p in enumerate(self.params):
             if self.fisher[i].device != p.device:
                 self.fisher[i] = self.fisher[i].to(p.device)
                 self._variance_sums = None
 
-    def _accumulate(self, grads, rows: int, reduction: str, loss_scale: float) -> None:
+    def _accumulate(self, grads: list, rows: int, reduction: str, loss_scale: float) -> None:
         self._follow_model_device()
         scale = (math.sqrt(rows) if reduction == "mean" else 1.0 / math.sqrt(rows)) / loss_scale
-        aql_kernels.fisher_ema_(self.fisher, list(grads), self.ema_decay, scale=scale)
+        # float decay and scale and plain lists: fisher_ema_'s eager fast path (its checks are C-level maps)
+        aql_kernels.fisher_ema_(self.fisher, grads, self.ema_decay, scale=scale)
+        self._checked_layout = (self.params[0].device, self.params[0].dtype)
         self.updates += 1
         self.samples_seen += rows
         self._variance_sums = None
+
+    def _update_from_grads_unchecked(self, batch_size: int) -> None:
+        """`update_from_grads(batch_size)` without its argument checks and its scan for a missing .grad,
+        for a caller that guarantees a positive int batch size, a mean loss without loss scaling and a
+        backward since the last zero_grad (the trainer's per-step path). fisher_ema_ still checks the
+        tensors."""
+        self._accumulate([p.grad for p in self.params], batch_size, "mean", 1.0)
+        self._rows_since_update = 0
 
     def update_fisher(self, data: torch.Tensor, targets: torch.Tensor) -> None:
         """One Fisher update from its own forward and backward of the mean cross-entropy on (data, targets).
@@ -163,7 +181,7 @@ class LaplacianUncertainty(UncertaintyEstimator):
                 grads = torch.autograd.grad(loss, self.params, allow_unused=True)
         finally:
             self._counting = True
-        self._accumulate(grads, logits.shape[0], "mean", 1.0)
+        self._accumulate(list(grads), logits.shape[0], "mean", 1.0)
 
     def update_from_grads(self, batch_size: int | None = None, *, reduction: str = "mean", loss_scale: float = 1.0) -> None:
         """One Fisher update from the `.grad` of the parameters (after the training backward).

@@ -87,8 +87,9 @@ def test_tiny_demo_writes_the_plot(tmp_path, capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert out.index("backend") < out.index("== baseline")  # the backends table comes first
-    for name in ("baseline", "aql", "baseline_short"):
+    for name in ("baseline", "aql", "random", "baseline_short"):
         assert f"== {name}" in out
+    assert "aql_us_per_step" in out and "training_us_per_step" in out
     plot = tmp_path / "demo" / "demo_accuracy_vs_samples.png"
     assert f"plot: {plot}" in out
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -96,5 +97,7 @@ def test_tiny_demo_writes_the_plot(tmp_path, capsys):
     # 300 samples -> 240 train -> 216 after val; AQL takes round(0.2 * 216) = 43 per epoch
     assert summary["baseline"]["samples_backpropagated"] == 5 * 216
     assert summary["aql"]["samples_backpropagated"] == 5 * 43
+    assert summary["random"]["samples_backpropagated"] == 5 * 43 and summary["random"]["strategy"] == "random"
+    assert summary["random"]["overhead_pct"] == 0.0
     assert summary["baseline_short"]["samples_backpropagated"] == 1 * 216  # round(5 * 0.2) epochs of all data
     assert summary["baseline"]["overhead_pct"] == 0.0 and summary["aql"]["overhead_pct"] > 0.0

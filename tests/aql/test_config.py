@@ -73,7 +73,7 @@ BAD = [
     ({"aql_v2": {"fisher_ema_decay": 1.0}}, ["aql_v2.fisher_ema_decay", "1.0", "[0.0, 1.0)"]),
     ({"aql_v2": {"fisher_ema_decay": -0.01}}, ["aql_v2.fisher_ema_decay", "-0.01", "[0.0, 1.0)"]),
     ({"aql_v2": {"uncertainty_method": "bayes"}}, ["aql_v2.uncertainty_method", "'bayes'", "laplace", "ensemble", "mc_dropout"]),
-    ({"aql_v2": {"selection_strategy": "random"}}, ["aql_v2.selection_strategy", "'random'", "none", "stale", "streaming", "curriculum"]),
+    ({"aql_v2": {"selection_strategy": "greedy"}}, ["aql_v2.selection_strategy", "'greedy'", "none", "random", "stale", "streaming", "curriculum"]),
     ({"aql_v2": {"score": "margin"}}, ["aql_v2.score", "'margin'", "loss", "entropy", "el2n"]),
     ({"aql_v2": {"exploration": 1.2}}, ["aql_v2.exploration", "1.2"]),
     ({"aql_v2": {"difficulty_stages": [0.6, 0.3]}}, ["aql_v2.difficulty_stages", "increasing"]),

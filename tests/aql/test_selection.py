@@ -282,6 +282,74 @@ def test_score_store_update_out_of_range_index_raises():
         store.update(torch.tensor([10]), torch.zeros(1))
 
 
+def test_score_store_deferred_writes_match_eager_updates():
+    # The trainer's `_write` keeps (indices, scores) by reference and scatters them when the table is
+    # read; the table must equal one written eagerly in the same order (later writes of a sample win).
+    num_samples = 400
+    deferred, eager = ScoreStore(num_samples, seed=3), ScoreStore(num_samples, seed=3)
+    table = np.full(num_samples, np.inf)
+    previous = torch.arange(0)
+    for step in range(40):
+        size = int(torch.randint(1, 30, ()))
+        indices = torch.randperm(num_samples)[:size]  # distinct within a call
+        if step % 5 == 4:  # and rewritten by a later call: the later value must win
+            indices = torch.cat([previous, indices[~torch.isin(indices, previous)]])
+        scores = torch.randn(indices.numel())
+        scores[::7] = float("nan") if step % 3 == 0 else -0.0
+        deferred._write(indices, scores)
+        eager.update(indices, scores)
+        table[indices.numpy()] = scores.numpy()
+        previous = indices
+        if step in (12, 25):  # a read in the middle flushes; later writes defer again
+            assert torch.equal(deferred.seen, eager.seen)
+    assert len(deferred._deferred) > 5  # several pending calls, so the multi-call path is exercised
+    np.testing.assert_array_equal(deferred.scores.numpy(), table.astype(np.float32))
+    assert torch.equal(deferred.seen, eager.seen) and not deferred._deferred
+    for _ in range(3):
+        a, b = deferred.next_subset(), eager.next_subset()
+        assert torch.equal(a.indices, b.indices) and torch.equal(a.weights, b.weights)
+    # an eager update after deferred writes of the same sample wins; state_dict and next_subset flush
+    deferred._write(torch.tensor([5]), torch.tensor([1.0]))
+    deferred.update(torch.tensor([5]), torch.tensor([2.0]))
+    deferred._write(torch.tensor([6]), torch.tensor([3.0]))
+    assert float(deferred.state_dict()["scores"][5]) == 2.0 and float(deferred.state_dict()["scores"][6]) == 3.0
+    # loading a state drops writes that were not yet applied
+    state = eager.state_dict()
+    deferred._write(torch.tensor([0, 1]), torch.tensor([9.0, 9.0]))
+    deferred.load_state_dict(state)
+    np.testing.assert_array_equal(deferred.scores.numpy(), eager.scores.numpy())  # NaN equals NaN here
+    assert torch.equal(deferred.seen, eager.seen)
+
+
+def test_score_store_distinct_deferred_writes_skip_the_repeat_pass_only_when_all_are_distinct():
+    store, eager = ScoreStore(300), ScoreStore(300)
+    order = torch.randperm(300)
+    for start in range(0, 120, 17):  # one epoch's distinct indices, in batches
+        indices = order[start:min(start + 17, 120)]
+        scores = torch.randn(indices.numel())
+        store._write(indices, scores, distinct=True)
+        eager.update(indices, scores)
+    assert store._deferred_distinct
+    np.testing.assert_array_equal(store.scores.numpy(), eager.scores.numpy())
+    # one call without the guarantee, rewriting a sample: the repeat pass runs and the later value wins
+    store._write(order[:5], torch.full((5,), 1.0), distinct=True)
+    store._write(order[3:8], torch.full((5,), 2.0))
+    store._write(order[10:12], torch.full((2,), 3.0), distinct=True)
+    assert not store._deferred_distinct
+    assert store.scores[order[:12]].tolist()[:8] == [1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 2.0, 2.0]
+    assert store._deferred_distinct and float(store.scores[order[11]]) == 3.0
+
+
+def test_score_store_deferred_writes_are_bounded():
+    store = ScoreStore(50)
+    for start in range(0, 50, 10):
+        store._write(torch.arange(start, start + 10), torch.full((10,), float(start)))
+    assert store._deferred_rows == 50  # up to num_samples rows wait
+    store._write(torch.tensor([0]), torch.tensor([-1.0]))
+    assert store._deferred_rows == 0 and store._deferred == []  # beyond: written at once
+    assert float(store.scores[0]) == -1.0 and float(store.scores[49]) == 40.0
+
+
 # ---------------------------------------------------------------------------------------------------
 # StreamingAQL
 
@@ -296,6 +364,16 @@ def batch_bounds(budget: float, batch_size: int, tolerance: float) -> tuple[int,
     expected = budget * batch_size
     return (max(0, math.floor(expected * (1 - tolerance) + 1e-9)),
             min(batch_size, math.ceil(expected * (1 + tolerance) - 1e-9)))
+
+
+def feedback_bounds(selector, budget: float, batch_size: int, tolerance: float) -> tuple[int, int]:
+    """batch_bounds after the budget feedback, from the selector's totals before the batch."""
+    low, high = batch_bounds(budget, batch_size, tolerance)
+    debt = budget * selector.seen - selector.kept
+    correction = math.floor(abs(debt) + 0.5)
+    if debt > 0:
+        return min(high, low + correction), high
+    return low, max(low, high - correction)
 
 
 SAMPLERS = {
@@ -371,6 +449,7 @@ def test_streaming_batch_rule_matches_reference_on_adversarial_scores():
     ]
     for scores in cases:
         data = torch.arange(batch_size).float()[:, None]
+        low, high = feedback_bounds(selector, budget, batch_size, tolerance)
         out = selector.process_batch(data, torch.arange(batch_size), scores)
         tau = float(out.threshold)
         values = scores.numpy().astype(np.float64)
@@ -401,6 +480,7 @@ def test_streaming_adapts_to_a_distribution_shift(direction):
     for data, targets, scores in before:
         out = selector.process_batch(data, targets, scores)
     threshold_before = float(out.threshold)
+    low, high = feedback_bounds(selector, budget, batch_size, tolerance)
     counts = []
     for data, targets, scores in after:
         out = selector.process_batch(data, targets, scores)
@@ -411,6 +491,30 @@ def test_streaming_adapts_to_a_distribution_shift(direction):
     recent = sum(counts[-20:]) / (20 * batch_size)
     assert abs(recent - budget) < 0.02, recent
     assert abs(float(out.threshold) - (threshold_before + shift)) < 0.3
+
+
+@pytest.mark.parametrize("direction", ["down", "up"])
+def test_streaming_keeps_the_budget_on_a_drifting_stream(direction):
+    # Scores that drift like training losses: the running threshold lags and, without feedback, the
+    # clip k_min (or k_max) binds in every batch, ~q (1 - t) (or q (1 + t)) kept instead of q.
+    batch_size, budget, tolerance, buffer_size, batches = 320, 0.2, 0.25, 10000, 150
+    drift = (-0.02 if direction == "down" else 0.02) * torch.arange(batches, dtype=torch.float32)
+    low, high = batch_bounds(budget, batch_size, tolerance)
+    rates = {}
+    for feedback in (True, False):
+        torch.manual_seed(1234)
+        selector = StreamingAQL(None, None, query_budget=budget, buffer_size=buffer_size, batch_tolerance=tolerance,
+                                budget_feedback=feedback)
+        for step in range(batches):
+            scores = (torch.rand(batch_size) + drift[step]).exp()
+            out = selector.process_batch(torch.randn(batch_size, 2), torch.zeros(batch_size), scores)
+            assert low <= int(out.mask.sum()) <= high
+        rates[feedback] = out.kept / out.seen
+        # the threshold rule alone sits at the clip that binds
+        if not feedback:
+            assert abs(rates[feedback] - budget * (1 - tolerance if direction == "down" else 1 + tolerance)) < 0.01
+    # with feedback the totals stay within one sample of the budget (debt settles at q B t)
+    assert abs(rates[True] - budget) <= (budget * batch_size * tolerance + 1) / (batches * batch_size), rates
 
 
 def test_streaming_weights_equal_inverse_running_keep_rate():
@@ -651,19 +755,46 @@ def test_curriculum_looked_at_counts_source_batches():
 
 
 def test_curriculum_band_exhaustion_advances_the_stage(caplog, capsys):
-    difficulties = torch.rand(2000) * 0.5 + 0.5  # nothing in [0, 0.3]
+    difficulties = torch.rand(2000) * 0.5 + 0.5  # two samples in [0, 0.3], in the first and third batch
+    difficulties[[7, 120]] = 0.1
     curriculum = CurriculumAQL(None, ColumnEstimator(5), num_classes=5, max_lookahead=4)
     iterator = iter(difficulty_stream(difficulties, 50))
     with caplog.at_level(logging.INFO, logger="aql.selection.curriculum"):
         out = curriculum.select_batch(iterator, 16)
     assert out.exhausted and not out.stream_ended and out.looked_at == 4 and out.stage == 0
-    assert out.data is None and out.targets is None
+    assert out.targets.tolist() == [7, 120]
     assert curriculum.training_stage == 1
     assert "advanced to stage 1" in caplog.text
     assert capsys.readouterr().out == ""  # logging only, no prints
     out = curriculum.select_batch(iterator, 16)  # stage 1 = (0.3, 0.6]
     assert not out.exhausted and out.stage == 1
     assert bool(((out.data[:, 0] > 0.3) & (out.data[:, 0] <= 0.6)).all())
+
+
+@pytest.mark.parametrize("source_batch", [50, 8])
+def test_curriculum_empty_band_at_stage_start_advances_at_once(caplog, source_batch):
+    # A fresh model: every normalised entropy near 1, so stages 0 and 1 hold nothing; each is found
+    # empty on the first source batches that hold >= batch_size samples, not after max_lookahead.
+    difficulties = 0.97 + 0.03 * torch.rand(400)
+    curriculum = CurriculumAQL(None, ColumnEstimator(5), num_classes=5, max_lookahead=16)
+    iterator = iter(difficulty_stream(difficulties, source_batch))
+    per_stage = math.ceil(16 / source_batch)  # source batches until >= batch_size samples were looked at
+    with caplog.at_level(logging.INFO, logger="aql.selection.curriculum"):
+        for stage in (0, 1):
+            out = curriculum.select_batch(iterator, 16)
+            assert out.exhausted and not out.stream_ended and out.data is None
+            assert out.stage == stage and out.looked_at == per_stage and curriculum.training_stage == stage + 1
+    assert "empty at the stage's start" in caplog.text
+    out = curriculum.select_batch(iterator, 16)
+    assert not out.exhausted and out.stage == 2 and out.targets.tolist() == list(range(2 * per_stage * source_batch,
+                                                                                       2 * per_stage * source_batch + 16))
+    # once a stage has yielded samples, an empty source batch no longer ends it early
+    curriculum = CurriculumAQL(None, ColumnEstimator(5), num_classes=5, max_lookahead=3)
+    mixed = torch.cat([torch.full((16,), 0.1), torch.full((64,), 0.9)])
+    iterator = iter(difficulty_stream(mixed, 16))
+    assert not curriculum.select_batch(iterator, 16).exhausted
+    out = curriculum.select_batch(iterator, 16)
+    assert out.exhausted and out.looked_at == 3 and out.stage == 0
 
 
 def test_curriculum_exhaustion_without_advance_and_stream_end():

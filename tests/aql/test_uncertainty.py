@@ -175,6 +175,43 @@ def test_update_from_grads_reads_grad_and_counts_accumulated_rows():
         torch.testing.assert_close(actual.double(), wanted, rtol=1e-5, atol=1e-9)
 
 
+def test_per_step_update_path_matches_the_public_one_and_follows_a_dtype_change():
+    # The trainer's `_update_from_grads_unchecked` skips update_from_grads' own checks; the Fisher
+    # must be the same, and a changed parameter layout must still reach fisher_ema_'s checks.
+    x, y = blobs(30)
+    model = mlp()
+    lean, public = LaplacianUncertainty(model, ema_decay=0.8), LaplacianUncertainty(model, ema_decay=0.8)
+    params = list(model.parameters())
+    expected = [torch.zeros(p.shape, dtype=torch.float64) for p in params]
+    for step in range(4):
+        model.zero_grad(set_to_none=True)
+        rows = torch.randint(0, 90, (int(torch.randint(5, 40, ())),))
+        F.cross_entropy(model(x[rows]), y[rows]).backward()
+        expected = _reference_ema(expected, [p.grad for p in params], 0.8, math.sqrt(rows.numel()))
+        lean._update_from_grads_unchecked(rows.numel())
+        public.update_from_grads(rows.numel())
+    for mine, theirs, wanted in zip(lean.fisher, public.fisher, expected):
+        torch.testing.assert_close(mine.double(), wanted, rtol=1e-5, atol=1e-9)
+        assert torch.equal(mine, theirs)
+    assert lean.updates == 4 and lean.samples_seen == public.samples_seen
+    # half precision parameters: the Fisher stays float32 and keeps following the squared gradients
+    model.to(torch.bfloat16)
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x[:8].bfloat16()).float(), y[:8]).backward()
+    expected = _reference_ema(expected, [p.grad.double() for p in params], 0.8, math.sqrt(8))
+    lean._update_from_grads_unchecked(8)
+    for mine, wanted in zip(lean.fisher, expected):
+        assert mine.dtype == torch.float32
+        torch.testing.assert_close(mine.double(), wanted, rtol=1e-5, atol=1e-9)
+    # float64 parameters: fisher_ema_ rejects their gradients, naming the argument
+    model.double()
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x[:8].double()), y[:8]).backward()
+    with pytest.raises(TypeError, match=r"fisher_ema_: grads\[0\] must have dtype"):
+        lean._update_from_grads_unchecked(8)
+    assert lean.updates == 5
+
+
 def test_epistemic_matches_the_float64_formula_with_bias():
     x, y = blobs(60)
     model = train(mlp(width=16), x, y, steps=50)
