@@ -5,7 +5,10 @@ numpy.argpartition, torch.topk(sorted=False) and torch.kthvalue at N = 1e6 and 1
 faster than numpy.partition at N = 1e7. GPU (CUDA library) against torch.topk(sorted=False),
 torch.kthvalue and torch.sort at N = 1e6, 1e7 and 1e8; goal: at least 5x faster than torch.topk at
 N = 1e8. `bytes` in extra_info is the floor of the traffic (one read of the float32 scores plus the
-one-byte mask write), so GB/s says how close a case gets to one pass.
+one-byte mask write), so GB/s says how close a case gets to one pass. The kernels guess the top digits
+of the k-th largest score from an evenly spaced sample and check the guess in their one pass over the
+scores; the `decoys` cases put the largest scores exactly where the sample looks, so that the guess
+misses and the exact histogram pass and a second mask pass follow: the price of a miss.
 
     python -m pytest benchmarks/bench_select.py --benchmark-only --benchmark-columns=median,iqr,rounds
     python -m pytest benchmarks/bench_select.py --benchmark-only -k cuda      # GPU cases only
@@ -30,11 +33,23 @@ def _k(n: int) -> int:
     return int(FRACTION * n)
 
 
+def _with_decoys(scores: torch.Tensor) -> torch.Tensor:
+    """The scores with values above all others at the kernels' sample positions (floor(j n / s))."""
+    n = scores.shape[0]
+    s = min(n, 65536)
+    j = torch.arange(s, dtype=torch.int64, device=scores.device)
+    decoys = scores.clone()
+    decoys[j * (n // s) + (j * (n % s)) // s] = 2.0
+    return decoys
+
+
 def _cpu_cases(scores: torch.Tensor, k: int):
     n = scores.shape[0]
     array = scores.numpy()
+    decoys = _with_decoys(scores)
     return {
         "aql_topk_mask": lambda: aql_kernels.topk_mask(scores, k),
+        "aql_topk_mask_decoys": lambda: aql_kernels.topk_mask(decoys, k),
         "aql_topk_indices": lambda: aql_kernels.topk_indices(scores, k),
         "numpy_partition": lambda: np.partition(array, n - k),
         "numpy_argpartition": lambda: np.argpartition(array, n - k),
@@ -45,7 +60,7 @@ def _cpu_cases(scores: torch.Tensor, k: int):
 
 @pytest.mark.parametrize("size", list(CPU_SIZES))
 @pytest.mark.parametrize(
-    "case", ["aql_topk_mask", "aql_topk_indices", "numpy_partition", "numpy_argpartition", "torch_topk_unsorted", "torch_kthvalue"]
+    "case", ["aql_topk_mask", "aql_topk_mask_decoys", "aql_topk_indices", "numpy_partition", "numpy_argpartition", "torch_topk_unsorted", "torch_kthvalue"]
 )
 def test_select_cpu(bench, case, size):
     if case.startswith("aql") and not _native.CPU.has("aql_topk_select"):
@@ -61,8 +76,10 @@ def test_select_cpu(bench, case, size):
 
 def _cuda_cases(scores: torch.Tensor, k: int):
     n = scores.shape[0]
+    decoys = _with_decoys(scores)
     return {
         "aql_cuda_topk_mask": lambda: aql_kernels.topk_mask(scores, k),
+        "aql_cuda_topk_mask_decoys": lambda: aql_kernels.topk_mask(decoys, k),
         "aql_cuda_topk_indices": lambda: aql_kernels.topk_indices(scores, k),
         "torch_cuda_topk_unsorted": lambda: torch.topk(scores, k, sorted=False),
         "torch_cuda_kthvalue": lambda: torch.kthvalue(scores, n - k + 1),
@@ -73,7 +90,7 @@ def _cuda_cases(scores: torch.Tensor, k: int):
 @requires_cuda
 @pytest.mark.parametrize("size", list(GPU_SIZES))
 @pytest.mark.parametrize(
-    "case", ["aql_cuda_topk_mask", "aql_cuda_topk_indices", "torch_cuda_topk_unsorted", "torch_cuda_kthvalue", "torch_cuda_sort"]
+    "case", ["aql_cuda_topk_mask", "aql_cuda_topk_mask_decoys", "aql_cuda_topk_indices", "torch_cuda_topk_unsorted", "torch_cuda_kthvalue", "torch_cuda_sort"]
 )
 def test_select_cuda(bench, case, size):
     if case.startswith("aql") and not _native.CUDA.has("aql_cuda_topk_select"):

@@ -30,6 +30,7 @@ DISTRIBUTIONS = [
     "subnormal",
     "sorted",
     "reverse_sorted",
+    "sample_decoys",
 ]
 SIZES = [1, 2, 1000, 2**20 + 3]
 KERNELS = ["native", "cuda"]
@@ -76,9 +77,25 @@ def make_scores(distribution: str, n: int, device: str = "cpu") -> torch.Tensor:
         x = torch.sort(torch.randn(n)).values
     elif distribution == "reverse_sorted":
         x = torch.sort(torch.randn(n), descending=True).values
+    elif distribution == "sample_decoys":
+        # Large values exactly where the selectors' evenly spaced sample looks (score floor(j n / s),
+        # s = min(n, 65536)) and nowhere else: for n > s the sample guesses the wrong top digits for
+        # k = n // 5, and the exact pass that follows a miss must give the same selection.
+        x = torch.randn(n)
+        x[sample_positions(n)] = 1000.0 + torch.rand(min(n, SAMPLE_SIZE))
     else:
         raise AssertionError(distribution)
     return x.to(device)
+
+
+SAMPLE_SIZE = 65536  # the scores that the kernels sample to guess the top digits of the k-th largest
+
+
+def sample_positions(n: int) -> torch.Tensor:
+    """Positions of the kernels' sample: floor(j n / s) for j < s = min(n, SAMPLE_SIZE)."""
+    s = min(n, SAMPLE_SIZE)
+    j = torch.arange(s, dtype=torch.int64)
+    return j * (n // s) + (j * (n % s)) // s
 
 
 def numpy_order(scores: torch.Tensor) -> np.ndarray:
@@ -473,9 +490,12 @@ def test_cuda_hundred_million():
 
 
 @requires_cuda
-def test_cuda_on_a_side_stream_and_misaligned():
+@pytest.mark.parametrize("distribution, n", [("four_values", 100002), ("sample_decoys", 400002)])
+def test_cuda_on_a_side_stream_and_misaligned(distribution, n):
     require_implementation("cuda")
-    base = make_scores("four_values", 100003, "cuda")
+    # sample_decoys: decoys are 16% of 400002 scores, so the guess for k = n // 5 misses.
+    base = torch.empty(n + 1, device="cuda")
+    base[1:] = make_scores(distribution, n, "cuda")
     scores = base[1:]  # 4-byte but not 16-byte aligned: the scalar kernels
     order = numpy_order(scores)
     stream = torch.cuda.Stream()

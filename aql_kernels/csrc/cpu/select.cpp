@@ -1,25 +1,32 @@
 // Exact top-k selection on the CPU: the twin of csrc/cuda/select.cu, phase for phase and with the
-// same digit schedule (12, then 10 + 10 key bits, then 10-bit index digits), so that the algorithm of
-// the GPU kernels is what the CPU tests exercise.
+// same digit schedule (a sampled key range of 12-bit digits or 22-bit prefixes, then 12 + 10 + 10 key
+// bits over the candidates less what the range fixes, then 10-bit index digits), so that the
+// algorithm of the GPU kernels is what the CPU tests exercise.
 //
 // Order: scores become order-preserving uint32 keys (NaN -> 0, below -inf; -0.0 -> the key of +0.0).
 // The selected set is the first k of a stable descending sort, i.e. the k largest of the composite
 // (key, -index). Radix select on that composite, most significant digit first (the radix select of
-// Alabi et al., "Fast k-selection algorithms for GPUs", ACM JEA 2012; the index tie-break is ours):
-//   1. histogram of the top 12 bits of every key (per-chunk histograms, then merged);
-//   2. the bucket b holding the k-th largest key and the count above it (prefix from the top);
-//   3. one pass that writes the mask (digit > b) and compacts the boundary bucket's keys and
-//      indices into a candidate list (per-chunk offsets come from the per-chunk histograms);
-//   4. two more digit passes (10 + 10 bits) over the candidates only: the exact k-th key T and the
-//      number t of elements equal to T that the first k take;
+// Alabi et al., "Fast k-selection algorithms for GPUs", ACM JEA 2012; the sampled first digit follows
+// SampleSelect, Ribizel and Anzt, "Parallel selection on GPUs", 2020; the index tie-break is ours):
+//   1. the top 12 bits of 65536 evenly spaced scores: the digits of the sample ranks around k s / n
+//      (see sample_ranks); when they span at most 4 digits, the 22-bit prefixes of the samples
+//      in those digits: the key range [low, high] (whole 12-bit digits, or 22-bit prefixes);
+//   2. one pass that writes the mask (key > high), compacts the keys and indices of the scores in
+//      [low, high] (the candidates) and counts the scores above high; the k-th largest is a candidate
+//      exactly when above < k <= above + candidates;
+//   3. only after a miss: the exact histogram of the top 12 bits, its bucket, and pass 2 again with
+//      that single digit;
+//   4. digit passes over the candidates only (12 + 10 + 10 bits, less what the range fixes
+//      already): the exact k-th key T and the number t of elements equal to T that the first k take;
 //   5. when t is less than the number of T-equal elements, digit passes over the indices of the
 //      T-equal candidates find the t-th smallest of those indices (the cutoff);
 //   6. the candidates with key > T, or key == T and index <= cutoff, are set in the mask;
 //   7. indices, when asked for: per-chunk count of the mask, exclusive scan, ascending write.
-// Reads of the scores: 2 (histogram, mask + compaction), plus one write of the mask; candidate
-// passes touch 12 bytes per boundary-bucket element (n / 4096 of them for spread-out data, 6% for
-// uniform [0, 1) scores, whose keys crowd into a few top digits; all of them when all are equal).
+// Reads of the scores: 1 (mask + compaction; 3 after a miss), plus one write of the mask; candidate
+// passes touch 12 bytes per candidate (about 2% of the scores for uniform [0, 1) scores at k = 0.2 n,
+// fewer for spread-out ones; all of them when all are equal).
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -117,6 +124,28 @@ inline int64_t chunk_begin(int64_t n, int part, int parts) {
   return static_cast<int64_t>((static_cast<unsigned __int128>(n) * part) / parts);
 }
 
+// The sample that guesses the top digits of the k-th largest key: scores floor(j n / s), j < s =
+// min(n, kSample), as on the GPU. Its ranks k s / n -+ 6 standard deviations of a sample rank
+// (sqrt(s p (1 - p)), p = k / n), plus 2 for the rounding of the positions, bound the candidate
+// digits; below 1 the range is open at the top, above s at the bottom. When the sample is every score
+// the k-th largest's own digit is exact. A miss (the k-th largest outside the range) costs one more
+// pass: the exact histogram, then the mask again.
+constexpr int64_t kSample = int64_t{1} << 16;
+constexpr double kSampleSigmas = 6.0;
+
+void sample_ranks(int64_t n, int64_t k, int64_t samples, int64_t *rank_high, int64_t *rank_low) {
+  if (samples == n) {
+    *rank_high = *rank_low = k;
+    return;
+  }
+  const double p = static_cast<double>(k) / static_cast<double>(n);
+  const double center = p * static_cast<double>(samples);
+  const double margin = kSampleSigmas * std::sqrt(static_cast<double>(samples) * p * (1.0 - p)) + 2.0;
+  const double high = std::floor(center - margin), low = std::ceil(center + margin);
+  *rank_high = high < 1.0 ? 0 : static_cast<int64_t>(high);
+  *rank_low = low > static_cast<double>(samples) ? samples + 1 : static_cast<int64_t>(low);
+}
+
 // Bit width of the largest index n - 1 (at least 1).
 int index_bits(int64_t n) {
   int bits = 1;
@@ -149,18 +178,21 @@ void histogram_top_digit(const float *scores, int64_t begin, int64_t end, uint64
   }
 }
 
-// Mask (digit > boundary) and the boundary bucket's keys and indices for scores[begin, end),
-// candidates written from `out` on. Per block, one vectorised loop computes the keys, the mask bytes
-// and a 0/1 "is a candidate" byte per score; the candidates are then picked eight flag bytes at a
-// time with ctz, so the scalar work follows the number of candidates, not of the scores. The mask goes
-// through a local buffer: stores through a uint8_t pointer may alias anything and kept the loop scalar.
-int64_t mask_and_compact(const float *scores, int64_t begin, int64_t end, uint32_t boundary, uint8_t *selected,
-                         uint32_t *keys_out, int64_t *indices_out, int64_t out) {
+// Mask (key > high) and the keys and indices of the scores whose key is in [low, high], for
+// scores[begin, end), candidates written from `out` on; returns where they end and adds the number of
+// scores above high to *above. Per block, one vectorised loop computes the keys, the mask bytes and a
+// 0/1 "is a candidate" byte per score; the candidates are then picked eight flag bytes at a time with
+// ctz, so the scalar work follows the number of candidates, not of the scores. The mask goes through a
+// local buffer: stores through a uint8_t pointer may alias anything and kept the loop scalar.
+int64_t mask_and_compact(const float *scores, int64_t begin, int64_t end, uint32_t low, uint32_t high, uint8_t *selected,
+                         uint32_t *keys_out, int64_t *indices_out, int64_t out, int64_t *above_count) {
+  int64_t above_total = 0;
 #if defined(__AVX512F__)
   // AVX-512: compress-stores instead of a loop over flag bits. That loop's unpredictable trip count
   // cost about 6 ns per candidate (3.7 ms for the 625k candidates of 10^7 uniform scores, one core of
   // the 2-core Xeon CI-class CPU).
-  const __m512i boundary_v = _mm512_set1_epi32(static_cast<int>(boundary));
+  const __m512i low_v = _mm512_set1_epi32(static_cast<int>(low));
+  const __m512i high_v = _mm512_set1_epi32(static_cast<int>(high));
   const __m512i sign = _mm512_set1_epi32(static_cast<int>(0x80000000u));
   const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
   const __m512i infinity = _mm512_set1_epi32(0x7f800000);
@@ -173,12 +205,12 @@ int64_t mask_and_compact(const float *scores, int64_t begin, int64_t end, uint32
     const __m512i canonical = _mm512_maskz_mov_epi32(_mm512_test_epi32_mask(magnitude, magnitude), bits);
     const __m512i flip = _mm512_or_si512(_mm512_srai_epi32(canonical, 31), sign);
     const __m512i key = _mm512_maskz_mov_epi32(_mm512_cmple_epu32_mask(magnitude, infinity), _mm512_xor_si512(canonical, flip));
-    const __m512i digit = _mm512_srli_epi32(key, 32 - kFirstBits);
+    const __mmask16 above = _mm512_cmpgt_epu32_mask(key, high_v);
+    above_total += __builtin_popcount(above);
     if (selected != nullptr) {
-      const __mmask16 above = _mm512_cmpgt_epu32_mask(digit, boundary_v);
       _mm_storeu_si128(reinterpret_cast<__m128i *>(selected + begin), _mm512_cvtepi32_epi8(_mm512_maskz_mov_epi32(above, one)));
     }
-    const __mmask16 candidate = _mm512_cmpeq_epi32_mask(digit, boundary_v);
+    const __mmask16 candidate = _mm512_mask_cmple_epu32_mask(_mm512_cmpge_epu32_mask(key, low_v), key, high_v);
     if (candidate != 0) {
       _mm512_mask_compressstoreu_epi32(keys_out + out, candidate, key);
       const __m512i base = _mm512_set1_epi64(begin);
@@ -195,15 +227,17 @@ int64_t mask_and_compact(const float *scores, int64_t begin, int64_t end, uint32
   uint8_t is_candidate[kBlock + 8];
   for (int64_t i = begin; i < end; i += kBlock) {
     const int len = static_cast<int>(std::min<int64_t>(kBlock, end - i));
-    uint32_t any = 0;
+    uint32_t any = 0, above_block = 0;
     for (int j = 0; j < len; ++j) {
       const uint32_t key = float_key(scores[i + j]);
-      const uint32_t digit = key >> (32 - kFirstBits);
+      const uint32_t in_range = key - low <= high - low;  // low <= key <= high
       keys[j] = key;
-      above[j] = digit > boundary;
-      is_candidate[j] = digit == boundary;
-      any |= digit == boundary;
+      above[j] = key > high;
+      above_block += key > high;
+      is_candidate[j] = static_cast<uint8_t>(in_range);
+      any |= in_range;
     }
+    above_total += above_block;
     if (selected != nullptr) std::memcpy(selected + i, above, static_cast<size_t>(len));
     if (any == 0) continue;
     for (int j = len; j < ((len + 7) & ~7); ++j) is_candidate[j] = 0;
@@ -219,27 +253,43 @@ int64_t mask_and_compact(const float *scores, int64_t begin, int64_t end, uint32
       }
     }
   }
+  *above_count += above_total;
   return out;
 }
 
-// One refinement pass over the candidates: histogram of `digit_of` over those `accept`ed, with
-// per-chunk histograms (chunks handed out dynamically, as for the scores) merged into `hist`.
+// One refinement pass over the candidates: histogram of `digit_of` over the positions i in the
+// ranges [begins[r], ends[r]) that are `accept`ed; with several threads, ranges are handed out
+// dynamically (as the chunks of the scores) into per-range histograms merged into `hist`.
 template <class Accept, class DigitOf>
-void histogram_candidates(int64_t count, int buckets, Accept accept, DigitOf digit_of, uint64_t *hist) {
-  const int threads = thread_count(count, kParallelCandidates);
-  const int chunks = threads == 1 ? 1 : threads * (buckets <= kBuckets ? kChunksPerThread : 1);
-  std::vector<uint64_t> partial(static_cast<size_t>(chunks) * buckets, 0u);
+void histogram_ranges(const int64_t *begins, const int64_t *ends, int ranges, int64_t total, int buckets, Accept accept,
+                      DigitOf digit_of, uint64_t *hist) {
+  const int threads = thread_count(total, kParallelCandidates);
+  const int parts = threads == 1 ? 1 : ranges;
+  std::vector<uint64_t> partial(static_cast<size_t>(parts) * buckets, 0u);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-  for (int c = 0; c < chunks; ++c) {
-    uint64_t *mine = partial.data() + static_cast<size_t>(c) * buckets;
-    for (int64_t i = chunk_begin(count, c, chunks), end = chunk_begin(count, c + 1, chunks); i < end; ++i) {
+  for (int r = 0; r < ranges; ++r) {
+    uint64_t *mine = partial.data() + static_cast<size_t>(parts == 1 ? 0 : r) * buckets;
+    for (int64_t i = begins[r]; i < ends[r]; ++i) {
       if (accept(i)) ++mine[digit_of(i)];
     }
   }
   std::fill(hist, hist + buckets, 0u);
-  for (int c = 0; c < chunks; ++c) {
-    for (int d = 0; d < buckets; ++d) hist[d] += partial[static_cast<size_t>(c) * buckets + d];
+  for (int r = 0; r < parts; ++r) {
+    for (int d = 0; d < buckets; ++d) hist[d] += partial[static_cast<size_t>(r) * buckets + d];
   }
+}
+
+// The same over positions [0, count), cut into chunks.
+template <class Accept, class DigitOf>
+void histogram_candidates(int64_t count, int buckets, Accept accept, DigitOf digit_of, uint64_t *hist) {
+  const int threads = thread_count(count, kParallelCandidates);
+  const int chunks = threads == 1 ? 1 : threads * (buckets <= kBuckets ? kChunksPerThread : 1);
+  std::vector<int64_t> begins(static_cast<size_t>(chunks)), ends(static_cast<size_t>(chunks));
+  for (int c = 0; c < chunks; ++c) {
+    begins[c] = chunk_begin(count, c, chunks);
+    ends[c] = chunk_begin(count, c + 1, chunks);
+  }
+  histogram_ranges(begins.data(), ends.data(), chunks, count, buckets, accept, digit_of, hist);
 }
 
 aql_status topk_select(const float *scores, int64_t n, int64_t k, uint8_t *mask, int64_t *indices,
@@ -257,54 +307,134 @@ aql_status topk_select(const float *scores, int64_t n, int64_t k, uint8_t *mask,
     selected = scratch_mask.get();
   }
 
-  // ---- 1-3: top-digit histogram, boundary bucket, mask + candidate compaction ------------------
+  // ---- 1-3: sampled top-digit range, mask + candidate compaction, exact pass after a miss -------
   // The scores are cut into fixed chunks, several per thread, handed out dynamically: a thread that
-  // the OS preempts does not hold the others at a barrier. Each chunk's histogram gives its
-  // candidate count, hence where its candidates go (a stable compaction without a counting pass).
+  // the OS preempts does not hold the others at a barrier. Chunk c writes its candidates from
+  // position chunk_begin(c) on (it has at most that many scores); they are moved together after.
   const int threads = thread_count(n, kParallelScores);
   const int chunks = threads == 1 ? 1 : threads * kChunksPerThread;
-  std::vector<uint64_t> chunk_hist(static_cast<size_t>(chunks) * kBuckets);
   std::vector<uint64_t> hist(kBuckets, 0u);
+  // The guess: the top digits of the sample ranks around k s / n (see sample_ranks), and when they span
+  // at most 4 digits, the 22-bit prefixes of the samples in them: the candidates are the keys in
+  // [low, high].
+  // Each sample is its own cache line: software prefetches keep ~16 of those misses in flight, and the
+  // keys are kept for the second look (both looks took ~1.3 ms at n = 10^7 without them, ~0.8 ms with
+  // them, on the 2-core Xeon CI-class CPU).
+  const int64_t samples = std::min(n, kSample);
+  const int64_t quotient = n / samples, remainder = n % samples;
+  const auto position = [&](int64_t j) { return j * quotient + (j * remainder) / samples; };
+  std::vector<uint32_t> sample_keys(static_cast<size_t>(samples));
+  constexpr int64_t kAhead = 16;
+  for (int64_t j = 0; j < samples; ++j) {
+    if (j + kAhead < samples) __builtin_prefetch(scores + position(j + kAhead));
+    sample_keys[j] = float_key(scores[position(j)]);
+    ++hist[sample_keys[j] >> (32 - kFirstBits)];
+  }
+  int64_t rank_high = 0, rank_low = 0;
+  sample_ranks(n, k, samples, &rank_high, &rank_low);
+  const bool open_top = rank_high < 1, open_bottom = rank_low > samples;
+  const Pick sample_high = pick_bucket(hist.data(), kBuckets, open_top ? 1u : static_cast<uint64_t>(rank_high), true);
+  const Pick sample_low = pick_bucket(hist.data(), kBuckets, open_bottom ? 1u : static_cast<uint64_t>(rank_low), true);
+  const uint32_t low_digit = open_bottom ? 0u : sample_low.digit;
+  const uint32_t high_digit = open_top ? kBuckets - 1u : sample_high.digit;
+  constexpr int kDigitShift = 32 - kFirstBits, kSecondShift = 32 - kFirstBits - kRefineBits;
+  uint32_t low = low_digit << kDigitShift;
+  uint32_t high = (high_digit << kDigitShift) | ((1u << kDigitShift) - 1u);
+  if (!open_top && !open_bottom && high_digit - low_digit < (kBuckets >> kRefineBits)) {
+    // The 22-bit prefixes of the samples in those (at most 4) digits, as offsets from the lowest one.
+    const uint32_t base = low_digit << kRefineBits, span = (high_digit + 1u) << kRefineBits;
+    std::fill(hist.begin(), hist.end(), 0u);
+    for (int64_t j = 0; j < samples; ++j) {
+      const uint32_t prefix = sample_keys[j] >> kSecondShift;
+      if (prefix >= base && prefix < span) ++hist[prefix - base];
+    }
+    // Ranks among them: sample_high.remaining = rank_high - (samples above high_digit).
+    const uint64_t above_digits = static_cast<uint64_t>(rank_high) - sample_high.remaining;
+    const uint32_t second_high = pick_bucket(hist.data(), kBuckets, sample_high.remaining, true).digit;
+    const uint32_t second_low = pick_bucket(hist.data(), kBuckets, static_cast<uint64_t>(rank_low) - above_digits, true).digit;
+    low = (base + second_low) << kSecondShift;
+    high = ((base + second_high) << kSecondShift) | ((1u << kSecondShift) - 1u);
+  }
+  // Not std::vector: zero-filling the candidate arrays cost 2-3 ms at n = 10^7 on the CI-class CPU
+  // (pages that no candidate reaches are never touched).
+  std::unique_ptr<uint32_t[]> candidate_keys(new uint32_t[static_cast<size_t>(n)]);
+  std::unique_ptr<int64_t[]> candidate_indices(new int64_t[static_cast<size_t>(n)]);
+  std::vector<int64_t> chunk_candidates(static_cast<size_t>(chunks), 0), chunk_above(static_cast<size_t>(chunks), 0);
+  const auto compact_all = [&]() {
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int c = 0; c < chunks; ++c) {
+      const int64_t begin = chunk_begin(n, c, chunks);
+      chunk_above[c] = 0;
+      chunk_candidates[c] = mask_and_compact(scores, begin, chunk_begin(n, c + 1, chunks), low, high, selected,
+                                             candidate_keys.get(), candidate_indices.get(), begin, &chunk_above[c]) -
+                            begin;
+    }
+  };
+  compact_all();
+  int64_t above = 0, in_range = 0;
   for (int c = 0; c < chunks; ++c) {
-    histogram_top_digit(scores, chunk_begin(n, c, chunks), chunk_begin(n, c + 1, chunks),
-                        chunk_hist.data() + static_cast<size_t>(c) * kBuckets);
+    above += chunk_above[c];
+    in_range += chunk_candidates[c];
   }
-  for (int c = 0; c < chunks; ++c) {
-    const uint64_t *counts = chunk_hist.data() + static_cast<size_t>(c) * kBuckets;
-    for (int d = 0; d < kBuckets; ++d) hist[d] += counts[d];
-  }
-  Pick pick = pick_bucket(hist.data(), kBuckets, static_cast<uint64_t>(k), true);
-  std::vector<int64_t> candidate_offset(static_cast<size_t>(chunks) + 1, 0);
-  for (int c = 0; c < chunks; ++c) {
-    candidate_offset[c + 1] = candidate_offset[c] + static_cast<int64_t>(chunk_hist[static_cast<size_t>(c) * kBuckets + pick.digit]);
-  }
-  // Not std::vector: zero-filling the candidate arrays cost 2-3 ms at n = 10^7 on the CI-class CPU.
-  std::unique_ptr<uint32_t[]> candidate_keys(new uint32_t[static_cast<size_t>(candidate_offset[chunks]) + 1]);
-  std::unique_ptr<int64_t[]> candidate_indices(new int64_t[static_cast<size_t>(candidate_offset[chunks]) + 1]);
+  uint32_t key_prefix = 0;
+  uint64_t remaining = 0;
+  uint64_t bucket_count = 0;
+  int prefix_bits = 0;
+  if (above < k && k <= above + in_range) {  // the k-th largest is a candidate
+    remaining = static_cast<uint64_t>(k - above);
+    if ((low >> kSecondShift) == (high >> kSecondShift)) {  // the first two digits are known
+      key_prefix = low >> kSecondShift;
+      prefix_bits = kFirstBits + kRefineBits;
+    } else if ((low >> kDigitShift) == (high >> kDigitShift)) {  // the first digit is known
+      key_prefix = low >> kDigitShift;
+      prefix_bits = kFirstBits;
+    }
+  } else {  // a miss: the exact top-digit histogram, then the mask and the candidates again
+    std::vector<uint64_t> chunk_hist(static_cast<size_t>(chunks) * kBuckets);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-  for (int c = 0; c < chunks; ++c) {
-    mask_and_compact(scores, chunk_begin(n, c, chunks), chunk_begin(n, c + 1, chunks), pick.digit, selected,
-                     candidate_keys.get(), candidate_indices.get(), candidate_offset[c]);
+    for (int c = 0; c < chunks; ++c) {
+      histogram_top_digit(scores, chunk_begin(n, c, chunks), chunk_begin(n, c + 1, chunks),
+                          chunk_hist.data() + static_cast<size_t>(c) * kBuckets);
+    }
+    std::fill(hist.begin(), hist.end(), 0u);
+    for (int c = 0; c < chunks; ++c) {
+      const uint64_t *counts = chunk_hist.data() + static_cast<size_t>(c) * kBuckets;
+      for (int d = 0; d < kBuckets; ++d) hist[d] += counts[d];
+    }
+    const Pick pick = pick_bucket(hist.data(), kBuckets, static_cast<uint64_t>(k), true);
+    key_prefix = pick.digit;
+    low = pick.digit << kDigitShift;
+    high = low | ((1u << kDigitShift) - 1u);
+    prefix_bits = kFirstBits;
+    remaining = pick.remaining;
+    bucket_count = pick.bucket_count;
+    compact_all();
   }
+  // Chunk c's candidates are at [begins[c], ends[c]): the passes below walk those ranges (moving them
+  // side by side cost ~1 ms for the 625k candidates of 10^7 uniform scores on the CI-class CPU).
+  std::vector<int64_t> begins(static_cast<size_t>(chunks)), ends(static_cast<size_t>(chunks));
+  int64_t candidates = 0;
+  for (int c = 0; c < chunks; ++c) {
+    begins[c] = chunk_begin(n, c, chunks);
+    ends[c] = begins[c] + chunk_candidates[c];
+    candidates += chunk_candidates[c];
+  }
+  const auto histogram = [&](int buckets, auto accept, auto digit_of) {
+    histogram_ranges(begins.data(), ends.data(), chunks, candidates, buckets, accept, digit_of, hist.data());
+  };
 
-  // ---- 4: exact key on the candidates (digits 10 + 10) ------------------------------------------
-  const int64_t candidates = candidate_offset[chunks];
+  // ---- 4: exact key on the candidates (12 + 10 + 10 bits, less what the range fixed) -------------
   const uint32_t *keys = candidate_keys.get();
   const int64_t *positions = candidate_indices.get();
-  uint32_t key_prefix = pick.digit;
-  uint64_t remaining = pick.remaining;
-  uint64_t bucket_count = pick.bucket_count;
-  int prefix_bits = kFirstBits;
   while (prefix_bits < 32) {
-    const int bits = std::min(kRefineBits, 32 - prefix_bits);
+    const int bits = prefix_bits == 0 ? kFirstBits : std::min(kRefineBits, 32 - prefix_bits);
     const int shift = 32 - prefix_bits - bits;
     const uint32_t prefix = key_prefix;
     const int used = prefix_bits;
-    histogram_candidates(
-        candidates, 1 << bits, [&](int64_t i) { return (keys[i] >> (32 - used)) == prefix; },
-        [&](int64_t i) { return (keys[i] >> shift) & ((1u << bits) - 1u); }, hist.data());
-    pick = pick_bucket(hist.data(), 1 << bits, remaining, true);
+    histogram(
+        1 << bits, [&](int64_t i) { return used == 0 || (keys[i] >> (32 - used)) == prefix; },
+        [&](int64_t i) { return (keys[i] >> shift) & ((1u << bits) - 1u); });
+    const Pick pick = pick_bucket(hist.data(), 1 << bits, remaining, true);
     key_prefix = (key_prefix << bits) | pick.digit;
     remaining = pick.remaining;
     bucket_count = pick.bucket_count;
@@ -324,16 +454,15 @@ aql_status topk_select(const float *scores, int64_t n, int64_t k, uint8_t *mask,
       const int bits = std::min(kRefineBits, width - done);
       const int shift = width - done - bits;
       const uint64_t prefix = index_prefix;
-      const int above = shift + bits;  // bits of the index above this digit
-      histogram_candidates(
-          candidates, 1 << bits,
+      const int higher = shift + bits;  // bits of the index above this digit
+      histogram(
+          1 << bits,
           [&](int64_t i) {
             return keys[i] == threshold_key &&
-                   (above >= 63 ? 0u : static_cast<uint64_t>(positions[i]) >> above) == prefix;
+                   (higher >= 63 ? 0u : static_cast<uint64_t>(positions[i]) >> higher) == prefix;
           },
-          [&](int64_t i) { return static_cast<uint32_t>(static_cast<uint64_t>(positions[i]) >> shift) & ((1u << bits) - 1u); },
-          hist.data());
-      pick = pick_bucket(hist.data(), 1 << bits, remaining, false);
+          [&](int64_t i) { return static_cast<uint32_t>(static_cast<uint64_t>(positions[i]) >> shift) & ((1u << bits) - 1u); });
+      const Pick pick = pick_bucket(hist.data(), 1 << bits, remaining, false);
       index_prefix = (index_prefix << bits) | pick.digit;
       remaining = pick.remaining;
       done += bits;
@@ -343,11 +472,13 @@ aql_status topk_select(const float *scores, int64_t n, int64_t k, uint8_t *mask,
 
   // ---- 6: boundary candidates into the mask -----------------------------------------------------
   if (selected != nullptr) {
-#pragma omp parallel for num_threads(thread_count(candidates, kParallelCandidates)) schedule(static)
-    for (int64_t i = 0; i < candidates; ++i) {
-      // Branch-free: about half the candidates go each way.
-      const uint32_t key = keys[i];
-      selected[positions[i]] = (key > threshold_key) | ((key == threshold_key) & (positions[i] <= cutoff));
+#pragma omp parallel for num_threads(thread_count(candidates, kParallelCandidates)) schedule(dynamic, 1)
+    for (int c = 0; c < chunks; ++c) {
+      for (int64_t i = begins[c]; i < ends[c]; ++i) {
+        // Branch-free: about half the candidates go each way.
+        const uint32_t key = keys[i];
+        selected[positions[i]] = (key > threshold_key) | ((key == threshold_key) & (positions[i] <= cutoff));
+      }
     }
   }
   if (threshold != nullptr) *threshold = key_to_float(threshold_key);

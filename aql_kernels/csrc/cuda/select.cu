@@ -4,31 +4,46 @@
 // Order: scores become uint32 keys (NaN -> 0, below -inf; -0.0 -> the key of +0.0); the selected set
 // is the first k of a stable descending sort, i.e. the k largest composites (key, -index). Radix
 // select over that composite, most significant digit first (the GPU radix select of Alabi et al.,
-// "Fast k-selection algorithms for GPUs", ACM JEA 2012; the stable tie-break by index digits is
-// ours). Phases, all on the caller's stream:
-//   histogram_scores_kernel   12-bit digit histogram of every key: per-block shared-memory counters
-//                             merged into 64-bit global ones                      (read 1 of scores)
-//   pick_bucket_kernel        one warp: the bucket holding the k-th largest key and its rank in it
-//   compact_kernel            mask = digit > bucket for every score, and the boundary bucket's keys
-//                             and indices appended to a candidate list (one atomic per block step)
-//                                                                   (read 2 of scores, mask write)
-//   histogram_candidates_kernel + pick_bucket_kernel, twice: 10 + 10 more key bits over the
-//                             candidates only -> the exact k-th key T and the number t of T-equal
-//                             elements that the first k take
-//   the same over index digits of the T-equal candidates, only when t is less than their number
-//                             (the kernels read that flag and return at once otherwise): the t-th
-//                             smallest index among them, the cutoff
-//   scatter_kernel            candidates with key > T, or key == T and index <= cutoff, set in mask
-//   tile_count / scan / tile_write, only for indices: per-tile counts of the mask, exclusive scan,
-//                             and a block-level ballot scan that writes the indices in ascending order
-// Traffic for the mask: two reads of the scores (8 bytes per element) and one write of the mask
-// (1 byte), plus 12 bytes per candidate for the compaction and 4-12 bytes per candidate and pass for
-// the refinement; candidates are the boundary bucket of the 12-bit digit (n / 4096 for spread-out
-// scores, up to n for adversarial ones: all scores equal). Indices add two reads of the mask (2 bytes
-// per element) and the 8k-byte write. Every data-dependent size (the candidate count, the flags) lives
-// in device memory: kernels are launched for the worst case and grid-stride over what they read.
+// "Fast k-selection algorithms for GPUs", ACM JEA 2012; the sampled first digit follows the
+// splitter sampling of SampleSelect, Ribizel and Anzt, "Parallel selection on GPUs", Parallel
+// Computing 2020; the stable tie-break by index digits is ours). Phases, all on the caller's stream:
+//   init_kernel              state and the 12-bit histogram zeroed (one launch instead of a memset)
+//   sample_kernel            12-bit digit histogram of 65536 evenly spaced scores; its last block
+//                            picks the top digits of the sample ranks k s / n -+ 6 standard
+//                            deviations                                 (0.5 MB of reads at most)
+//   sample_refine_kernel     when they span at most 4 digits: the 22-bit key prefixes of the
+//                            samples in those digits, so that the candidate range [low, high] is in
+//                            22-bit prefixes
+//   compact_kernel           mask = key > high for every score, the keys and indices of the scores
+//                            in [low, high] appended to a candidate list, and the count above high;
+//                            its last block checks above < k <= above + candidates (the k-th largest
+//                            is a candidate) and flags a miss  (read 1 of scores, the mask write)
+//   only after a miss (the kernels read the flag and return at once otherwise): the exact 12-bit
+//   histogram of every score, its bucket, and compact_kernel again with that single bucket
+//                                                                       (reads 2 and 3 of scores)
+//   refine_kernel            12 + 10 + 10 key bits over the candidates, less what the range fixes
+//                            already (its common top digit or 22-bit prefix) -> the exact k-th key T
+//                            and the number t of T-equal elements that the first k take; then, only
+//                            when t is less than their number, index digits of the T-equal
+//                            candidates -> the cutoff index
+//   scatter_kernel           candidates with key > T, or key == T and index <= cutoff, set in the
+//                            mask; the threshold written
+//   tile_count / scan / tile_write, only for indices: per-4096-byte tile counts of the mask (16-byte
+//                            loads), exclusive scan, and a block scan that writes indices ascending
+// Every histogram kernel picks its own bucket: the last block to finish (a ticket counter after a
+// fence, as in the CUDA threadFenceReduction sample) scans the global histogram from L2 and zeroes
+// it for the next pass, so no separate pick or memset launches sit between the passes.
+// Traffic for the mask: one read of the scores (4 bytes per element) and one write of the mask (1
+// byte), plus 8 bytes per candidate (uint32 key and index when n <= 2^32) for the compaction and
+// 4-8 bytes per candidate and refinement pass; candidates are the scores in the sampled range (about
+// 2% for uniform [0, 1) scores at k = 0.2 n, less for spread-out ones; all of them for adversarial
+// ones such as all-equal scores). Indices add two reads of the mask (2 bytes per element) and the
+// 8k-byte write. Every data-dependent size (the candidate count, the flags) lives in device memory:
+// kernels are launched for the worst case and grid-stride over what they read; grids are one wave
+// (blocks resident at once per SM x SMs), so no block of a grid-stride loop waits for another wave.
 #include <cuda_runtime.h>
 
+#include <cmath>
 #include <cstdint>
 #include <limits>
 
@@ -40,22 +55,32 @@ constexpr int kFirstBits = 12;  // 16 KiB of shared uint32 counters per block
 constexpr int kFirstBuckets = 1 << kFirstBits;
 constexpr int kRefineBits = 10;
 constexpr int kThreads = 256;
-constexpr int kTile = 4096;  // elements of the mask per block-level step of the index write
+constexpr int kWarps = kThreads / 32;
+constexpr int kUnroll = 4;                    // loads in flight per thread in the scoring pass
+constexpr int kTile = 4096;                   // mask bytes per block step of the index write: 16 per thread
+constexpr int kTileBytesPerThread = kTile / kThreads;
+constexpr int64_t kSample = int64_t{1} << 16;  // scores in the sample that guesses the top digits
+constexpr int kSamplesPerThread = 4;
+constexpr uint32_t kRefineSpan = kFirstBuckets >> kRefineBits;  // top digits the sample's second look covers
+constexpr double kSampleSigmas = 6.0;  // half-width of the guessed rank range, in standard deviations
 constexpr unsigned kFullWarp = 0xffffffffu;
 constexpr size_t kAlign = 256;
 
 struct SelectState {
-  unsigned long long remaining;        // rank (1-based) of the wanted element in the current bucket
+  unsigned long long remaining;        // rank (1-based) of the wanted element among what is left
   unsigned long long bucket_count;     // elements in the last bucket picked
-  unsigned long long candidate_count;  // boundary-bucket elements compacted
-  unsigned long long equal_count;      // elements whose key is the threshold key
+  unsigned long long candidate_count;  // candidates compacted
+  unsigned long long above_count;      // scores whose top digit is above the candidate range
   unsigned long long index_prefix;     // digits of the cutoff index found so far
-  long long cutoff;                    // last index taken among threshold-equal elements
+  unsigned long long sample_above;     // samples above the guessed top digit
   unsigned int key_prefix;             // digits of the threshold key found so far
+  unsigned int key_bits;               // how many bits of the key key_prefix holds
+  unsigned int low_key, high_key;      // candidates: low_key <= key <= high_key
+  unsigned int fallback;               // 1 after the sampled range missed: exact top-digit pass
   unsigned int need_index;             // 1 when only some threshold-equal elements are taken
+  unsigned int sample_refine;          // 1 when the sampled range spans <= 4 top digits: 10 more bits
+  unsigned int ticket;                 // blocks finished in the current kernel
 };
-
-enum PickMode { kPickFirstKey = 0, kPickKey = 1, kPickLastKey = 2, kPickIndex = 3 };
 
 struct Layout {
   size_t state, hist, tile_counts, candidate_keys, candidate_indices, scratch_mask, total;
@@ -98,24 +123,354 @@ __device__ __forceinline__ float key_to_float(uint32_t key) {
   return __uint_as_float(bits);
 }
 
-// Scores as items of VEC consecutive floats (float4 loads when the pointer allows).
+// Scores as items of VEC consecutive floats (float4 loads when the pointer allows). Streaming loads:
+// the scores are read once on the fast path and do not fit in L2 at the sizes where time matters.
 template <int VEC>
 __device__ __forceinline__ void load_keys(const float *__restrict__ scores, int64_t item, uint32_t (&keys)[VEC]) {
   if constexpr (VEC == 4) {
-    const float4 q = reinterpret_cast<const float4 *>(scores)[item];
+    const float4 q = __ldcs(reinterpret_cast<const float4 *>(scores) + item);
     keys[0] = float_key(q.x);
     keys[1] = float_key(q.y);
     keys[2] = float_key(q.z);
     keys[3] = float_key(q.w);
   } else {
-    keys[0] = float_key(scores[item]);
+    keys[0] = float_key(__ldcs(scores + item));
   }
 }
 
-// ---- histogram of the top digit -------------------------------------------------------------------
+// Reads of values that other blocks of the same kernel wrote with atomics: from L2, not L1.
+template <class T>
+__device__ __forceinline__ T load_coherent(const T *address) {
+  return *reinterpret_cast<const volatile T *>(address);
+}
+
+// True in every thread of the last block of the grid to get here. Each thread fences its own
+// atomics before the block takes a ticket, and the last block fences again before it reads.
+__device__ __forceinline__ bool last_block_done(SelectState *state) {
+  __shared__ bool is_last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) is_last = atomicAdd(&state->ticket, 1u) == gridDim.x - 1u;
+  __syncthreads();
+  if (is_last) __threadfence();
+  return is_last;
+}
+
+struct Found {
+  int digit;                 // the bucket that holds the wanted element
+  unsigned long long before; // elements in the buckets walked before it
+  unsigned long long count;  // elements in it
+};
+
+// Every thread of the block: the bucket holding the rank-th element (1-based), walking from the top
+// bucket down (descending) or from bucket 0 up; rank <= sum(hist) by construction. Each thread loads
+// its 16 (or fewer) buckets at once from L2 and the block scans the per-thread sums: a walk by one
+// warp would wait for 128 dependent L2 reads per lane over 4096 buckets.
+constexpr int kFindPerThread = kFirstBuckets / kThreads;
+
+__device__ Found block_find(const unsigned long long *hist, int buckets, unsigned long long rank, bool descending) {
+  __shared__ unsigned long long warp_sums[kWarps];
+  __shared__ Found result;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int per_thread = (buckets + kThreads - 1) / kThreads;
+  const int first = threadIdx.x * per_thread;
+  unsigned long long values[kFindPerThread];
+  unsigned long long sum = 0;
+#pragma unroll
+  for (int j = 0; j < kFindPerThread; ++j) {
+    const int p = first + j;
+    values[j] = j < per_thread && p < buckets ? __ldcg(&hist[descending ? buckets - 1 - p : p]) : 0ull;
+    sum += values[j];
+  }
+  unsigned long long inclusive = sum;
+  for (int offset = 1; offset < 32; offset <<= 1) {
+    const unsigned long long other = __shfl_up_sync(kFullWarp, inclusive, offset);
+    if (lane >= offset) inclusive += other;
+  }
+  if (lane == 31) warp_sums[warp] = inclusive;
+  if (threadIdx.x == 0) result = Found{descending ? 0 : buckets - 1, 0ull, 0ull};
+  __syncthreads();
+  for (int w = 0; w < warp; ++w) inclusive += warp_sums[w];
+  unsigned long long before = inclusive - sum;
+  if (before < rank && rank <= inclusive) {  // exactly one thread
+    bool found = false;
+#pragma unroll
+    for (int j = 0; j < kFindPerThread; ++j) {
+      if (!found && j < per_thread) {
+        if (before + values[j] >= rank) {
+          const int p = first + j;
+          result = Found{descending ? buckets - 1 - p : p, before, values[j]};
+          found = true;
+        } else {
+          before += values[j];
+        }
+      }
+    }
+  }
+  __syncthreads();
+  const Found answer = result;
+  __syncthreads();  // result and warp_sums are reused by the next call
+  return answer;
+}
+
+// Per-block uint32 counters in shared memory, added into the global histogram (nonzero ones only).
+__device__ __forceinline__ void merge_counts(const uint32_t *counts, int buckets, unsigned long long *hist) {
+  __syncthreads();
+  for (int d = threadIdx.x; d < buckets; d += blockDim.x) {
+    if (counts[d] != 0u) atomicAdd(&hist[d], static_cast<unsigned long long>(counts[d]));
+  }
+}
+
+// Last block: the histogram back to zeros for the next pass, and the ticket.
+__device__ __forceinline__ void reset_after_pick(SelectState *state, unsigned long long *hist, int buckets) {
+  __syncthreads();  // block_find has read the histogram
+  for (int d = threadIdx.x; d < buckets; d += blockDim.x) hist[d] = 0ull;
+  if (threadIdx.x == 0) state->ticket = 0u;
+}
+
+__global__ void init_kernel(SelectState *state, unsigned long long *hist, int64_t k) {
+  for (int d = threadIdx.x; d < kFirstBuckets; d += blockDim.x) hist[d] = 0ull;
+  if (threadIdx.x == 0) {
+    state->remaining = static_cast<unsigned long long>(k);
+    state->bucket_count = 0;
+    state->candidate_count = 0;
+    state->above_count = 0;
+    state->index_prefix = 0;
+    state->key_prefix = 0;
+    state->key_bits = 0;
+    state->sample_above = 0;
+    state->low_key = 0u;
+    state->high_key = 0xffffffffu;
+    state->sample_refine = 0;
+    state->fallback = 0;
+    state->need_index = 0;
+    state->ticket = 0;
+  }
+}
+
+__global__ void write_value_kernel(float *out, float value) { *out = value; }
+
+// ---- the sampled guess of the top-digit range ------------------------------------------------------
+// Sample j is score floor(j n / s) (evenly spaced, deterministic). The last block turns the sample
+// ranks rank_high <= rank_low (descending, 1-based; 0 and s + 1 mean "open") into the digit range.
+__global__ void sample_kernel(const float *__restrict__ scores, int64_t n, int64_t samples, int64_t rank_high,
+                              int64_t rank_low, SelectState *state, unsigned long long *__restrict__ hist) {
+  __shared__ uint32_t counts[kFirstBuckets];
+  for (int d = threadIdx.x; d < kFirstBuckets; d += blockDim.x) counts[d] = 0u;
+  __syncthreads();
+  const int64_t quotient = n / samples, remainder = n % samples;  // j n / s without overflow
+  // The grid covers the sample: kSamplesPerThread loads per thread, issued together (each is a
+  // separate DRAM sector, so a loop of load-then-count would wait for them one by one).
+  float values[kSamplesPerThread];
+#pragma unroll
+  for (int u = 0; u < kSamplesPerThread; ++u) {
+    const int64_t j = (static_cast<int64_t>(blockIdx.x) * kSamplesPerThread + u) * blockDim.x + threadIdx.x;
+    values[u] = j < samples ? scores[j * quotient + (j * remainder) / samples] : 0.0f;
+  }
+#pragma unroll
+  for (int u = 0; u < kSamplesPerThread; ++u) {
+    const int64_t j = (static_cast<int64_t>(blockIdx.x) * kSamplesPerThread + u) * blockDim.x + threadIdx.x;
+    if (j < samples) atomicAdd(&counts[float_key(values[u]) >> (32 - kFirstBits)], 1u);
+  }
+  merge_counts(counts, kFirstBuckets, hist);
+  if (!last_block_done(state)) return;
+  // Both calls in every thread (block_find has barriers); the open ends ignore theirs.
+  const Found high = block_find(hist, kFirstBuckets, rank_high < 1 ? 1ull : static_cast<unsigned long long>(rank_high), true);
+  const Found low = block_find(hist, kFirstBuckets, rank_low > samples ? 1ull : static_cast<unsigned long long>(rank_low), true);
+  if (threadIdx.x == 0) {
+    const bool open_top = rank_high < 1, open_bottom = rank_low > samples;
+    const uint32_t low_digit = open_bottom ? 0u : static_cast<uint32_t>(low.digit);
+    const uint32_t high_digit = open_top ? kFirstBuckets - 1u : static_cast<uint32_t>(high.digit);
+    state->low_key = low_digit << (32 - kFirstBits);
+    state->high_key = (high_digit << (32 - kFirstBits)) | ((1u << (32 - kFirstBits)) - 1u);
+    state->sample_refine = !open_top && !open_bottom && high_digit - low_digit < kRefineSpan ? 1u : 0u;
+    state->sample_above = high.before;  // samples above high_digit
+  }
+  reset_after_pick(state, hist, kFirstBuckets);
+}
+
+// When the sample ranks fall in at most kRefineSpan adjacent top digits, the 22-bit key prefixes of the
+// samples in them (one 4096-bin histogram: prefix - low digit * 1024) narrow the candidate range to
+// 22-bit prefixes: for uniform [0, 1) scores at k = 0.2 n, from the 6.25% of the scores in one digit
+// to about 2%; every candidate costs ~8 bytes written and 4-8 bytes read per later pass, plus a
+// scattered mask byte.
+__global__ void sample_refine_kernel(const float *__restrict__ scores, int64_t n, int64_t samples, int64_t rank_high,
+                                     int64_t rank_low, SelectState *state, unsigned long long *__restrict__ hist) {
+  if (state->sample_refine == 0u) return;
+  constexpr int kShift = 32 - kFirstBits - kRefineBits;  // the low 10 bits below a 22-bit prefix
+  __shared__ uint32_t counts[kFirstBuckets];
+  for (int d = threadIdx.x; d < kFirstBuckets; d += blockDim.x) counts[d] = 0u;
+  __syncthreads();
+  const uint32_t base = (state->low_key >> (32 - kFirstBits)) << kRefineBits;  // lowest 22-bit prefix
+  const uint32_t span = ((state->high_key >> (32 - kFirstBits)) + 1u) << kRefineBits;  // one past the highest
+  const int64_t quotient = n / samples, remainder = n % samples;
+  float values[kSamplesPerThread];
+#pragma unroll
+  for (int u = 0; u < kSamplesPerThread; ++u) {
+    const int64_t j = (static_cast<int64_t>(blockIdx.x) * kSamplesPerThread + u) * blockDim.x + threadIdx.x;
+    values[u] = j < samples ? scores[j * quotient + (j * remainder) / samples] : 0.0f;
+  }
+#pragma unroll
+  for (int u = 0; u < kSamplesPerThread; ++u) {
+    const int64_t j = (static_cast<int64_t>(blockIdx.x) * kSamplesPerThread + u) * blockDim.x + threadIdx.x;
+    const uint32_t prefix = float_key(values[u]) >> kShift;
+    if (j < samples && prefix >= base && prefix < span) atomicAdd(&counts[prefix - base], 1u);
+  }
+  merge_counts(counts, kFirstBuckets, hist);
+  if (!last_block_done(state)) return;
+  const unsigned long long above = state->sample_above;
+  const Found high = block_find(hist, kFirstBuckets, static_cast<unsigned long long>(rank_high) - above, true);
+  const Found low = block_find(hist, kFirstBuckets, static_cast<unsigned long long>(rank_low) - above, true);
+  if (threadIdx.x == 0) {
+    state->low_key = (base + static_cast<uint32_t>(low.digit)) << kShift;
+    state->high_key = ((base + static_cast<uint32_t>(high.digit)) << kShift) | ((1u << kShift) - 1u);
+  }
+  reset_after_pick(state, hist, kFirstBuckets);
+}
+
+// ---- mask above the range, compaction of the range --------------------------------------------------
+// Each block step covers kThreads x kUnroll items (4096 scores with float4 loads): the loads of a
+// thread are issued together, the mask goes out 4 bytes per store, and candidate slots are reserved
+// with one atomicAdd per block step (a block scan of the per-thread counts). All blocks reserve from
+// the same counter: one atomic per warp would put ~800k same-address atomics on it at n = 1e8, one per
+// step of 4096 scores puts ~24k. fallback_pass: run only after a miss (the range is then one digit).
+template <int VEC, class Index>
+__global__ void __launch_bounds__(kThreads) compact_kernel(const float *__restrict__ scores, int64_t n,
+                                                           uint8_t *__restrict__ mask, SelectState *state,
+                                                           uint32_t *__restrict__ candidate_keys,
+                                                           Index *__restrict__ candidate_indices, int fallback_pass,
+                                                           int64_t k) {
+  if (fallback_pass && state->fallback == 0u) return;
+  // Double-buffered by step parity: two barriers per step instead of three.
+  __shared__ unsigned warp_offsets[2][kWarps];
+  __shared__ unsigned long long block_base[2];
+  const uint32_t low = state->low_key, high = state->high_key;
+  unsigned long long *counter = &state->candidate_count;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t items = n / VEC;
+  const int64_t per_step = static_cast<int64_t>(kThreads) * kUnroll;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * per_step;
+  unsigned long long above_total = 0;
+  int parity = 0;
+  // Block-uniform trip count: every thread runs every step (there are __syncthreads inside).
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * per_step; base < items; base += stride, parity ^= 1) {
+    uint32_t keys[kUnroll][VEC];
+    if (base + per_step <= items) {  // a full step: the loads go out back to back, with no branches between
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) load_keys<VEC>(scores, base + u * kThreads + threadIdx.x, keys[u]);
+    } else {
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t item = base + u * kThreads + threadIdx.x;
+        if (item < items) {
+          load_keys<VEC>(scores, item, keys[u]);
+        } else {
+#pragma unroll
+          for (int q = 0; q < VEC; ++q) keys[u][q] = 0u;
+        }
+      }
+    }
+    unsigned flags = 0u;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t item = base + u * kThreads + threadIdx.x;
+      if (item >= items) continue;
+      uint8_t above[VEC];
+#pragma unroll
+      for (int q = 0; q < VEC; ++q) {
+        const uint32_t key = keys[u][q];
+        above[q] = key > high ? 1 : 0;
+        above_total += above[q];
+        flags |= static_cast<unsigned>(key - low <= high - low) << (u * VEC + q);  // low <= key <= high
+      }
+      if (mask != nullptr) {
+        if constexpr (VEC == 4) {
+          reinterpret_cast<uchar4 *>(mask)[item] = make_uchar4(above[0], above[1], above[2], above[3]);
+        } else {
+          mask[item] = above[0];
+        }
+      }
+    }
+    const unsigned count = static_cast<unsigned>(__popc(flags));
+    unsigned inclusive = count;
+    for (int offset = 1; offset < 32; offset <<= 1) {
+      const unsigned other = __shfl_up_sync(kFullWarp, inclusive, offset);
+      if (lane >= offset) inclusive += other;
+    }
+    if (lane == 31) warp_offsets[parity][warp] = inclusive;
+    __syncthreads();
+    if (warp == 0) {
+      const unsigned mine = lane < kWarps ? warp_offsets[parity][lane] : 0u;
+      unsigned scanned = mine;
+      for (int offset = 1; offset < kWarps; offset <<= 1) {
+        const unsigned other = __shfl_up_sync(kFullWarp, scanned, offset);
+        if (lane >= offset) scanned += other;
+      }
+      if (lane < kWarps) warp_offsets[parity][lane] = scanned - mine;
+      if (lane == kWarps - 1) {
+        block_base[parity] = scanned != 0u ? atomicAdd(counter, static_cast<unsigned long long>(scanned)) : 0ull;
+      }
+    }
+    __syncthreads();
+    if (flags != 0u) {
+      unsigned long long position = block_base[parity] + warp_offsets[parity][warp] + (inclusive - count);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+#pragma unroll
+        for (int q = 0; q < VEC; ++q) {
+          if (flags & (1u << (u * VEC + q))) {
+            candidate_keys[position] = keys[u][q];
+            candidate_indices[position] = static_cast<Index>((base + u * kThreads + threadIdx.x) * VEC + q);
+            ++position;
+          }
+        }
+      }
+    }
+  }
+  if (VEC > 1 && blockIdx.x == 0) {  // the n % VEC last scores (at most 3): one atomic each
+    const int64_t i = items * VEC + threadIdx.x;
+    if (i < n) {
+      const uint32_t key = float_key(scores[i]);
+      if (mask != nullptr) mask[i] = key > high ? 1 : 0;
+      above_total += key > high ? 1u : 0u;
+      if (key - low <= high - low) {
+        const unsigned long long position = atomicAdd(counter, 1ull);
+        candidate_keys[position] = key;
+        candidate_indices[position] = static_cast<Index>(i);
+      }
+    }
+  }
+  if (fallback_pass) return;  // the exact bucket's rank is known already
+  for (int offset = 16; offset > 0; offset >>= 1) above_total += __shfl_down_sync(kFullWarp, above_total, offset);
+  if (lane == 0 && above_total != 0ull) atomicAdd(&state->above_count, above_total);
+  if (!last_block_done(state)) return;
+  if (threadIdx.x == 0) {
+    const unsigned long long above = load_coherent(&state->above_count);
+    const unsigned long long candidates = load_coherent(counter);
+    const unsigned long long wanted = static_cast<unsigned long long>(k);
+    if (above < wanted && wanted <= above + candidates) {
+      state->remaining = wanted - above;
+      if ((low >> (32 - kFirstBits - kRefineBits)) == (high >> (32 - kFirstBits - kRefineBits))) {
+        state->key_prefix = low >> (32 - kFirstBits - kRefineBits);  // the first two digits are known
+        state->key_bits = kFirstBits + kRefineBits;
+      } else if ((low >> (32 - kFirstBits)) == (high >> (32 - kFirstBits))) {
+        state->key_prefix = low >> (32 - kFirstBits);  // the first digit is known
+        state->key_bits = kFirstBits;
+      }
+    } else {  // a miss: start over with the exact top-digit histogram
+      state->fallback = 1u;
+      state->candidate_count = 0ull;
+    }
+    state->ticket = 0u;
+  }
+}
+
+// ---- exact top-digit histogram, only after a miss ---------------------------------------------------
 template <int VEC>
-__global__ void histogram_scores_kernel(const float *__restrict__ scores, int64_t n,
-                                        unsigned long long *__restrict__ hist) {
+__global__ void __launch_bounds__(kThreads) histogram_scores_kernel(const float *__restrict__ scores, int64_t n,
+                                                                    SelectState *state,
+                                                                    unsigned long long *__restrict__ hist) {
+  if (state->fallback == 0u) return;
   __shared__ uint32_t counts[kFirstBuckets];
   for (int d = threadIdx.x; d < kFirstBuckets; d += blockDim.x) counts[d] = 0u;
   __syncthreads();
@@ -131,165 +486,46 @@ __global__ void histogram_scores_kernel(const float *__restrict__ scores, int64_
     const int64_t i = items * VEC + threadIdx.x;
     if (i < n) atomicAdd(&counts[float_key(scores[i]) >> (32 - kFirstBits)], 1u);
   }
-  __syncthreads();
-  for (int d = threadIdx.x; d < kFirstBuckets; d += blockDim.x) {
-    if (counts[d] != 0u) atomicAdd(&hist[d], static_cast<unsigned long long>(counts[d]));
+  merge_counts(counts, kFirstBuckets, hist);
+  if (!last_block_done(state)) return;
+  const unsigned long long rank = state->remaining;  // k
+  const Found found = block_find(hist, kFirstBuckets, rank, true);
+  if (threadIdx.x == 0) {
+    state->key_prefix = static_cast<unsigned>(found.digit);
+    state->low_key = static_cast<uint32_t>(found.digit) << (32 - kFirstBits);
+    state->high_key = state->low_key | ((1u << (32 - kFirstBits)) - 1u);
+    state->key_bits = kFirstBits;
+    state->remaining = rank - found.before;
+    state->bucket_count = found.count;
   }
-}
-
-// ---- bucket picking (one warp) --------------------------------------------------------------------
-// Finds the bucket holding the state->remaining-th element, walking from the top bucket down (key
-// digits) or from bucket 0 up (index digits), and folds the digit into the prefix.
-__global__ void pick_bucket_kernel(const unsigned long long *__restrict__ hist, int bits, int mode,
-                                   SelectState *state) {
-  if (mode == kPickIndex && state->need_index == 0u) return;
-  // Every lane reads the rank before any lane updates the state (the winning lane writes it below).
-  const unsigned long long remaining = state->remaining;
-  __syncwarp();
-  const int buckets = 1 << bits;
-  const bool descending = mode != kPickIndex;
-  const int lane = threadIdx.x;
-  const int per_lane = (buckets + 31) / 32;
-  const int first = lane * per_lane;
-  const int last = min(buckets, first + per_lane);
-  unsigned long long sum = 0;
-  for (int p = first; p < last; ++p) sum += hist[descending ? buckets - 1 - p : p];
-  unsigned long long inclusive = sum;
-  for (int offset = 1; offset < 32; offset <<= 1) {
-    const unsigned long long other = __shfl_up_sync(kFullWarp, inclusive, offset);
-    if (lane >= offset) inclusive += other;
-  }
-  unsigned long long before = inclusive - sum;
-  if (!(before < remaining && remaining <= inclusive)) return;  // exactly one lane holds it
-  for (int p = first; p < last; ++p) {
-    const int digit = descending ? buckets - 1 - p : p;
-    const unsigned long long count = hist[digit];
-    if (before + count >= remaining) {
-      state->remaining = remaining - before;
-      state->bucket_count = count;
-      if (mode == kPickIndex) {
-        state->index_prefix = (state->index_prefix << bits) | static_cast<unsigned long long>(digit);
-      } else {
-        state->key_prefix = mode == kPickFirstKey ? static_cast<uint32_t>(digit)
-                                                  : (state->key_prefix << bits) | static_cast<uint32_t>(digit);
-      }
-      if (mode == kPickLastKey) {
-        state->equal_count = count;
-        state->need_index = (remaining - before) < count ? 1u : 0u;
-      }
-      return;
-    }
-    before += count;
-  }
-}
-
-// ---- mask of the buckets above, compaction of the boundary bucket ----------------------------------
-// Candidate slots are reserved once per block and iteration (a block-wide scan of the per-thread
-// counts, then one atomicAdd by thread 0): all blocks reserve from the same counter, and one atomic
-// per warp would put ~800k same-address atomics on it at n = 1e8.
-template <int VEC>
-__global__ void compact_kernel(const float *__restrict__ scores, int64_t n, uint8_t *__restrict__ mask,
-                               SelectState *state, uint32_t *__restrict__ candidate_keys,
-                               int64_t *__restrict__ candidate_indices) {
-  __shared__ unsigned warp_offsets[kThreads / 32];
-  __shared__ unsigned long long block_base;
-  const uint32_t boundary = state->key_prefix;
-  unsigned long long *counter = &state->candidate_count;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int warps = blockDim.x >> 5;
-  const int64_t items = n / VEC;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  // Block-uniform trip count: every thread runs every iteration (there are __syncthreads inside).
-  for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.x; base < items; base += stride) {
-    const int64_t item = base + threadIdx.x;
-    uint32_t keys[VEC] = {};
-    unsigned flags = 0u, count = 0u;
-    if (item < items) {
-      load_keys<VEC>(scores, item, keys);
-      uint8_t above[VEC];
-#pragma unroll
-      for (int q = 0; q < VEC; ++q) {
-        const uint32_t digit = keys[q] >> (32 - kFirstBits);
-        above[q] = digit > boundary ? 1 : 0;
-        if (digit == boundary) {
-          flags |= 1u << q;
-          ++count;
-        }
-      }
-      if (mask != nullptr) {
-        if constexpr (VEC == 4) {
-          reinterpret_cast<uchar4 *>(mask)[item] = make_uchar4(above[0], above[1], above[2], above[3]);
-        } else {
-          mask[item] = above[0];
-        }
-      }
-    }
-    unsigned inclusive = count;
-    for (int offset = 1; offset < 32; offset <<= 1) {
-      const unsigned other = __shfl_up_sync(kFullWarp, inclusive, offset);
-      if (lane >= offset) inclusive += other;
-    }
-    if (lane == 31) warp_offsets[warp] = inclusive;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      unsigned total = 0;
-      for (int w = 0; w < warps; ++w) {
-        const unsigned c = warp_offsets[w];
-        warp_offsets[w] = total;
-        total += c;
-      }
-      block_base = total != 0u ? atomicAdd(counter, static_cast<unsigned long long>(total)) : 0ull;
-    }
-    __syncthreads();
-    if (flags != 0u) {
-      unsigned long long position = block_base + warp_offsets[warp] + (inclusive - count);
-#pragma unroll
-      for (int q = 0; q < VEC; ++q) {
-        if (flags & (1u << q)) {
-          candidate_keys[position] = keys[q];
-          candidate_indices[position] = item * VEC + q;
-          ++position;
-        }
-      }
-    }
-    __syncthreads();  // warp_offsets and block_base are rewritten by the next iteration
-  }
-  if (VEC > 1 && blockIdx.x == 0) {  // the n % VEC last scores (at most 3): one atomic each
-    const int64_t i = items * VEC + threadIdx.x;
-    if (i < n) {
-      const uint32_t key = float_key(scores[i]);
-      const uint32_t digit = key >> (32 - kFirstBits);
-      if (mask != nullptr) mask[i] = digit > boundary ? 1 : 0;
-      if (digit == boundary) {
-        const unsigned long long position = atomicAdd(counter, 1ull);
-        candidate_keys[position] = key;
-        candidate_indices[position] = i;
-      }
-    }
-  }
+  reset_after_pick(state, hist, kFirstBuckets);
 }
 
 // ---- refinement over the candidates -------------------------------------------------------------
 // Histogram of the digit at `shift` (width `bits`) over the candidates that match the prefix found so
-// far: of the key (index_pass == 0) or, among threshold-equal candidates, of the index.
-__global__ void histogram_candidates_kernel(const uint32_t *__restrict__ candidate_keys,
-                                            const int64_t *__restrict__ candidate_indices,
-                                            const SelectState *state, int index_pass, int shift, int bits,
-                                            unsigned long long *__restrict__ hist) {
-  if (index_pass && state->need_index == 0u) return;
-  __shared__ uint32_t counts[1 << kRefineBits];
+// far: of the key (index_pass == 0; runs only while the key has 32 - shift - bits known bits) or, among
+// threshold-equal candidates and only when some of them are left out, of the index. The last block
+// picks the digit.
+template <class Index>
+__global__ void __launch_bounds__(kThreads) refine_kernel(const uint32_t *__restrict__ candidate_keys,
+                                                          const Index *__restrict__ candidate_indices,
+                                                          SelectState *state, int index_pass, int shift, int bits,
+                                                          unsigned long long *__restrict__ hist) {
+  if (index_pass ? state->need_index == 0u : state->key_bits != static_cast<unsigned>(32 - shift - bits)) return;
+  __shared__ uint32_t counts[kFirstBuckets];
   const int buckets = 1 << bits;
   for (int d = threadIdx.x; d < buckets; d += blockDim.x) counts[d] = 0u;
   __syncthreads();
   const int64_t count = static_cast<int64_t>(state->candidate_count);
   const uint32_t key_prefix = state->key_prefix;
+  const unsigned key_bits = state->key_bits;
   const unsigned long long index_prefix = state->index_prefix;
   const uint32_t digit_mask = static_cast<uint32_t>(buckets - 1);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < count; c += stride) {
     const uint32_t key = candidate_keys[c];
     if (!index_pass) {
-      if ((key >> (shift + bits)) == key_prefix) atomicAdd(&counts[(key >> shift) & digit_mask], 1u);
+      if (key_bits == 0u || (key >> (shift + bits)) == key_prefix) atomicAdd(&counts[(key >> shift) & digit_mask], 1u);
     } else if (key == key_prefix) {
       const unsigned long long index = static_cast<unsigned long long>(candidate_indices[c]);
       if ((index >> (shift + bits)) == index_prefix) {
@@ -297,136 +533,157 @@ __global__ void histogram_candidates_kernel(const uint32_t *__restrict__ candida
       }
     }
   }
-  __syncthreads();
-  for (int d = threadIdx.x; d < buckets; d += blockDim.x) {
-    if (counts[d] != 0u) atomicAdd(&hist[d], static_cast<unsigned long long>(counts[d]));
+  merge_counts(counts, buckets, hist);
+  if (!last_block_done(state)) return;
+  const unsigned long long rank = state->remaining;
+  const Found found = block_find(hist, buckets, rank, !index_pass);
+  if (threadIdx.x == 0) {
+    state->remaining = rank - found.before;
+    state->bucket_count = found.count;
+    if (index_pass) {
+      state->index_prefix = (index_prefix << bits) | static_cast<unsigned long long>(found.digit);
+    } else {
+      state->key_prefix = (key_prefix << bits) | static_cast<uint32_t>(found.digit);
+      state->key_bits = key_bits + static_cast<unsigned>(bits);
+      if (key_bits + bits == 32u) state->need_index = rank - found.before < found.count ? 1u : 0u;
+    }
   }
+  reset_after_pick(state, hist, buckets);
 }
 
-// One thread: the cutoff index and the threshold value.
-__global__ void finalize_kernel(SelectState *state, float *threshold) {
-  state->cutoff = state->need_index ? static_cast<long long>(state->index_prefix) : 0x7fffffffffffffffLL;
-  if (threshold != nullptr) *threshold = key_to_float(state->key_prefix);
-}
-
-__global__ void scatter_kernel(const uint32_t *__restrict__ candidate_keys,
-                               const int64_t *__restrict__ candidate_indices, const SelectState *state,
-                               uint8_t *__restrict__ mask) {
-  const int64_t count = static_cast<int64_t>(state->candidate_count);
+// Candidates into the mask, and the threshold. The compaction pass wrote 0 at every candidate: only the
+// selected ones are written (about half of them), so fewer mask sectors are touched again.
+template <class Index>
+__global__ void scatter_kernel(const uint32_t *__restrict__ candidate_keys, const Index *__restrict__ candidate_indices,
+                               const SelectState *state, uint8_t *__restrict__ mask, float *threshold) {
   const uint32_t threshold_key = state->key_prefix;
-  const long long cutoff = state->cutoff;
+  if (threshold != nullptr && blockIdx.x == 0 && threadIdx.x == 0) *threshold = key_to_float(threshold_key);
+  if (mask == nullptr) return;
+  const int64_t count = static_cast<int64_t>(state->candidate_count);
+  const unsigned long long cutoff = state->need_index ? state->index_prefix : ~0ull;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < count; c += stride) {
     const uint32_t key = candidate_keys[c];
-    const int64_t index = candidate_indices[c];
-    mask[index] = (key > threshold_key || (key == threshold_key && index <= cutoff)) ? 1 : 0;
+    const unsigned long long index = static_cast<unsigned long long>(candidate_indices[c]);
+    if (key > threshold_key || (key == threshold_key && index <= cutoff)) mask[index] = 1;
   }
 }
-
-__global__ void init_state_kernel(SelectState *state, int64_t k) {
-  state->remaining = static_cast<unsigned long long>(k);
-  state->bucket_count = 0;
-  state->candidate_count = 0;
-  state->equal_count = 0;
-  state->index_prefix = 0;
-  state->cutoff = 0;
-  state->key_prefix = 0;
-  state->need_index = 0;
-}
-
-__global__ void write_value_kernel(float *out, float value) { *out = value; }
 
 // ---- ascending indices from the mask --------------------------------------------------------------
-__device__ __forceinline__ unsigned long long block_sum(unsigned long long value, unsigned long long *shared) {
-  for (int offset = 16; offset > 0; offset >>= 1) value += __shfl_down_sync(kFullWarp, value, offset);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  if (lane == 0) shared[warp] = value;
-  __syncthreads();
-  unsigned long long total = 0;
-  if (threadIdx.x == 0) {
-    for (int w = 0; w < static_cast<int>(blockDim.x >> 5); ++w) total += shared[w];
+// Each thread owns 16 consecutive mask bytes of a 4096-byte tile (one 16-byte load when aligned). The
+// mask bytes are 0 or 1, so popcount of a word counts its selected bytes.
+struct MaskBytes {
+  uint32_t word[4];
+};
+
+__device__ __forceinline__ MaskBytes load_mask_bytes(const uint8_t *__restrict__ mask, int64_t begin, int64_t end,
+                                                     bool aligned) {
+  MaskBytes bytes{{0u, 0u, 0u, 0u}};
+  if (aligned && begin + kTileBytesPerThread <= end) {
+    const uint4 v = *reinterpret_cast<const uint4 *>(mask + begin);
+    bytes.word[0] = v.x;
+    bytes.word[1] = v.y;
+    bytes.word[2] = v.z;
+    bytes.word[3] = v.w;
+  } else {
+    for (int b = 0; b < kTileBytesPerThread && begin + b < end; ++b) {
+      bytes.word[b >> 2] |= static_cast<uint32_t>(mask[begin + b] != 0) << (8 * (b & 3));
+    }
   }
-  __syncthreads();
-  return total;  // valid in thread 0
+  return bytes;
 }
 
-__global__ void tile_count_kernel(const uint8_t *__restrict__ mask, int64_t n, int64_t tiles,
-                                  unsigned long long *__restrict__ tile_counts) {
-  __shared__ unsigned long long warp_sums[kThreads / 32];
+__device__ __forceinline__ unsigned count_bytes(const MaskBytes &bytes) {
+  return __popc(bytes.word[0]) + __popc(bytes.word[1]) + __popc(bytes.word[2]) + __popc(bytes.word[3]);
+}
+
+__global__ void __launch_bounds__(kThreads) tile_count_kernel(const uint8_t *__restrict__ mask, int64_t n,
+                                                              int64_t tiles, int aligned,
+                                                              unsigned long long *__restrict__ tile_counts) {
+  __shared__ unsigned warp_sums[kWarps];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    const int64_t begin = tile * kTile;
-    const int64_t end = min(n, begin + kTile);
-    unsigned long long count = 0;
-    for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) count += mask[i] != 0;
-    const unsigned long long total = block_sum(count, warp_sums);
-    if (threadIdx.x == 0) tile_counts[tile] = total;
+    const int64_t begin = tile * kTile + static_cast<int64_t>(threadIdx.x) * kTileBytesPerThread;
+    const int64_t end = min(n, (tile + 1) * kTile);
+    unsigned count = count_bytes(load_mask_bytes(mask, begin, end, aligned != 0));
+    for (int offset = 16; offset > 0; offset >>= 1) count += __shfl_down_sync(kFullWarp, count, offset);
+    if (lane == 0) warp_sums[warp] = count;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      unsigned total = 0;
+      for (int w = 0; w < kWarps; ++w) total += warp_sums[w];
+      tile_counts[tile] = total;
+    }
+    __syncthreads();  // warp_sums is rewritten by the next tile
   }
 }
 
-// One block: exclusive scan of tile_counts[0, tiles) in place.
+// One block: exclusive scan of tile_counts[0, tiles) in place. Each thread sums a run of consecutive
+// tiles (about 24 at n = 1e8), the block scans the 1024 sums, and each thread writes its run: one block
+// pass instead of one per 1024 tiles.
 __global__ void scan_kernel(unsigned long long *tile_counts, int64_t tiles) {
   __shared__ unsigned long long warp_sums[32];
-  __shared__ unsigned long long carry;
-  if (threadIdx.x == 0) carry = 0;
-  __syncthreads();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int warps = blockDim.x >> 5;
-  for (int64_t base = 0; base < tiles; base += blockDim.x) {
-    const int64_t t = base + threadIdx.x;
-    const unsigned long long value = t < tiles ? tile_counts[t] : 0ull;
-    unsigned long long inclusive = value;
+  const int64_t per_thread = (tiles + blockDim.x - 1) / blockDim.x;
+  const int64_t first = static_cast<int64_t>(threadIdx.x) * per_thread;
+  const int64_t last = min(tiles, first + per_thread);
+  unsigned long long sum = 0;
+  for (int64_t t = first; t < last; ++t) sum += tile_counts[t];
+  unsigned long long inclusive = sum;
+  for (int offset = 1; offset < 32; offset <<= 1) {
+    const unsigned long long other = __shfl_up_sync(kFullWarp, inclusive, offset);
+    if (lane >= offset) inclusive += other;
+  }
+  if (lane == 31) warp_sums[warp] = inclusive;
+  __syncthreads();
+  if (warp == 0) {
+    unsigned long long w = lane < warps ? warp_sums[lane] : 0ull;
     for (int offset = 1; offset < 32; offset <<= 1) {
-      const unsigned long long other = __shfl_up_sync(kFullWarp, inclusive, offset);
-      if (lane >= offset) inclusive += other;
+      const unsigned long long other = __shfl_up_sync(kFullWarp, w, offset);
+      if (lane >= offset) w += other;
     }
-    if (lane == 31) warp_sums[warp] = inclusive;
-    __syncthreads();
-    if (warp == 0) {
-      unsigned long long w = lane < warps ? warp_sums[lane] : 0ull;
-      for (int offset = 1; offset < 32; offset <<= 1) {
-        const unsigned long long other = __shfl_up_sync(kFullWarp, w, offset);
-        if (lane >= offset) w += other;
-      }
-      if (lane < warps) warp_sums[lane] = w;  // inclusive over warps
-    }
-    __syncthreads();
-    const unsigned long long before = carry + (warp > 0 ? warp_sums[warp - 1] : 0ull) + inclusive - value;
-    if (t < tiles) tile_counts[t] = before;
-    __syncthreads();
-    if (threadIdx.x == 0) carry += warp_sums[warps - 1];
-    __syncthreads();
+    if (lane < warps) warp_sums[lane] = w;  // inclusive over warps
+  }
+  __syncthreads();
+  unsigned long long before = (warp > 0 ? warp_sums[warp - 1] : 0ull) + inclusive - sum;
+  for (int64_t t = first; t < last; ++t) {
+    const unsigned long long count = tile_counts[t];
+    tile_counts[t] = before;
+    before += count;
   }
 }
 
-__global__ void tile_write_kernel(const uint8_t *__restrict__ mask, int64_t n, int64_t tiles,
-                                  const unsigned long long *__restrict__ tile_offsets, int64_t k,
-                                  int64_t *__restrict__ indices) {
-  __shared__ unsigned warp_counts[kThreads / 32];
+// One block step per tile: a block scan of the per-thread counts gives each thread where its indices go.
+__global__ void __launch_bounds__(kThreads) tile_write_kernel(const uint8_t *__restrict__ mask, int64_t n,
+                                                              int64_t tiles, int aligned,
+                                                              const unsigned long long *__restrict__ tile_offsets,
+                                                              int64_t k, int64_t *__restrict__ indices) {
+  __shared__ unsigned warp_totals[kWarps];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int warps = blockDim.x >> 5;
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    unsigned long long offset = tile_offsets[tile];
-    const int64_t begin = tile * kTile;
-    const int64_t end = min(n, begin + kTile);
-    for (int64_t chunk = begin; chunk < end; chunk += blockDim.x) {  // block-uniform trip count
-      const int64_t i = chunk + threadIdx.x;
-      const bool take = i < end && mask[i] != 0;
-      const unsigned ballot = __ballot_sync(kFullWarp, take);
-      if (lane == 0) warp_counts[warp] = __popc(ballot);
-      __syncthreads();
-      unsigned before = 0, total = 0;
-      for (int w = 0; w < warps; ++w) {
-        const unsigned c = warp_counts[w];
-        before += w < warp ? c : 0u;
-        total += c;
-      }
-      if (take) {
-        const unsigned long long position = offset + before + __popc(ballot & ((1u << lane) - 1u));
-        if (position < static_cast<unsigned long long>(k)) indices[position] = i;
-      }
-      offset += total;
-      __syncthreads();  // warp_counts is rewritten by the next chunk
+    const int64_t begin = tile * kTile + static_cast<int64_t>(threadIdx.x) * kTileBytesPerThread;
+    const int64_t end = min(n, (tile + 1) * kTile);
+    const MaskBytes bytes = load_mask_bytes(mask, begin, end, aligned != 0);
+    const unsigned count = count_bytes(bytes);
+    unsigned inclusive = count;
+    for (int offset = 1; offset < 32; offset <<= 1) {
+      const unsigned other = __shfl_up_sync(kFullWarp, inclusive, offset);
+      if (lane >= offset) inclusive += other;
     }
+    if (lane == 31) warp_totals[warp] = inclusive;
+    __syncthreads();
+    unsigned before = inclusive - count;
+    for (int w = 0; w < warp; ++w) before += warp_totals[w];
+    unsigned long long position = tile_offsets[tile] + before;
+#pragma unroll
+    for (int b = 0; b < kTileBytesPerThread; ++b) {
+      if ((bytes.word[b >> 2] >> (8 * (b & 3))) & 1u) {
+        if (position < static_cast<unsigned long long>(k)) indices[position] = begin + b;
+        ++position;
+      }
+    }
+    __syncthreads();  // warp_totals is rewritten by the next tile
   }
 }
 
@@ -474,16 +731,17 @@ __global__ void digit_histogram_kernel(const float *__restrict__ scores, int64_t
     }                                                                                                \
   } while (0)
 
-// Blocks for a grid-stride pass over `work` items: enough to fill the device (8 blocks of kThreads
-// per SM), never more than the work needs, and enough that no block counts more than 2^31 scores in
-// its uint32 shared counters (work is in items of up to 4 scores).
-aql_status grid_for(const char *function, int64_t work, int *blocks) {
-  int device = 0, sms = 0;
+// Blocks for a grid-stride kernel: one wave (as many as the SMs hold at once; a second wave of a
+// grid-stride loop would start only when the first ends, leaving SMs idle for its duration), never more
+// than the work can use, at least `floor_blocks`.
+template <class Kernel>
+aql_status one_wave(const char *function, Kernel kernel, int64_t useful_blocks, int64_t floor_blocks, int *blocks) {
+  int device = 0, sms = 0, per_sm = 0;
   AQL_CHECK_CUDA(function, cudaGetDevice(&device));
   AQL_CHECK_CUDA(function, cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  const int64_t needed = (work + kThreads - 1) / kThreads;
-  int64_t grid = needed < static_cast<int64_t>(sms) * 8 ? needed : static_cast<int64_t>(sms) * 8;
-  const int64_t floor_blocks = work / (int64_t{1} << 29) + 1;
+  AQL_CHECK_CUDA(function, cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
+  const int64_t wave = static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : 1);
+  int64_t grid = useful_blocks < wave ? useful_blocks : wave;
   if (grid < floor_blocks) grid = floor_blocks;
   if (grid < 1) grid = 1;
   if (grid > 0x7fffffff) grid = 0x7fffffff;
@@ -491,10 +749,112 @@ aql_status grid_for(const char *function, int64_t work, int *blocks) {
   return AQL_OK;
 }
 
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
 int index_bits(int64_t n) {
   int bits = 1;
   while (bits < 63 && (static_cast<uint64_t>(n - 1) >> bits) != 0) ++bits;
   return bits;
+}
+
+// The sample ranks (descending, 1-based) whose top digits bound the candidate range: k s / n -+ 6
+// standard deviations of a sample rank (sqrt(s p (1 - p)), p = k / n), plus 2 for the rounding of
+// the evenly spaced positions. A rank below 1 leaves the range open at the top, one above s at the
+// bottom. When the sample is every score the k-th largest's own digit is exact.
+void sample_ranks(int64_t n, int64_t k, int64_t samples, int64_t *rank_high, int64_t *rank_low) {
+  if (samples == n) {
+    *rank_high = *rank_low = k;
+    return;
+  }
+  const double p = static_cast<double>(k) / static_cast<double>(n);
+  const double center = p * static_cast<double>(samples);
+  const double margin = kSampleSigmas * std::sqrt(static_cast<double>(samples) * p * (1.0 - p)) + 2.0;
+  const double high = std::floor(center - margin), low = std::ceil(center + margin);
+  *rank_high = high < 1.0 ? 0 : static_cast<int64_t>(high);
+  *rank_low = low > static_cast<double>(samples) ? samples + 1 : static_cast<int64_t>(low);
+}
+
+template <int VEC, class Index>
+aql_status select_with(const char *fn, const float *scores, int64_t n, int64_t k, uint8_t *selected,
+                       int64_t *indices, float *threshold, const Layout &layout, char *base, cudaStream_t stream) {
+  SelectState *state = reinterpret_cast<SelectState *>(base + layout.state);
+  unsigned long long *hist = reinterpret_cast<unsigned long long *>(base + layout.hist);
+  unsigned long long *tile_counts = reinterpret_cast<unsigned long long *>(base + layout.tile_counts);
+  uint32_t *candidate_keys = reinterpret_cast<uint32_t *>(base + layout.candidate_keys);
+  Index *candidate_indices = reinterpret_cast<Index *>(base + layout.candidate_indices);
+
+  const int64_t items = n / VEC;
+  const int64_t counter_floor = n / (int64_t{1} << 31) + 1;  // uint32 shared counters per block
+  int compact_blocks = 0, histogram_blocks = 0, candidate_blocks = 0, scatter_blocks = 0;
+  aql_status status = one_wave(fn, compact_kernel<VEC, Index>, ceil_div(items, int64_t{kThreads} * kUnroll), 1, &compact_blocks);
+  if (status != AQL_OK) return status;
+  status = one_wave(fn, histogram_scores_kernel<VEC>, ceil_div(items, kThreads), counter_floor, &histogram_blocks);
+  if (status != AQL_OK) return status;
+  // The candidate count is on the device: sized for the worst case, n.
+  status = one_wave(fn, refine_kernel<Index>, ceil_div(n, kThreads), counter_floor, &candidate_blocks);
+  if (status != AQL_OK) return status;
+  status = one_wave(fn, scatter_kernel<Index>, ceil_div(n, kThreads), 1, &scatter_blocks);
+  if (status != AQL_OK) return status;
+
+  init_kernel<<<1, kThreads, 0, stream>>>(state, hist, k);
+  AQL_CHECK_LAUNCH(fn, "init_kernel");
+  const int64_t samples = n < kSample ? n : kSample;
+  int64_t rank_high = 0, rank_low = 0;
+  sample_ranks(n, k, samples, &rank_high, &rank_low);
+  const int sample_blocks = static_cast<int>(ceil_div(samples, int64_t{kThreads} * kSamplesPerThread));  // 64 at most
+  sample_kernel<<<sample_blocks, kThreads, 0, stream>>>(scores, n, samples, rank_high, rank_low, state, hist);
+  AQL_CHECK_LAUNCH(fn, "sample_kernel");
+  sample_refine_kernel<<<sample_blocks, kThreads, 0, stream>>>(scores, n, samples, rank_high, rank_low, state, hist);
+  AQL_CHECK_LAUNCH(fn, "sample_refine_kernel");
+  compact_kernel<VEC, Index><<<compact_blocks, kThreads, 0, stream>>>(scores, n, selected, state, candidate_keys,
+                                                                        candidate_indices, 0, k);
+  AQL_CHECK_LAUNCH(fn, "compact_kernel");
+  // After a miss only (both return at once otherwise): the exact top digit, then the mask again.
+  histogram_scores_kernel<VEC><<<histogram_blocks, kThreads, 0, stream>>>(scores, n, state, hist);
+  AQL_CHECK_LAUNCH(fn, "histogram_scores_kernel");
+  compact_kernel<VEC, Index><<<compact_blocks, kThreads, 0, stream>>>(scores, n, selected, state, candidate_keys,
+                                                                        candidate_indices, 1, k);
+  AQL_CHECK_LAUNCH(fn, "compact_kernel");
+
+  // The key over the candidates: 12 bits (skipped when the range was one digit), then 10 + 10.
+  for (int prefix_bits = 0; prefix_bits < 32;) {
+    const int bits = prefix_bits == 0 ? kFirstBits : kRefineBits;
+    const int shift = 32 - prefix_bits - bits;
+    refine_kernel<Index><<<candidate_blocks, kThreads, 0, stream>>>(candidate_keys, candidate_indices, state, 0, shift,
+                                                                    bits, hist);
+    AQL_CHECK_LAUNCH(fn, "refine_kernel");
+    prefix_bits += bits;
+  }
+  // Index digits of the threshold-equal candidates (the kernels return at once when all are taken).
+  const int width = index_bits(n);
+  for (int done = 0; done < width;) {
+    const int bits = width - done < kRefineBits ? width - done : kRefineBits;
+    const int shift = width - done - bits;
+    refine_kernel<Index><<<candidate_blocks, kThreads, 0, stream>>>(candidate_keys, candidate_indices, state, 1, shift,
+                                                                    bits, hist);
+    AQL_CHECK_LAUNCH(fn, "refine_kernel");
+    done += bits;
+  }
+  scatter_kernel<Index><<<scatter_blocks, kThreads, 0, stream>>>(candidate_keys, candidate_indices, state, selected,
+                                                                 threshold);
+  AQL_CHECK_LAUNCH(fn, "scatter_kernel");
+
+  if (indices != nullptr) {
+    const int64_t tiles = ceil_div(n, kTile);
+    const int aligned = reinterpret_cast<uintptr_t>(selected) % 16 == 0 ? 1 : 0;
+    int count_blocks = 0, write_blocks = 0;
+    status = one_wave(fn, tile_count_kernel, tiles, 1, &count_blocks);
+    if (status != AQL_OK) return status;
+    status = one_wave(fn, tile_write_kernel, tiles, 1, &write_blocks);
+    if (status != AQL_OK) return status;
+    tile_count_kernel<<<count_blocks, kThreads, 0, stream>>>(selected, n, tiles, aligned, tile_counts);
+    AQL_CHECK_LAUNCH(fn, "tile_count_kernel");
+    scan_kernel<<<1, 1024, 0, stream>>>(tile_counts, tiles);
+    AQL_CHECK_LAUNCH(fn, "scan_kernel");
+    tile_write_kernel<<<write_blocks, kThreads, 0, stream>>>(selected, n, tiles, aligned, tile_counts, k, indices);
+    AQL_CHECK_LAUNCH(fn, "tile_write_kernel");
+  }
+  return aql::ok();
 }
 
 aql_status topk_select(const float *scores, int64_t n, int64_t k, uint8_t *mask, int64_t *indices,
@@ -510,88 +870,18 @@ aql_status topk_select(const float *scores, int64_t n, int64_t k, uint8_t *mask,
   }
   const Layout layout = layout_for(n);
   char *base = static_cast<char *>(workspace);
-  SelectState *state = reinterpret_cast<SelectState *>(base + layout.state);
-  unsigned long long *hist = reinterpret_cast<unsigned long long *>(base + layout.hist);
-  unsigned long long *tile_counts = reinterpret_cast<unsigned long long *>(base + layout.tile_counts);
-  uint32_t *candidate_keys = reinterpret_cast<uint32_t *>(base + layout.candidate_keys);
-  int64_t *candidate_indices = reinterpret_cast<int64_t *>(base + layout.candidate_indices);
-  uint8_t *selected = mask;
+  uint8_t *selected = mask;  // indices are compacted from a mask: the caller's, or a scratch one
   if (selected == nullptr && indices != nullptr) selected = reinterpret_cast<uint8_t *>(base + layout.scratch_mask);
-
   const bool vectorised = reinterpret_cast<uintptr_t>(scores) % 16 == 0 &&
                           (selected == nullptr || reinterpret_cast<uintptr_t>(selected) % 4 == 0);
-  int blocks = 0;
-  aql_status status = grid_for(fn, vectorised ? (n + 3) / 4 : n, &blocks);
-  if (status != AQL_OK) return status;
-  int candidate_blocks = 0;  // the candidate count is on the device: sized for the worst case, n
-  status = grid_for(fn, n, &candidate_blocks);
-  if (status != AQL_OK) return status;
-
-  init_state_kernel<<<1, 1, 0, stream>>>(state, k);
-  AQL_CHECK_LAUNCH(fn, "init_state_kernel");
-  const size_t first_hist_bytes = sizeof(unsigned long long) * kFirstBuckets;
-  AQL_CHECK_CUDA(fn, cudaMemsetAsync(hist, 0, first_hist_bytes, stream));
-
-  // Top digit over every score, then the mask and the candidates.
+  // Candidate indices as uint32 while they fit: 8 instead of 12 bytes per candidate written and read.
+  const bool narrow = n <= (int64_t{1} << 32);
   if (vectorised) {
-    histogram_scores_kernel<4><<<blocks, kThreads, 0, stream>>>(scores, n, hist);
-  } else {
-    histogram_scores_kernel<1><<<blocks, kThreads, 0, stream>>>(scores, n, hist);
+    return narrow ? select_with<4, uint32_t>(fn, scores, n, k, selected, indices, threshold, layout, base, stream)
+                  : select_with<4, int64_t>(fn, scores, n, k, selected, indices, threshold, layout, base, stream);
   }
-  AQL_CHECK_LAUNCH(fn, "histogram_scores_kernel");
-  pick_bucket_kernel<<<1, 32, 0, stream>>>(hist, kFirstBits, kPickFirstKey, state);
-  AQL_CHECK_LAUNCH(fn, "pick_bucket_kernel");
-  if (vectorised) {
-    compact_kernel<4><<<blocks, kThreads, 0, stream>>>(scores, n, selected, state, candidate_keys, candidate_indices);
-  } else {
-    compact_kernel<1><<<blocks, kThreads, 0, stream>>>(scores, n, selected, state, candidate_keys, candidate_indices);
-  }
-  AQL_CHECK_LAUNCH(fn, "compact_kernel");
-
-  // The rest of the key over the candidates.
-  for (int prefix_bits = kFirstBits; prefix_bits < 32;) {
-    const int bits = 32 - prefix_bits < kRefineBits ? 32 - prefix_bits : kRefineBits;
-    const int shift = 32 - prefix_bits - bits;
-    AQL_CHECK_CUDA(fn, cudaMemsetAsync(hist, 0, sizeof(unsigned long long) << bits, stream));
-    histogram_candidates_kernel<<<candidate_blocks, kThreads, 0, stream>>>(candidate_keys, candidate_indices,
-                                                                          state, 0, shift, bits, hist);
-    AQL_CHECK_LAUNCH(fn, "histogram_candidates_kernel");
-    prefix_bits += bits;
-    pick_bucket_kernel<<<1, 32, 0, stream>>>(hist, bits, prefix_bits == 32 ? kPickLastKey : kPickKey, state);
-    AQL_CHECK_LAUNCH(fn, "pick_bucket_kernel");
-  }
-  // Index digits of the threshold-equal candidates (the kernels return at once when all are taken).
-  const int width = index_bits(n);
-  for (int done = 0; done < width;) {
-    const int bits = width - done < kRefineBits ? width - done : kRefineBits;
-    const int shift = width - done - bits;
-    AQL_CHECK_CUDA(fn, cudaMemsetAsync(hist, 0, sizeof(unsigned long long) << bits, stream));
-    histogram_candidates_kernel<<<candidate_blocks, kThreads, 0, stream>>>(candidate_keys, candidate_indices,
-                                                                          state, 1, shift, bits, hist);
-    AQL_CHECK_LAUNCH(fn, "histogram_candidates_kernel");
-    pick_bucket_kernel<<<1, 32, 0, stream>>>(hist, bits, kPickIndex, state);
-    AQL_CHECK_LAUNCH(fn, "pick_bucket_kernel");
-    done += bits;
-  }
-  finalize_kernel<<<1, 1, 0, stream>>>(state, threshold);
-  AQL_CHECK_LAUNCH(fn, "finalize_kernel");
-  if (selected == nullptr) return aql::ok();
-  scatter_kernel<<<candidate_blocks, kThreads, 0, stream>>>(candidate_keys, candidate_indices, state, selected);
-  AQL_CHECK_LAUNCH(fn, "scatter_kernel");
-
-  if (indices != nullptr) {
-    const int64_t tiles = (n + kTile - 1) / kTile;
-    int tile_blocks = 0;
-    status = grid_for(fn, tiles * kThreads, &tile_blocks);  // one block per tile, up to 8 per SM
-    if (status != AQL_OK) return status;
-    tile_count_kernel<<<tile_blocks, kThreads, 0, stream>>>(selected, n, tiles, tile_counts);
-    AQL_CHECK_LAUNCH(fn, "tile_count_kernel");
-    scan_kernel<<<1, 1024, 0, stream>>>(tile_counts, tiles);
-    AQL_CHECK_LAUNCH(fn, "scan_kernel");
-    tile_write_kernel<<<tile_blocks, kThreads, 0, stream>>>(selected, n, tiles, tile_counts, k, indices);
-    AQL_CHECK_LAUNCH(fn, "tile_write_kernel");
-  }
-  return aql::ok();
+  return narrow ? select_with<1, uint32_t>(fn, scores, n, k, selected, indices, threshold, layout, base, stream)
+                : select_with<1, int64_t>(fn, scores, n, k, selected, indices, threshold, layout, base, stream);
 }
 
 }  // namespace
@@ -652,7 +942,7 @@ AQL_API aql_status aql_cuda_digit_histogram(const float *scores, int64_t n, uint
   AQL_CHECK_CUDA(fn, cudaMemsetAsync(out, 0, sizeof(int64_t) << digit_bits, s));
   if (n == 0) return aql::ok();
   int blocks = 0;
-  const aql_status status = grid_for(fn, n, &blocks);
+  const aql_status status = one_wave(fn, digit_histogram_kernel, ceil_div(n, kThreads), n / (int64_t{1} << 31) + 1, &blocks);
   if (status != AQL_OK) return status;
   const int use_shared = digit_bits <= 13 ? 1 : 0;  // 32 KiB of uint32 counters at most
   const size_t shared_bytes = use_shared ? sizeof(uint32_t) << digit_bits : 0;
