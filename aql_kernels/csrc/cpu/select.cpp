@@ -44,15 +44,18 @@
 #endif
 
 #include "../common.h"
+#include "../select_common.h"
 
 namespace {
 
-// Digit schedule of the keys: 12 bits over all scores, then 10 + 10 over the candidates only. The
-// first digit is as wide as one block's shared-memory histogram on the GPU comfortably allows (16 KiB
-// of uint32 counters): the wider it is, the fewer candidates survive it.
-constexpr int kFirstBits = 12;
+using aql::select::float_key;
+using aql::select::index_bits;
+using aql::select::kFirstBits;
+using aql::select::kRefineBits;
+using aql::select::kSample;
+using aql::select::sample_ranks;
+
 constexpr int kBuckets = 1 << kFirstBits;
-constexpr int kRefineBits = 10;
 // Below these sizes one thread does the work. Each parallel region ends in a join, and on a shared
 // 2-core machine the second thread is often descheduled for a time slice: with the candidate passes
 // parallel too (three more joins) 10^7 uniform scores took 49-52 ms instead of 27-29 ms on the
@@ -60,18 +63,6 @@ constexpr int kRefineBits = 10;
 constexpr int64_t kParallelScores = int64_t{1} << 20;
 constexpr int64_t kParallelCandidates = int64_t{1} << 22;
 constexpr int kChunksPerThread = 8;
-
-// Order-preserving key: larger float -> larger key; NaN -> 0 (below -inf, whose key is 0x007fffff);
-// -0.0 and +0.0 -> 0x80000000. Branch-free masks: the form with ?: compiled to branches and took
-// 22 ms per 10^7 keys against 5 ms for this one (gcc -O3 -march=native, 2-core Xeon CI-class CPU).
-inline uint32_t float_key(float value) {
-  uint32_t bits;
-  std::memcpy(&bits, &value, sizeof(bits));
-  const uint32_t magnitude = bits & 0x7fffffffu;
-  const uint32_t canonical = bits & (0u - static_cast<uint32_t>(magnitude != 0u));  // -0.0 -> +0.0
-  const uint32_t key = canonical ^ (static_cast<uint32_t>(static_cast<int32_t>(canonical) >> 31) | 0x80000000u);
-  return key & (0u - static_cast<uint32_t>(magnitude <= 0x7f800000u));  // NaN -> 0
-}
 
 // Inverse of float_key on its image: key 0 becomes the canonical quiet NaN, zeros become +0.0.
 inline float key_to_float(uint32_t key) {
@@ -122,35 +113,6 @@ int thread_count(int64_t work, int64_t threshold) {
 
 inline int64_t chunk_begin(int64_t n, int part, int parts) {
   return static_cast<int64_t>((static_cast<unsigned __int128>(n) * part) / parts);
-}
-
-// The sample that guesses the top digits of the k-th largest key: scores floor(j n / s), j < s =
-// min(n, kSample), as on the GPU. Its ranks k s / n -+ 6 standard deviations of a sample rank
-// (sqrt(s p (1 - p)), p = k / n), plus 2 for the rounding of the positions, bound the candidate
-// digits; below 1 the range is open at the top, above s at the bottom. When the sample is every score
-// the k-th largest's own digit is exact. A miss (the k-th largest outside the range) costs one more
-// pass: the exact histogram, then the mask again.
-constexpr int64_t kSample = int64_t{1} << 16;
-constexpr double kSampleSigmas = 6.0;
-
-void sample_ranks(int64_t n, int64_t k, int64_t samples, int64_t *rank_high, int64_t *rank_low) {
-  if (samples == n) {
-    *rank_high = *rank_low = k;
-    return;
-  }
-  const double p = static_cast<double>(k) / static_cast<double>(n);
-  const double center = p * static_cast<double>(samples);
-  const double margin = kSampleSigmas * std::sqrt(static_cast<double>(samples) * p * (1.0 - p)) + 2.0;
-  const double high = std::floor(center - margin), low = std::ceil(center + margin);
-  *rank_high = high < 1.0 ? 0 : static_cast<int64_t>(high);
-  *rank_low = low > static_cast<double>(samples) ? samples + 1 : static_cast<int64_t>(low);
-}
-
-// Bit width of the largest index n - 1 (at least 1).
-int index_bits(int64_t n) {
-  int bits = 1;
-  while (bits < 63 && (static_cast<uint64_t>(n - 1) >> bits) != 0) ++bits;
-  return bits;
 }
 
 // Keys are computed a block at a time into a small buffer (that loop vectorises), then counted:

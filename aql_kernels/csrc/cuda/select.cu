@@ -48,21 +48,25 @@
 #include <limits>
 
 #include "../common.h"
+#include "../select_common.h"
 
 namespace {
 
-constexpr int kFirstBits = 12;  // 16 KiB of shared uint32 counters per block
+using aql::select::float_key;
+using aql::select::index_bits;
+using aql::select::kFirstBits;
+using aql::select::kRefineBits;
+using aql::select::kSample;
+using aql::select::sample_ranks;
+
 constexpr int kFirstBuckets = 1 << kFirstBits;
-constexpr int kRefineBits = 10;
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kUnroll = 4;                    // loads in flight per thread in the scoring pass
 constexpr int kTile = 4096;                   // mask bytes per block step of the index write: 16 per thread
 constexpr int kTileBytesPerThread = kTile / kThreads;
-constexpr int64_t kSample = int64_t{1} << 16;  // scores in the sample that guesses the top digits
 constexpr int kSamplesPerThread = 4;
 constexpr uint32_t kRefineSpan = kFirstBuckets >> kRefineBits;  // top digits the sample's second look covers
-constexpr double kSampleSigmas = 6.0;  // half-width of the guessed rank range, in standard deviations
 constexpr unsigned kFullWarp = 0xffffffffu;
 constexpr size_t kAlign = 256;
 
@@ -100,15 +104,6 @@ Layout layout_for(int64_t n) {
   l.scratch_mask = l.candidate_indices + align_up(sizeof(int64_t) * count);
   l.total = l.scratch_mask + align_up(count);
   return l;
-}
-
-// Order-preserving key, branch-free (same expression as the CPU twin).
-__device__ __forceinline__ uint32_t float_key(float value) {
-  const uint32_t bits = __float_as_uint(value);
-  const uint32_t magnitude = bits & 0x7fffffffu;
-  const uint32_t canonical = bits & (0u - static_cast<uint32_t>(magnitude != 0u));  // -0.0 -> +0.0
-  const uint32_t key = canonical ^ (static_cast<uint32_t>(static_cast<int32_t>(canonical) >> 31) | 0x80000000u);
-  return key & (0u - static_cast<uint32_t>(magnitude <= 0x7f800000u));  // NaN -> 0
 }
 
 __device__ __forceinline__ float key_to_float(uint32_t key) {
@@ -750,29 +745,6 @@ aql_status one_wave(const char *function, Kernel kernel, int64_t useful_blocks, 
 }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-int index_bits(int64_t n) {
-  int bits = 1;
-  while (bits < 63 && (static_cast<uint64_t>(n - 1) >> bits) != 0) ++bits;
-  return bits;
-}
-
-// The sample ranks (descending, 1-based) whose top digits bound the candidate range: k s / n -+ 6
-// standard deviations of a sample rank (sqrt(s p (1 - p)), p = k / n), plus 2 for the rounding of
-// the evenly spaced positions. A rank below 1 leaves the range open at the top, one above s at the
-// bottom. When the sample is every score the k-th largest's own digit is exact.
-void sample_ranks(int64_t n, int64_t k, int64_t samples, int64_t *rank_high, int64_t *rank_low) {
-  if (samples == n) {
-    *rank_high = *rank_low = k;
-    return;
-  }
-  const double p = static_cast<double>(k) / static_cast<double>(n);
-  const double center = p * static_cast<double>(samples);
-  const double margin = kSampleSigmas * std::sqrt(static_cast<double>(samples) * p * (1.0 - p)) + 2.0;
-  const double high = std::floor(center - margin), low = std::ceil(center + margin);
-  *rank_high = high < 1.0 ? 0 : static_cast<int64_t>(high);
-  *rank_low = low > static_cast<double>(samples) ? samples + 1 : static_cast<int64_t>(low);
-}
 
 template <int VEC, class Index>
 aql_status select_with(const char *fn, const float *scores, int64_t n, int64_t k, uint8_t *selected,
