@@ -1,4 +1,4 @@
-"""`python -m aql {train,info,demo}`.
+"""`python -m aql {train,info,demo,experiment,bench}`.
 
 - `train --config FILE [--set section.key=value ...] [--resume] [--output-dir DIR]`: one training run.
 - `info`: backends (what aql_kernels runs on here and why not), versions, devices.
@@ -7,6 +7,11 @@
   AQL's sample count and epochs) and all data for budget x epochs (the same sample count, its own full
   schedule); prints test accuracy, samples back-propagated, AQL overhead and time per step, and writes a
   plot of test accuracy against samples back-propagated. Needs no network.
+- `experiment uncertainty [--samples N] [--epochs E] [--output-dir D] [--seed S]`: the design
+  document's Experiment 1 on MNIST-1D (see aql.experiments): OOD AUROC and cost relative to a forward
+  pass of the Laplace, MC-dropout and ensemble estimators; a table, a JSON and a bar chart.
+- `bench [-k EXPR] [--json PATH]`: the pytest-benchmark suites of the repository's `benchmarks/`
+  folder in a subprocess, then `benchmarks/summarize.py`'s table of the JSON they wrote.
 """
 
 from __future__ import annotations
@@ -20,9 +25,15 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["main", "build_parser", "backends_table", "info_text", "run_training", "run_demo"]
+__all__ = ["main", "build_parser", "backends_table", "info_text", "run_training", "run_demo", "run_bench", "bench_command",
+           "BenchError"]
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "mnist1d_demo.yaml"
+REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
+
+
+class BenchError(RuntimeError):
+    """`python -m aql bench` cannot run here (no pytest-benchmark, no benchmarks folder)."""
 
 
 def _table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
@@ -184,6 +195,51 @@ def _plot_demo(runs: dict, path: Path) -> Path:
     return path
 
 
+def bench_command(json_path: str | os.PathLike, *, expression: str | None = None, python: str = sys.executable) -> list[str]:
+    """The pytest command line that `run_bench` runs from the repository root."""
+    command = [python, "-m", "pytest", "benchmarks", "--benchmark-only", "--benchmark-columns=median,iqr,rounds",
+               f"--benchmark-json={os.fspath(json_path)}"]
+    if expression:
+        command += ["-k", expression]
+    return command
+
+
+def run_bench(expression: str | None = None, json_path: str | os.PathLike | None = None, *, root: str | os.PathLike | None = None) -> int:
+    """Runs the benchmark suites under `root`/benchmarks (pytest-benchmark, a subprocess with cwd `root`;
+    root defaults to the repository this module lies in), then prints benchmarks/summarize.py's table of
+    the JSON. Returns pytest's exit code. Raises BenchError when pytest-benchmark is missing or there is
+    no benchmarks folder (an installed package without the repository)."""
+    import importlib.util
+    import subprocess
+
+    root = Path(root if root is not None else REPOSITORY_ROOT).resolve()
+    benchmarks = root / "benchmarks"
+    summarize_script = benchmarks / "summarize.py"
+    if not benchmarks.is_dir() or not summarize_script.is_file():
+        raise BenchError(f"aql bench: no benchmarks folder with summarize.py at {benchmarks}; the suites ship with the "
+                         "source repository, not with the installed package: run it from a checkout of the repository")
+    if importlib.util.find_spec("pytest_benchmark") is None:
+        raise BenchError(f"aql bench: pytest-benchmark is not installed in {sys.executable}; "
+                         "install it with `python -m pip install pytest-benchmark` (or the dev extra)")
+    if json_path is None:
+        json_path = root / "runs" / "bench" / f"bench_{time.strftime('%Y%m%d_%H%M%S', time.gmtime())}.json"
+    json_path = Path(json_path).resolve()
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    command = bench_command(json_path, expression=expression)
+    print("$ " + " ".join(command), flush=True)
+    code = subprocess.run(command, cwd=root).returncode
+    if not json_path.is_file():
+        print(f"aql bench: pytest exited with code {code} and wrote no JSON at {json_path}", file=sys.stderr)
+        return code or 1
+    spec = importlib.util.spec_from_file_location("_aql_bench_summarize", summarize_script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    print()
+    print(module.summarize(str(json_path)))
+    print(f"\njson: {json_path}")
+    return code
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m aql", description="Adaptive query-based learning: train, inspect, demo.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -199,6 +255,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-dir", default="runs/demo")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                       help="override a value of configs/mnist1d_demo.yaml for every run")
+    experiment = commands.add_parser("experiment", help="the design document's experiments (uncertainty: OOD AUROC and cost "
+                                                          "of the estimators on MNIST-1D)")
+    experiment.add_argument("name", choices=["uncertainty"], help="which experiment")
+    experiment.add_argument("--samples", type=int, default=10000, help="MNIST-1D samples, 80%% train / 20%% test (default 10000)")
+    experiment.add_argument("--epochs", type=int, default=20, help="training epochs (default 20)")
+    experiment.add_argument("--output-dir", default="runs/experiment_uncertainty", help="where the JSON and the PNG go")
+    experiment.add_argument("--seed", type=int, default=0, help="seed of the model, training and OOD draws (default 0)")
+    bench = commands.add_parser("bench", help="run the pytest-benchmark suites of benchmarks/ and summarise them")
+    bench.add_argument("-k", dest="expression", default=None, metavar="EXPR", help="pytest -k expression selecting benchmarks")
+    bench.add_argument("--json", dest="json_path", default=None, metavar="PATH",
+                       help="where pytest-benchmark writes its JSON (default runs/bench/bench_<UTC time>.json in the repository)")
     return parser
 
 
@@ -215,7 +282,19 @@ def main(argv=None) -> int:
             _print_result(result)
         elif args.command == "demo":
             run_demo(args.output_dir, overrides=args.overrides)
-    except (ConfigError, FileNotFoundError) as error:
+        elif args.command == "experiment":
+            from .experiments import EXPERIMENTS
+
+            try:
+                EXPERIMENTS[args.name](args.output_dir, samples=args.samples, epochs=args.epochs, seed=args.seed)
+            except (TypeError, ValueError) as error:
+                if not str(error).startswith("aql.experiments."):
+                    raise
+                print(f"error: {error}", file=sys.stderr)
+                return 2
+        elif args.command == "bench":
+            return run_bench(args.expression, args.json_path)
+    except (ConfigError, FileNotFoundError, BenchError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as error:

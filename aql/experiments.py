@@ -1,0 +1,297 @@
+"""Experiments of the design document, runnable from `python -m aql experiment <name>`.
+
+`uncertainty` (the design document's Experiment 1, on MNIST-1D): trains a small MLP
+(40 -> 256 -> 256 -> 10, ReLU, dropout 0.1 after each hidden layer) with AdamW on the train split while a
+`LaplacianUncertainty` keeps its Fisher from the training gradients (`update_from_grads` after every
+backward) and an `EnsembleUncertainty` distils its students from the model for a few steps per batch.
+It then scores the test split and two out-of-distribution sets built from it -- every test input with
+its 40 positions shuffled (a permutation drawn per sample) and Gaussian noise with the test inputs'
+mean and standard deviation -- with each method:
+
+- Laplace `estimate`: the last-layer epistemic score and the predictive entropy (one forward pass);
+- 10-pass MC dropout: BALD (mutual information) and the predictive entropy;
+- the distilled ensemble: the variance of the students' probabilities.
+
+For each score it reports the OOD AUROC (test vs shuffled, test vs noise; ranks with ties averaged)
+and the cost of the estimator's call relative to one plain forward pass of the model over the same
+batch, both timed alternately in the same process (median over rounds of the ratio).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["auroc", "uncertainty_mlp", "ood_inputs", "relative_cost", "run_uncertainty_experiment",
+           "format_uncertainty_table", "plot_uncertainty", "EXPERIMENTS"]
+
+# Numbers measured elsewhere (DESIGN.md), printed beside ours for orientation, never as ours.
+REFERENCE_POINTS = (
+    ("10-pass MC dropout BALD (elsewhere)", 0.65, 24.0),
+    ("last-layer diagonal Laplace, popular library (elsewhere)", 0.61, 50.0),
+)
+
+
+def auroc(in_distribution: torch.Tensor, out_of_distribution: torch.Tensor) -> float:
+    """Area under the ROC curve of separating `out_of_distribution` scores (positives, expected higher)
+    from `in_distribution` scores: the probability that a random positive scores above a random
+    negative, ties counting one half. Computed from ranks (Mann-Whitney U), tied values getting the
+    average of their ranks; float64 throughout. NaN scores are rejected."""
+    where = "aql.experiments.auroc"
+    for name, scores in (("in_distribution", in_distribution), ("out_of_distribution", out_of_distribution)):
+        if not isinstance(scores, torch.Tensor):
+            raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(scores).__name__}")
+        if scores.dim() != 1 or scores.shape[0] == 0:
+            raise ValueError(f"{where}: {name} must be a non-empty 1-D tensor, got shape {tuple(scores.shape)}")
+        if scores.dtype == torch.bool or scores.is_complex():
+            raise TypeError(f"{where}: {name} must hold real numbers, got {scores.dtype}")
+    negatives = in_distribution.detach().to("cpu", torch.float64)
+    positives = out_of_distribution.detach().to("cpu", torch.float64)
+    if torch.isnan(negatives).any() or torch.isnan(positives).any():
+        raise ValueError(f"{where}: scores must not be NaN")
+    values = torch.cat([negatives, positives])
+    order = torch.argsort(values, stable=True)
+    sorted_values = values[order]
+    _, counts = torch.unique_consecutive(sorted_values, return_counts=True)
+    ends = torch.cumsum(counts, 0).to(torch.float64)  # 1-based rank of each tie group's last member
+    average_ranks = ends - (counts.to(torch.float64) - 1) / 2
+    ranks = torch.empty_like(values)
+    ranks[order] = torch.repeat_interleave(average_ranks, counts)
+    n_neg, n_pos = negatives.shape[0], positives.shape[0]
+    rank_sum = ranks[n_neg:].sum().item()
+    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def uncertainty_mlp(dropout: float = 0.1) -> nn.Module:
+    """40 -> 256 -> 256 -> 10 with ReLU and dropout after each hidden layer; the last Linear is the head."""
+    return nn.Sequential(nn.Linear(40, 256), nn.ReLU(), nn.Dropout(dropout),
+                         nn.Linear(256, 256), nn.ReLU(), nn.Dropout(dropout), nn.Linear(256, 10))
+
+
+def ood_inputs(x: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """{"shuffled": each row's positions permuted (one permutation per row), "noise": Gaussian with the
+    mean and standard deviation of all of x's values}, each the shape of x."""
+    permutations = torch.argsort(torch.rand(x.shape, generator=generator, device=x.device), dim=1)
+    shuffled = torch.gather(x, 1, permutations)
+    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) * x.std() + x.mean()
+    return {"shuffled": shuffled, "noise": noise}
+
+
+def relative_cost(run: Callable[[], object], forward: Callable[[], object], *, rounds: int = 21, min_block_s: float = 0.01) -> float:
+    """Median over `rounds` of time(run) / time(forward), the two timed back to back in each round, so
+    that load from other processes hits both alike. Each timed block repeats its call often enough that
+    the forward block lasts about `min_block_s` (a sub-millisecond forward timed once is mostly timer
+    and scheduler noise)."""
+    def timed(fn, repeats: int) -> float:
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    run()
+    forward()  # warm-up: first-call allocations and library loading stay out of the rounds
+    repeats = max(1, min(1000, math.ceil(min_block_s / max(timed(forward, 3) / 3, 1e-7))))
+    return statistics.median(timed(run, repeats) / timed(forward, repeats) for _ in range(rounds))
+
+
+def _check_int(argument: str, value, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"aql.experiments.run_uncertainty_experiment: {argument} must be an int, got {type(value).__name__} {value!r}")
+    if value < low:
+        raise ValueError(f"aql.experiments.run_uncertainty_experiment: {argument} must be >= {low}, got {value}")
+    return value
+
+
+def run_uncertainty_experiment(output_dir: str | os.PathLike = "runs/experiment_uncertainty", *, samples: int = 10000,
+                               epochs: int = 20, seed: int = 0, batch_size: int = 128, learning_rate: float = 1e-3,
+                               distill_steps: int = 2, mc_samples: int = 10, n_ensemble: int = 3,
+                               cost_rounds: int = 21, data_seed: int = 42, cache_dir: str | os.PathLike = "data_cache",
+                               quiet: bool = False) -> dict:
+    """Experiment 1 (see the module docstring). Writes `experiment_uncertainty.json` and
+    `experiment_uncertainty.png` into `output_dir` and returns the JSON's content."""
+    from .data import mnist1d_datasets
+    from .trainer import seed_everything
+    from .uncertainty import EnsembleUncertainty, LaplacianUncertainty, MCDropoutUncertainty
+
+    samples = _check_int("samples", samples, 100)
+    epochs = _check_int("epochs", epochs, 1)
+    seed = _check_int("seed", seed, 0)
+    batch_size = _check_int("batch_size", batch_size, 1)
+    distill_steps = _check_int("distill_steps", distill_steps, 0)
+    mc_samples = _check_int("mc_samples", mc_samples, 2)
+    n_ensemble = _check_int("n_ensemble", n_ensemble, 2)
+    cost_rounds = _check_int("cost_rounds", cost_rounds, 1)
+    say = (lambda *a, **k: None) if quiet else (lambda *a, **k: print(*a, **k, flush=True))
+    output_dir = Path(output_dir)
+    started = time.perf_counter()
+
+    train, _, test = mnist1d_datasets(samples, train_split=0.8, val_fraction=0.0, seed=data_seed, cache_dir=cache_dir)
+    seed_everything(seed)
+    model = uncertainty_mlp(0.1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=1e-2)
+    laplace = LaplacianUncertainty(model, dataset_size=len(train))
+    ensemble = EnsembleUncertainty(model, n_ensemble=n_ensemble)
+    say(f"experiment uncertainty: MNIST-1D {len(train)} train / {len(test)} test, MLP 40-256-256-10 (dropout 0.1), "
+        f"{epochs} epochs, seed {seed}", )
+
+    generator = torch.Generator().manual_seed(seed)
+    history = []
+    for epoch in range(epochs):
+        model.train()
+        order = torch.randperm(len(train), generator=generator)
+        total, steps = 0.0, 0
+        for batch in order.split(batch_size):
+            x, y = train.gather(batch)
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            laplace.update_from_grads(batch_size=x.shape[0])
+            optimizer.step()
+            for _ in range(distill_steps):
+                ensemble.train_ensemble(x)
+            total += loss.detach()
+            steps += 1
+        model.eval()
+        with torch.no_grad():
+            accuracy = (model(test.inputs).argmax(dim=1) == test.targets).float().mean().item()
+        history.append({"epoch": epoch + 1, "train_loss": (total / steps).item(), "test_accuracy": accuracy})
+        say(f"  epoch {epoch + 1}/{epochs}: train loss {history[-1]['train_loss']:.4f}, test accuracy {accuracy:.4f}")
+
+    model.eval()
+    x_test = test.inputs
+    ood = ood_inputs(x_test, generator)
+    mc_dropout = MCDropoutUncertainty(model, n_samples=mc_samples)
+
+    def laplace_scores(x):
+        result = laplace.estimate(x)
+        return {"laplace_epistemic": result.epistemic, "laplace_entropy": result.entropy}
+
+    def mc_scores(x):
+        result = mc_dropout.estimate(x)
+        return {"mc_dropout_bald": result.mutual_information, "mc_dropout_entropy": result.entropy}
+
+    def ensemble_scores(x):
+        return {"ensemble_variance": ensemble.estimate_uncertainty(x)}
+
+    scores: dict[str, dict[str, torch.Tensor]] = {}
+    for name, x in (("test", x_test), *ood.items()):
+        scores[name] = {**laplace_scores(x), **mc_scores(x), **ensemble_scores(x)}
+
+    def forward():
+        with torch.no_grad():
+            return model(x_test)
+
+    # Which call each score costs: the Laplace epistemic score needs `estimate` (the forward plus the
+    # O(d) variance term); the entropy alone is `estimate_uncertainty`.
+    calls = {
+        "laplace_epistemic": ("LaplacianUncertainty.estimate", lambda: laplace.estimate(x_test)),
+        "laplace_entropy": ("LaplacianUncertainty.estimate_uncertainty", lambda: laplace.estimate_uncertainty(x_test)),
+        "mc_dropout_bald": (f"MCDropoutUncertainty.estimate_uncertainty ({mc_samples} passes)", lambda: mc_dropout.estimate_uncertainty(x_test)),
+        "ensemble_variance": (f"EnsembleUncertainty.estimate_uncertainty ({n_ensemble} students)", lambda: ensemble.estimate_uncertainty(x_test)),
+    }
+    costs = {}
+    for method, (call, run) in calls.items():
+        costs[method] = relative_cost(run, forward, rounds=cost_rounds)
+    costs["mc_dropout_entropy"] = costs["mc_dropout_bald"]  # the same call yields both
+    call_names = {method: call for method, (call, _) in calls.items()}
+    call_names["mc_dropout_entropy"] = call_names["mc_dropout_bald"]
+
+    methods = {}
+    for method in ("laplace_epistemic", "laplace_entropy", "mc_dropout_bald", "mc_dropout_entropy", "ensemble_variance"):
+        by_set = {name: auroc(scores["test"][method], scores[name][method]) for name in ood}
+        methods[method] = {
+            "auroc_shuffled": by_set["shuffled"],
+            "auroc_noise": by_set["noise"],
+            "auroc_mean": (by_set["shuffled"] + by_set["noise"]) / 2,
+            "relative_cost": costs[method],
+            "call": call_names[method],
+        }
+
+    result = {
+        "experiment": "uncertainty",
+        "dataset": f"MNIST-1D ({len(train)} train, {len(test)} test; OOD: {len(test)} shuffled, {len(test)} noise)",
+        "model": "MLP 40-256-256-10, ReLU, dropout 0.1",
+        "settings": {"samples": samples, "epochs": epochs, "seed": seed, "batch_size": batch_size, "learning_rate": learning_rate,
+                     "distill_steps_per_batch": distill_steps, "mc_samples": mc_samples, "n_ensemble": n_ensemble,
+                     "cost_rounds": cost_rounds, "cost_batch": len(test), "data_seed": data_seed},
+        "test_accuracy": history[-1]["test_accuracy"],
+        "history": history,
+        "methods": methods,
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
+        "reference_points_measured_elsewhere": [{"method": m, "auroc": a, "relative_cost": c} for m, a, c in REFERENCE_POINTS],
+    }
+    output_dir.mkdir(parents=True, exist_ok=True)
+    result["plot"] = str(plot_uncertainty(methods, output_dir / "experiment_uncertainty.png"))
+    result["wall_time_s"] = time.perf_counter() - started
+    json_path = output_dir / "experiment_uncertainty.json"
+    json_path.write_text(json.dumps(result, indent=2))
+    result["json"] = str(json_path)
+    say("")
+    say(format_uncertainty_table(result))
+    say(f"\nresults: {json_path}\nplot:    {result['plot']}\nwall time {result['wall_time_s']:.1f} s")
+    return result
+
+
+def format_uncertainty_table(result: dict) -> str:
+    """The per-method table of a `run_uncertainty_experiment` result, then the reference points."""
+    header = ("method", "auroc_shuffled", "auroc_noise", "auroc_mean", "x_forward", "call")
+    rows = [(name, f"{m['auroc_shuffled']:.3f}", f"{m['auroc_noise']:.3f}", f"{m['auroc_mean']:.3f}",
+             f"{m['relative_cost']:.2f}", m["call"]) for name, m in result["methods"].items()]
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip()  # noqa: E731
+    lines = [f"test accuracy {result['test_accuracy']:.4f}; x_forward: cost of the call relative to one plain forward "
+             f"of the model over the same {result['settings']['cost_batch']} rows (median of {result['settings']['cost_rounds']} alternating rounds)",
+             line(header), line(tuple("-" * w for w in widths)), *map(line, rows),
+             "reference points measured elsewhere (DESIGN.md; other code and machine, not these runs):"]
+    lines += [f"  {m}: AUROC ~{a:.2f} at ~{c:.0f}x a forward" for m, a, c in REFERENCE_POINTS]
+    return "\n".join(lines)
+
+
+def plot_uncertainty(methods: dict, path: str | os.PathLike) -> Path:
+    """Bar chart: OOD AUROC (shuffled, noise) and relative cost (log scale) per method, PNG via Agg."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    names = list(methods)
+    positions = range(len(names))
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    width = 0.38
+    left.bar([p - width / 2 for p in positions], [methods[n]["auroc_shuffled"] for n in names], width, label="vs shuffled")
+    left.bar([p + width / 2 for p in positions], [methods[n]["auroc_noise"] for n in names], width, label="vs noise")
+    left.axhline(0.5, color="grey", linewidth=0.8, linestyle="--")
+    left.set_ylim(0, 1)
+    left.set_ylabel("OOD AUROC")
+    left.set_xticks(list(positions), names, rotation=25, ha="right")
+    left.legend(loc="lower right")
+    left.set_title("MNIST-1D MLP: out-of-distribution AUROC")
+    right.bar(list(positions), [methods[n]["relative_cost"] for n in names], color="tab:green")
+    right.set_yscale("log")
+    right.set_ylabel("cost / one forward pass")
+    right.set_xticks(list(positions), names, rotation=25, ha="right")
+    right.set_title("cost of the estimator call")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    figure.savefig(temporary, dpi=110, format="png")
+    plt.close(figure)
+    os.replace(temporary, path)
+    return path
+
+
+EXPERIMENTS = {"uncertainty": run_uncertainty_experiment}

@@ -1,0 +1,131 @@
+"""aql.experiments (Experiment 1 on a tiny setting, the rank AUROC) and `python -m aql experiment / bench`."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+
+import pytest
+import torch
+
+from aql import cli
+from aql.experiments import auroc, ood_inputs, run_uncertainty_experiment
+
+METHODS = ("laplace_epistemic", "laplace_entropy", "mc_dropout_bald", "mc_dropout_entropy", "ensemble_variance")
+
+
+def pairwise_auroc(negatives, positives) -> float:
+    """Independent definition: P(positive > negative) + 0.5 P(equal), over all pairs, in float64."""
+    total = sum(1.0 if p > n else 0.5 if p == n else 0.0 for n, p in itertools.product(negatives.tolist(), positives.tolist()))
+    return total / (len(negatives) * len(positives))
+
+
+@pytest.mark.parametrize("negatives, positives, expected", [
+    ([0.1, 0.2, 0.3], [0.4, 0.5], 1.0),
+    ([0.4, 0.5], [0.1, 0.2, 0.3], 0.0),
+    ([1.0, 1.0, 1.0], [1.0, 1.0], 0.5),  # all tied
+    ([0.0, 1.0], [1.0, 2.0], 0.875),  # one tie: (1 + 0.5 + 1 + 1) / 4
+    ([1.0, 2.0, 2.0, 3.0], [2.0], 0.5),  # 1 above, 2 ties, 1 below: (1 + 0.5 + 0.5) / 4
+    ([-float("inf"), 0.0], [float("inf"), -0.0], 0.875),  # -0.0 ties 0.0; infinities rank at the ends
+])
+def test_auroc_hand_computed_cases_with_ties(negatives, positives, expected):
+    assert auroc(torch.tensor(negatives), torch.tensor(positives)) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("n_neg, n_pos, levels", [(1, 1, 2), (37, 53, 4), (200, 1, 1000), (300, 250, 7)])
+def test_auroc_matches_pairwise_definition_on_random_ties(n_neg, n_pos, levels):
+    # few distinct values: many ties across and within the two sets
+    negatives = torch.randint(0, levels, (n_neg,)).float()
+    positives = torch.randint(0, levels, (n_pos,)).float() + 0.5 * torch.randint(0, 2, (n_pos,)).float()
+    assert auroc(negatives, positives) == pytest.approx(pairwise_auroc(negatives, positives), abs=1e-12)
+    assert auroc(negatives, positives) + auroc(positives, negatives) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_auroc_rejects_bad_input():
+    with pytest.raises(TypeError, match=r"aql.experiments.auroc: in_distribution must be a torch.Tensor, got list"):
+        auroc([0.1], torch.tensor([0.2]))
+    with pytest.raises(ValueError, match=r"out_of_distribution must be a non-empty 1-D tensor, got shape \(0,\)"):
+        auroc(torch.tensor([0.1]), torch.empty(0))
+    with pytest.raises(ValueError, match=r"non-empty 1-D tensor, got shape \(2, 2\)"):
+        auroc(torch.zeros(2, 2), torch.zeros(3))
+    with pytest.raises(ValueError, match="must not be NaN"):
+        auroc(torch.tensor([0.1, float("nan")]), torch.tensor([0.2]))
+
+
+def test_ood_inputs_shuffle_each_row_and_match_noise_moments():
+    x = torch.randn(500, 40) * 3 + 1
+    out = ood_inputs(x, torch.Generator().manual_seed(0))
+    assert out["shuffled"].shape == x.shape and out["noise"].shape == x.shape
+    torch.testing.assert_close(out["shuffled"].sort(dim=1).values, x.sort(dim=1).values, rtol=0, atol=0)
+    assert (out["shuffled"] != x).any(dim=1).float().mean() > 0.99  # permuted, not copied
+    assert abs(out["noise"].mean() - x.mean()) < 0.1 and abs(out["noise"].std() / x.std() - 1) < 0.05
+
+
+def test_uncertainty_experiment_tiny_run_writes_json_and_png(tmp_path, capsys):
+    result = run_uncertainty_experiment(tmp_path / "out", samples=600, epochs=1, seed=3, cost_rounds=3,
+                                        cache_dir=tmp_path / "cache")
+    out = capsys.readouterr().out
+    written = json.loads((tmp_path / "out" / "experiment_uncertainty.json").read_text())
+    png = (tmp_path / "out" / "experiment_uncertainty.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+    assert set(written["methods"]) == set(METHODS)
+    for name, method in written["methods"].items():
+        for key in ("auroc_shuffled", "auroc_noise", "auroc_mean"):
+            assert 0.0 <= method[key] <= 1.0, (name, key, method[key])
+        assert method["relative_cost"] > 0, name
+        assert name in out
+    assert 0.0 <= written["test_accuracy"] <= 1.0
+    assert written["settings"]["samples"] == 600 and written["settings"]["epochs"] == 1
+    assert result["methods"] == written["methods"]
+    assert "experiment_uncertainty.json" in out and "experiment_uncertainty.png" in out
+    assert "elsewhere" in out  # the reference points are labelled as not ours
+
+
+def test_uncertainty_experiment_rejects_bad_settings(tmp_path):
+    with pytest.raises(ValueError, match=r"aql.experiments.run_uncertainty_experiment: samples must be >= 100, got 5"):
+        run_uncertainty_experiment(tmp_path, samples=5)
+    with pytest.raises(TypeError, match=r"epochs must be an int, got float 1.5"):
+        run_uncertainty_experiment(tmp_path, epochs=1.5)
+    assert cli.main(["experiment", "uncertainty", "--epochs", "0", "--output-dir", str(tmp_path)]) == 2
+
+
+def test_experiment_parser():
+    args = cli.build_parser().parse_args(["experiment", "uncertainty", "--samples", "700", "--epochs", "2", "--seed", "5",
+                                          "--output-dir", "d"])
+    assert (args.command, args.name, args.samples, args.epochs, args.seed, args.output_dir) == ("experiment", "uncertainty", 700, 2, 5, "d")
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["experiment", "nope"])
+
+
+def test_bench_parser_and_command():
+    args = cli.build_parser().parse_args(["bench", "-k", "select and cpu", "--json", "out.json"])
+    assert (args.command, args.expression, args.json_path) == ("bench", "select and cpu", "out.json")
+    args = cli.build_parser().parse_args(["bench"])
+    assert (args.expression, args.json_path) == (None, None)
+    command = cli.bench_command("out.json", expression="fisher")
+    assert command[:5] == [sys.executable, "-m", "pytest", "benchmarks", "--benchmark-only"]
+    assert "--benchmark-json=out.json" in command and command[-2:] == ["-k", "fisher"]
+    assert "-k" not in cli.bench_command("out.json")
+
+
+def test_bench_without_benchmarks_folder_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    def no_subprocess(*args, **kwargs):
+        raise AssertionError("the benchmark suites must not run")
+
+    monkeypatch.setattr("subprocess.run", no_subprocess)
+    with pytest.raises(cli.BenchError, match=r"no benchmarks folder .* source repository"):
+        cli.run_bench(root=tmp_path)
+    monkeypatch.setattr(cli, "REPOSITORY_ROOT", tmp_path)  # as for an installed package without the repository
+    assert cli.main(["bench"]) == 2
+    assert "no benchmarks folder" in capsys.readouterr().err
+
+
+def test_bench_without_pytest_benchmark_is_a_clear_error(monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pytest_benchmark" else real_find_spec(name, *a))
+    monkeypatch.setattr("subprocess.run", lambda *a, **k: pytest.fail("the benchmark suites must not run"))
+    with pytest.raises(cli.BenchError, match="pytest-benchmark is not installed"):
+        cli.run_bench()
