@@ -50,6 +50,8 @@
 namespace {
 
 constexpr int64_t kChunk = 4096;
+// Chunks shorter than this take the portable (auto-vectorised) path even where AVX-512 is built.
+constexpr int64_t kSmallChunk = 32;
 constexpr float kExpLow = -104.0f;  // exp(-104) < 2^-149: below it every result rounds to 0
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
@@ -182,9 +184,35 @@ struct RowState {
 
 // Pass A over a chunk: its maximum, and whether it holds a NaN. Copies a bf16/f16 chunk into
 // `converted` as float32 so that pass B reads float32 from L1.
+inline float chunk_max_portable(const void *row, int32_t dtype, int64_t c0, int64_t len, float *converted,
+                                const float **values, bool *has_nan) {
+  const float *x;
+  if (dtype == AQL_DTYPE_F32) {
+    x = static_cast<const float *>(row) + c0;
+  } else {
+    for (int64_t j = 0; j < len; ++j) converted[j] = load_element(row, dtype, c0 + j);
+    x = converted;
+  }
+  float m = -kInf;
+  int32_t nan_count = 0;
+  const int32_t len32 = static_cast<int32_t>(len);
+#pragma omp simd reduction(max : m) reduction(+ : nan_count)
+  for (int32_t j = 0; j < len32; ++j) {
+    const float value = x[j];
+    m = m > value ? m : value;
+    nan_count += value != value ? 1 : 0;
+  }
+  const bool any_nan = nan_count != 0;
+  *values = x;
+  *has_nan = any_nan;
+  return m;
+}
+
 inline float chunk_max(const void *row, int32_t dtype, int64_t c0, int64_t len, float *converted,
                        const float **values, bool *has_nan) {
 #if AQL_SCORES_AVX512
+  // Short chunks (small V): the vector set-up and the 32-lane top-2 merge cost more than the data.
+  if (len < kSmallChunk) return chunk_max_portable(row, dtype, c0, len, converted, values, has_nan);
   const float *x;
   __m512 vmax0 = _mm512_set1_ps(-kInf), vmax1 = vmax0;
   __mmask16 nan = 0;
@@ -218,26 +246,7 @@ inline float chunk_max(const void *row, int32_t dtype, int64_t c0, int64_t len, 
   *has_nan = any_nan;
   return m;
 #else
-  const float *x;
-  if (dtype == AQL_DTYPE_F32) {
-    x = static_cast<const float *>(row) + c0;
-  } else {
-    for (int64_t j = 0; j < len; ++j) converted[j] = load_element(row, dtype, c0 + j);
-    x = converted;
-  }
-  float m = -kInf;
-  int32_t nan_count = 0;
-  const int32_t len32 = static_cast<int32_t>(len);
-#pragma omp simd reduction(max : m) reduction(+ : nan_count)
-  for (int32_t j = 0; j < len32; ++j) {
-    const float value = x[j];
-    m = m > value ? m : value;
-    nan_count += value != value ? 1 : 0;
-  }
-  const bool any_nan = nan_count != 0;
-  *values = x;
-  *has_nan = any_nan;
-  return m;
+  return chunk_max_portable(row, dtype, c0, len, converted, values, has_nan);
 #endif
 }
 
@@ -322,15 +331,7 @@ inline ChunkSums chunk_sums_avx512(const float *x, int64_t len, float shift, int
 }
 #endif
 
-inline ChunkSums chunk_sums(const float *x, int64_t len, float shift, float chunk_max_value, int64_t target,
-                            const char *prefetch, int64_t prefetch_bytes) {
-#if AQL_SCORES_AVX512
-  (void)chunk_max_value;
-  if (target >= 0 && target < len) return chunk_sums_avx512<true>(x, len, shift, target, prefetch, prefetch_bytes);
-  return chunk_sums_avx512<false>(x, len, shift, -1, prefetch, prefetch_bytes);
-#else
-  (void)prefetch;
-  (void)prefetch_bytes;
+inline ChunkSums chunk_sums_portable(const float *x, int64_t len, float shift, float chunk_max_value, int64_t target) {
   ChunkSums out;
   // Portable version. `omp simd` licenses the reassociation of these reductions, so GCC vectorises the loop without
   // -ffast-math (the build compiles with OpenMP).
@@ -357,6 +358,19 @@ inline ChunkSums chunk_sums(const float *x, int64_t len, float shift, float chun
   out.sq_excl = q;
   out.second = count >= 2 ? chunk_max_value : below;
   return out;
+}
+
+inline ChunkSums chunk_sums(const float *x, int64_t len, float shift, float chunk_max_value, int64_t target,
+                            const char *prefetch, int64_t prefetch_bytes) {
+#if AQL_SCORES_AVX512
+  if (len < kSmallChunk) return chunk_sums_portable(x, len, shift, chunk_max_value, target);
+  (void)chunk_max_value;
+  if (target >= 0 && target < len) return chunk_sums_avx512<true>(x, len, shift, target, prefetch, prefetch_bytes);
+  return chunk_sums_avx512<false>(x, len, shift, -1, prefetch, prefetch_bytes);
+#else
+  (void)prefetch;
+  (void)prefetch_bytes;
+  return chunk_sums_portable(x, len, shift, chunk_max_value, target);
 #endif
 }
 
