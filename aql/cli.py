@@ -169,10 +169,9 @@ def run_demo(output_dir: str | os.PathLike = "runs/demo", *, overrides=(), confi
 
 
 def _plot_demo(runs: dict, path: Path) -> Path:
-    import matplotlib
+    from .plots import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figure, axes = plt.subplots(figsize=(6.4, 4.2))
     for name, result in runs.items():
@@ -186,13 +185,7 @@ def _plot_demo(runs: dict, path: Path) -> Path:
     axes.set_title("MNIST-1D: test accuracy vs samples back-propagated")
     axes.grid(alpha=0.3)
     axes.legend(loc="lower right")
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    figure.savefig(temporary, dpi=120, format="png")
-    plt.close(figure)
-    os.replace(temporary, path)
-    return path
+    return save_png(figure, path, dpi=120)
 
 
 def bench_command(json_path: str | os.PathLike, *, expression: str | None = None, python: str = sys.executable) -> list[str]:

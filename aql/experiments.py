@@ -262,10 +262,9 @@ def format_uncertainty_table(result: dict) -> str:
 
 def plot_uncertainty(methods: dict, path: str | os.PathLike) -> Path:
     """Bar chart: OOD AUROC (shuffled, noise) and relative cost (log scale) per method, PNG via Agg."""
-    import matplotlib
+    from .plots import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     path = Path(path)
     names = list(methods)
@@ -285,13 +284,7 @@ def plot_uncertainty(methods: dict, path: str | os.PathLike) -> Path:
     right.set_ylabel("cost / one forward pass")
     right.set_xticks(list(positions), names, rotation=25, ha="right")
     right.set_title("cost of the estimator call")
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    figure.savefig(temporary, dpi=110, format="png")
-    plt.close(figure)
-    os.replace(temporary, path)
-    return path
+    return save_png(figure, path, dpi=110)
 
 
 EXPERIMENTS = {"uncertainty": run_uncertainty_experiment}

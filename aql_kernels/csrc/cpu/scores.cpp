@@ -435,6 +435,17 @@ RowState scan_row(const void *row, int32_t dtype, int64_t v, int64_t target, flo
   return state;
 }
 
+// AQL_ERR_TARGET_OUT_OF_RANGE for the first target outside [0, v) that is not ignore_index.
+aql_status check_targets(const int64_t *targets, int64_t n, int64_t v, int64_t ignore_index) {
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t t = targets[i];
+    if (t != ignore_index && (t < 0 || t >= v))
+      return aql::fail(AQL_ERR_TARGET_OUT_OF_RANGE, "target %lld of row %lld is outside [0, %lld) and is not ignore_index=%lld",
+                       (long long)t, (long long)i, (long long)v, (long long)ignore_index);
+  }
+  return AQL_OK;
+}
+
 }  // namespace
 
 extern "C" {
@@ -452,12 +463,8 @@ AQL_API aql_status aql_softmax_scores(const void *logits, int32_t dtype, int64_t
   if (targets != nullptr && (loss == nullptr || el2n == nullptr))
     return aql::fail(AQL_ERR_INVALID_ARGUMENT, "aql_softmax_scores: loss and el2n must not be NULL when targets are given");
   if (targets != nullptr) {
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t t = targets[i];
-      if (t != ignore_index && (t < 0 || t >= v))
-        return aql::fail(AQL_ERR_TARGET_OUT_OF_RANGE, "target %lld of row %lld is outside [0, %lld) and is not ignore_index=%lld",
-                         (long long)t, (long long)i, (long long)v, (long long)ignore_index);
-    }
+    const aql_status status = check_targets(targets, n, v, ignore_index);
+    if (status != AQL_OK) return status;
   }
   const size_t element_size = dtype == AQL_DTYPE_F32 ? 4 : 2;
 
@@ -524,12 +531,7 @@ AQL_API aql_status aql_softmax_scores_backward(const void *logits, int32_t dtype
     return aql::fail(AQL_ERR_INVALID_ARGUMENT, "aql_softmax_scores_backward: no pointer may be NULL");
   if (logits == grad_logits && (dtype != grad_dtype || row_stride != grad_row_stride))
     return aql::fail(AQL_ERR_INVALID_ARGUMENT, "aql_softmax_scores_backward: in place needs equal dtypes and row strides");
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t t = targets[i];
-    if (t != ignore_index && (t < 0 || t >= v))
-      return aql::fail(AQL_ERR_TARGET_OUT_OF_RANGE, "target %lld of row %lld is outside [0, %lld) and is not ignore_index=%lld",
-                       (long long)t, (long long)i, (long long)v, (long long)ignore_index);
-  }
+  if (const aql_status status = check_targets(targets, n, v, ignore_index); status != AQL_OK) return status;
   const size_t in_size = dtype == AQL_DTYPE_F32 ? 4 : 2;
   const size_t out_size = grad_dtype == AQL_DTYPE_F32 ? 4 : 2;
 

@@ -246,6 +246,23 @@ __global__ void init_kernel(SelectState *state, unsigned long long *hist, int64_
 __global__ void write_value_kernel(float *out, float value) { *out = value; }
 
 // ---- the sampled guess of the top-digit range ------------------------------------------------------
+// This thread's sample keys (valid[u] is false past the end of the sample). The grid covers the sample:
+// kSamplesPerThread loads per thread, all issued before any is used (each is a separate DRAM sector, so
+// a loop of load-then-count would wait for them one by one).
+__device__ __forceinline__ void load_sample_keys(const float *__restrict__ scores, int64_t n, int64_t samples,
+                                                 uint32_t (&keys)[kSamplesPerThread], bool (&valid)[kSamplesPerThread]) {
+  const int64_t quotient = n / samples, remainder = n % samples;  // j n / s without overflow
+  float values[kSamplesPerThread];
+#pragma unroll
+  for (int u = 0; u < kSamplesPerThread; ++u) {
+    const int64_t j = (static_cast<int64_t>(blockIdx.x) * kSamplesPerThread + u) * blockDim.x + threadIdx.x;
+    valid[u] = j < samples;
+    values[u] = valid[u] ? scores[j * quotient + (j * remainder) / samples] : 0.0f;
+  }
+#pragma unroll
+  for (int u = 0; u < kSamplesPerThread; ++u) keys[u] = float_key(values[u]);
+}
+
 // Sample j is score floor(j n / s) (evenly spaced, deterministic). The last block turns the sample
 // ranks rank_high <= rank_low (descending, 1-based; 0 and s + 1 mean "open") into the digit range.
 __global__ void sample_kernel(const float *__restrict__ scores, int64_t n, int64_t samples, int64_t rank_high,
@@ -253,20 +270,12 @@ __global__ void sample_kernel(const float *__restrict__ scores, int64_t n, int64
   __shared__ uint32_t counts[kFirstBuckets];
   for (int d = threadIdx.x; d < kFirstBuckets; d += blockDim.x) counts[d] = 0u;
   __syncthreads();
-  const int64_t quotient = n / samples, remainder = n % samples;  // j n / s without overflow
-  // The grid covers the sample: kSamplesPerThread loads per thread, issued together (each is a
-  // separate DRAM sector, so a loop of load-then-count would wait for them one by one).
-  float values[kSamplesPerThread];
+  uint32_t keys[kSamplesPerThread];
+  bool valid[kSamplesPerThread];
+  load_sample_keys(scores, n, samples, keys, valid);
 #pragma unroll
-  for (int u = 0; u < kSamplesPerThread; ++u) {
-    const int64_t j = (static_cast<int64_t>(blockIdx.x) * kSamplesPerThread + u) * blockDim.x + threadIdx.x;
-    values[u] = j < samples ? scores[j * quotient + (j * remainder) / samples] : 0.0f;
-  }
-#pragma unroll
-  for (int u = 0; u < kSamplesPerThread; ++u) {
-    const int64_t j = (static_cast<int64_t>(blockIdx.x) * kSamplesPerThread + u) * blockDim.x + threadIdx.x;
-    if (j < samples) atomicAdd(&counts[float_key(values[u]) >> (32 - kFirstBits)], 1u);
-  }
+  for (int u = 0; u < kSamplesPerThread; ++u)
+    if (valid[u]) atomicAdd(&counts[keys[u] >> (32 - kFirstBits)], 1u);
   merge_counts(counts, kFirstBuckets, hist);
   if (!last_block_done(state)) return;
   // Both calls in every thread (block_find has barriers); the open ends ignore theirs.
@@ -298,18 +307,13 @@ __global__ void sample_refine_kernel(const float *__restrict__ scores, int64_t n
   __syncthreads();
   const uint32_t base = (state->low_key >> (32 - kFirstBits)) << kRefineBits;  // lowest 22-bit prefix
   const uint32_t span = ((state->high_key >> (32 - kFirstBits)) + 1u) << kRefineBits;  // one past the highest
-  const int64_t quotient = n / samples, remainder = n % samples;
-  float values[kSamplesPerThread];
+  uint32_t keys[kSamplesPerThread];
+  bool valid[kSamplesPerThread];
+  load_sample_keys(scores, n, samples, keys, valid);
 #pragma unroll
   for (int u = 0; u < kSamplesPerThread; ++u) {
-    const int64_t j = (static_cast<int64_t>(blockIdx.x) * kSamplesPerThread + u) * blockDim.x + threadIdx.x;
-    values[u] = j < samples ? scores[j * quotient + (j * remainder) / samples] : 0.0f;
-  }
-#pragma unroll
-  for (int u = 0; u < kSamplesPerThread; ++u) {
-    const int64_t j = (static_cast<int64_t>(blockIdx.x) * kSamplesPerThread + u) * blockDim.x + threadIdx.x;
-    const uint32_t prefix = float_key(values[u]) >> kShift;
-    if (j < samples && prefix >= base && prefix < span) atomicAdd(&counts[prefix - base], 1u);
+    const uint32_t prefix = keys[u] >> kShift;
+    if (valid[u] && prefix >= base && prefix < span) atomicAdd(&counts[prefix - base], 1u);
   }
   merge_counts(counts, kFirstBuckets, hist);
   if (!last_block_done(state)) return;
