@@ -1,0 +1,166 @@
+"""The selection-strategy protocol: one small interface that the trainer and a plain loop both drive.
+
+A strategy decides which samples are back-propagated. The loop owns the model, the optimizer and the
+data; the strategy owns the per-sample bookkeeping. One epoch of a plain loop::
+
+    plan = strategy.epoch_plan(epoch)
+    for indices, weights in strategy.batches(plan, batch_size):
+        x, y = inputs[indices], targets[indices]
+        if strategy.scores_candidates:            # streaming-style: score candidates, keep some
+            with torch.no_grad():
+                candidate = aql_kernels.softmax_scores(model(x), y)
+            kept = strategy.select(indices, candidate)   # positions into `indices`
+            indices, x, y = indices[kept], x[kept], y[kept]
+            weights = None if weights is None else weights[kept]
+        losses, scores = aql_kernels.cross_entropy_with_scores(model(x), y, reduction="none")
+        loss = losses.mean() if weights is None else (losses * weights).sum() / weights.sum()
+        loss.backward(); optimizer.step(); optimizer.zero_grad()
+        strategy.after_step(indices, scores)       # the training forward's per-sample statistics
+    strategy.end_epoch({"val_loss": ...})
+
+Everything a strategy needs to resume exactly lives in `state_dict()`; nothing in the protocol
+synchronises with the device per step (`after_step` only queues writes, `select` returns a device
+tensor). A new strategy is one class in one file under `aql/strategies/`, registered with
+`@register_strategy`; the trainer and the experiments find it by its `name`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+
+from aql._checks import check_int, check_interval
+
+__all__ = ["EpochPlan", "SelectionStrategy", "StrategyContext", "STRATEGIES", "register_strategy", "build_strategy"]
+
+
+class EpochPlan(NamedTuple):
+    """The samples one epoch visits.
+
+    indices: int64 [M] on the CPU, dataset indices in visiting order (already shuffled).
+    weights: float32 [M] per-sample loss weights aligned with `indices`, or None for the plain mean.
+      With weights, a batch's loss is the self-normalised weighted mean sum(w * loss) / sum(w).
+    """
+
+    indices: torch.Tensor
+    weights: torch.Tensor | None = None
+
+
+@dataclass
+class StrategyContext:
+    """What a strategy may need to build itself from a config (`SelectionStrategy.from_config`).
+
+    num_samples: the training set's size; labels: int64 [N] class labels of the training set (None for
+    token data); num_classes; seed: the run's seed; device: where per-sample tables live; model /
+    estimator: the trained network and the uncertainty estimator (strategies that score candidates
+    with it); train_data / holdout_data: datasets for strategies that fit something before training
+    (None when the loop has none).
+    """
+
+    num_samples: int
+    seed: int = 0
+    device: torch.device | str = "cpu"
+    labels: torch.Tensor | None = None
+    num_classes: int | None = None
+    model: Any = None
+    estimator: Any = None
+    train_data: Any = None
+    holdout_data: Any = None
+
+
+class SelectionStrategy:
+    """Base class of the selection strategies (see the module docstring for the loop that drives it).
+
+    Class attributes:
+    - `name`: the registry key (`aql_v2.selection_strategy`).
+    - `uses_scores`: False when the strategy never reads per-sample statistics (all data, random): the
+      loop may then train with plain `F.cross_entropy` and skip `after_step`.
+    - `scores_candidates`: True when `batches()` yields candidate batches that the loop scores without
+      gradients and passes through `select()` before training on what it keeps.
+    """
+
+    name: ClassVar[str] = ""
+    uses_scores: ClassVar[bool] = True
+    scores_candidates: ClassVar[bool] = False
+
+    def __init__(self, num_samples: int, *, query_budget: float = 1.0, seed: int = 0, device: torch.device | str = "cpu"):
+        where = f"strategies.{type(self).__name__}"
+        self.num_samples = check_int(where, "num_samples", num_samples, low=1)
+        self.query_budget = check_interval(where, "query_budget", query_budget, 0.0, 1.0, low_open=True, high_open=False)
+        self.seed = check_int(where, "seed", seed, low=0)
+        self.device = torch.device(device)
+
+    # -- the protocol ----------------------------------------------------------------------------
+    def epoch_plan(self, epoch: int) -> EpochPlan:
+        """The samples (and loss weights) of epoch `epoch`, a pure function of the strategy's state
+        and (seed, epoch): calling it twice for the same epoch gives the same plan."""
+        raise NotImplementedError(f"{type(self).__name__}.epoch_plan")
+
+    def candidate_batch_size(self, batch_size: int) -> int:
+        """Candidates per batch for `scores_candidates` strategies: enough that keeping `query_budget`
+        of them fills a training batch."""
+        return max(1, math.ceil(batch_size / self.query_budget)) if self.scores_candidates else batch_size
+
+    def batches(self, plan: EpochPlan, batch_size: int, *, skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """(indices, weights) slices of the plan, `candidate_batch_size(batch_size)` long, the first
+        `skip` of them left out (resuming inside an epoch)."""
+        size = self.candidate_batch_size(batch_size)
+        for start in range(skip * size, plan.indices.numel(), size):
+            weights = None if plan.weights is None else plan.weights[start:start + size]
+            yield plan.indices[start:start + size], weights
+
+    def num_batches(self, plan: EpochPlan, batch_size: int) -> int:
+        return math.ceil(plan.indices.numel() / self.candidate_batch_size(batch_size))
+
+    def select(self, indices: torch.Tensor, scores) -> torch.Tensor:
+        """Positions (int64, into `indices`) of the candidates to train on; `scores` are the no-grad
+        `aql_kernels.SoftmaxScores` of the candidates (one row per sample). Only for
+        `scores_candidates` strategies."""
+        raise NotImplementedError(f"{type(self).__name__} does not score candidates (scores_candidates is False)")
+
+    def after_step(self, indices: torch.Tensor, scores) -> None:
+        """The training forward's per-sample `aql_kernels.SoftmaxScores` (one row per sample of
+        `indices`). Must not synchronise with the device."""
+
+    def end_epoch(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        """Called after each epoch with its metrics (`val_loss` when the loop has validation data);
+        returns metrics of the strategy's own to log (may be empty)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"name": self.name}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if not isinstance(state, Mapping) or state.get("name") != self.name:
+            got = state.get("name") if isinstance(state, Mapping) else type(state).__name__
+            raise ValueError(f"aql.strategies.{type(self).__name__}.load_state_dict: the state was written by strategy {got!r}, "
+                             f"this is {self.name!r}")
+
+    # -- construction ----------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config, context: StrategyContext) -> SelectionStrategy:
+        """Builds the strategy from an `aql.config.Config` (its `aql_v2` section) and the context."""
+        return cls(context.num_samples, query_budget=config.aql_v2.query_budget, seed=config.seed, device=context.device)
+
+
+STRATEGIES: dict[str, type[SelectionStrategy]] = {}
+
+
+def register_strategy(cls: type[SelectionStrategy]) -> type[SelectionStrategy]:
+    """Class decorator: makes `cls` available as `aql_v2.selection_strategy: <cls.name>`."""
+    if not cls.name:
+        raise ValueError(f"aql.strategies.register_strategy: {cls.__name__}.name must be a non-empty string")
+    if cls.name in STRATEGIES and STRATEGIES[cls.name] is not cls:
+        raise ValueError(f"aql.strategies.register_strategy: the name {cls.name!r} is taken by {STRATEGIES[cls.name].__name__}")
+    STRATEGIES[cls.name] = cls
+    return cls
+
+
+def build_strategy(name: str, config, context: StrategyContext) -> SelectionStrategy:
+    if name not in STRATEGIES:
+        raise ValueError(f"aql.strategies.build_strategy: unknown strategy {name!r}; registered: {sorted(STRATEGIES)}")
+    return STRATEGIES[name].from_config(config, context)
