@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._checks import check_int
+
 __all__ = ["auroc", "uncertainty_mlp", "ood_inputs", "relative_cost", "run_uncertainty_experiment",
            "format_uncertainty_table", "plot_uncertainty", "EXPERIMENTS"]
 
@@ -106,14 +108,6 @@ def relative_cost(run: Callable[[], object], forward: Callable[[], object], *, r
     return statistics.median(timed(run, repeats) / timed(forward, repeats) for _ in range(rounds))
 
 
-def _check_int(argument: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"aql.experiments.run_uncertainty_experiment: {argument} must be an int, got {type(value).__name__} {value!r}")
-    if value < low:
-        raise ValueError(f"aql.experiments.run_uncertainty_experiment: {argument} must be >= {low}, got {value}")
-    return value
-
-
 def run_uncertainty_experiment(output_dir: str | os.PathLike = "runs/experiment_uncertainty", *, samples: int = 10000,
                                epochs: int = 20, seed: int = 0, batch_size: int = 128, learning_rate: float = 1e-3,
                                distill_steps: int = 2, mc_samples: int = 10, n_ensemble: int = 3,
@@ -125,14 +119,15 @@ def run_uncertainty_experiment(output_dir: str | os.PathLike = "runs/experiment_
     from .trainer import seed_everything
     from .uncertainty import EnsembleUncertainty, LaplacianUncertainty, MCDropoutUncertainty
 
-    samples = _check_int("samples", samples, 100)
-    epochs = _check_int("epochs", epochs, 1)
-    seed = _check_int("seed", seed, 0)
-    batch_size = _check_int("batch_size", batch_size, 1)
-    distill_steps = _check_int("distill_steps", distill_steps, 0)
-    mc_samples = _check_int("mc_samples", mc_samples, 2)
-    n_ensemble = _check_int("n_ensemble", n_ensemble, 2)
-    cost_rounds = _check_int("cost_rounds", cost_rounds, 1)
+    where = "experiments.run_uncertainty_experiment"
+    samples = check_int(where, "samples", samples, low=100)
+    epochs = check_int(where, "epochs", epochs, low=1)
+    seed = check_int(where, "seed", seed, low=0)
+    batch_size = check_int(where, "batch_size", batch_size, low=1)
+    distill_steps = check_int(where, "distill_steps", distill_steps, low=0)
+    mc_samples = check_int(where, "mc_samples", mc_samples, low=2)
+    n_ensemble = check_int(where, "n_ensemble", n_ensemble, low=2)
+    cost_rounds = check_int(where, "cost_rounds", cost_rounds, low=1)
     say = (lambda *a, **k: None) if quiet else (lambda *a, **k: print(*a, **k, flush=True))
     output_dir = Path(output_dir)
     started = time.perf_counter()

@@ -15,7 +15,7 @@ import torch
 
 import aql_kernels
 
-from .score_store import _check_int, _check_interval, _check_number, _check_tensor
+from aql._checks import check_int, check_interval, check_number, check_tensor
 
 __all__ = ["CurriculumAQL", "CurriculumBatch"]
 
@@ -84,30 +84,30 @@ class CurriculumAQL:
     def __init__(self, model, uncertainty_estimator=None, stage_thresholds=(0.3, 0.6, 1.0),
                  stage_advance_threshold: float = 0.1, max_lookahead: int = 16, *,
                  num_classes: int | None = None, advance_if_exhausted: bool = True):
-        where = "CurriculumAQL"
+        where = "selection.CurriculumAQL"
         self.model = model
         self.uncertainty = uncertainty_estimator
         if isinstance(stage_thresholds, (str, bytes)) or not isinstance(stage_thresholds, Iterable):
-            raise TypeError(f"aql.selection.{where}: stage_thresholds must be a sequence of floats, "
+            raise TypeError(f"aql.{where}: stage_thresholds must be a sequence of floats, "
                             f"got {type(stage_thresholds).__name__} {stage_thresholds!r}")
-        thresholds = tuple(_check_interval(where, f"stage_thresholds[{i}]", t, 0.0, 1.0, low_open=True, high_open=False)
+        thresholds = tuple(check_interval(where, f"stage_thresholds[{i}]", t, 0.0, 1.0, low_open=True, high_open=False)
                            for i, t in enumerate(stage_thresholds))
         if not thresholds:
-            raise ValueError(f"aql.selection.{where}: stage_thresholds must hold at least one threshold, got ()")
+            raise ValueError(f"aql.{where}: stage_thresholds must hold at least one threshold, got ()")
         if any(b <= a for a, b in zip(thresholds, thresholds[1:])):
-            raise ValueError(f"aql.selection.{where}: stage_thresholds must be strictly increasing, got {thresholds}")
+            raise ValueError(f"aql.{where}: stage_thresholds must be strictly increasing, got {thresholds}")
         self.stage_thresholds = thresholds
-        self.stage_advance_threshold = _check_interval(where, "stage_advance_threshold", stage_advance_threshold,
+        self.stage_advance_threshold = check_interval(where, "stage_advance_threshold", stage_advance_threshold,
                                                        0.0, 1.0, low_open=False, high_open=False)
-        self.max_lookahead = _check_int(where, "max_lookahead", max_lookahead, low=1)
+        self.max_lookahead = check_int(where, "max_lookahead", max_lookahead, low=1)
         if num_classes is not None:
-            _check_int(where, "num_classes", num_classes, low=2)
+            check_int(where, "num_classes", num_classes, low=2)
         elif uncertainty_estimator is not None and model is None:
-            raise ValueError(f"aql.selection.{where}: num_classes is required with an uncertainty_estimator and no "
+            raise ValueError(f"aql.{where}: num_classes is required with an uncertainty_estimator and no "
                              "model (its entropy is divided by log(num_classes)), got None")
         self.num_classes = num_classes
         if not isinstance(advance_if_exhausted, bool):
-            raise TypeError(f"aql.selection.{where}: advance_if_exhausted must be a bool, "
+            raise TypeError(f"aql.{where}: advance_if_exhausted must be a bool, "
                             f"got {type(advance_if_exhausted).__name__} {advance_if_exhausted!r}")
         self.advance_if_exhausted = advance_if_exhausted
         self.training_stage = 0
@@ -137,19 +137,19 @@ class CurriculumAQL:
 
     def difficulty(self, data: torch.Tensor) -> torch.Tensor:
         """Normalised entropy in [0, 1] of each sample of ``data`` (float32 ``[B]``)."""
-        where = "CurriculumAQL.difficulty"
+        where = "selection.CurriculumAQL.difficulty"
         with torch.no_grad():
             if self.uncertainty is not None:
                 entropy = self.uncertainty.estimate_uncertainty(data)
-                _check_tensor(where, "uncertainty_estimator.estimate_uncertainty(data)", entropy, ndim=1)
+                check_tensor(where, "uncertainty_estimator.estimate_uncertainty(data)", entropy, ndim=1)
                 if self.num_classes is None:  # once: the width of the model's output
                     self.num_classes = max(2, int(self.model(data[:1]).shape[-1]))
                 scale = math.log(self.num_classes)
             else:
                 logits = self.model(data)
-                _check_tensor(where, "model(data)", logits)
+                check_tensor(where, "model(data)", logits)
                 if logits.dim() not in (2, 3):
-                    raise ValueError(f"aql.selection.{where}: model(data) must return logits [B, V] or [B, T, V], "
+                    raise ValueError(f"aql.{where}: model(data) must return logits [B, V] or [B, T, V], "
                                      f"got shape {tuple(logits.shape)}")
                 vocab = logits.shape[-1]
                 flat = logits.reshape(-1, vocab)
@@ -169,10 +169,10 @@ class CurriculumAQL:
         and continued while the same object is passed, and started afresh (a new epoch) after it
         ended or when another object comes. Looks at no more than ``max_lookahead`` source batches.
         """
-        where = "CurriculumAQL.select_batch"
-        _check_int(where, "batch_size", batch_size, low=1)
+        where = "selection.CurriculumAQL.select_batch"
+        check_int(where, "batch_size", batch_size, low=1)
         if not isinstance(data_stream, Iterable):
-            raise TypeError(f"aql.selection.{where}: data_stream must be an iterable of (data, targets), "
+            raise TypeError(f"aql.{where}: data_stream must be an iterable of (data, targets), "
                             f"got {type(data_stream).__name__}")
         if isinstance(data_stream, Iterator):
             iterator: Iterator = data_stream
@@ -206,13 +206,13 @@ class CurriculumAQL:
                 break
             looked_at += 1
             if not isinstance(item, (tuple, list)) or len(item) < 2:
-                raise TypeError(f"aql.selection.{where}: data_stream must yield (data, targets) pairs, "
+                raise TypeError(f"aql.{where}: data_stream must yield (data, targets) pairs, "
                                 f"got {type(item).__name__}")
             data, targets = item[0], item[1]
-            _check_tensor(where, "data", data)
-            _check_tensor(where, "targets", targets)
+            check_tensor(where, "data", data)
+            check_tensor(where, "targets", targets)
             if data.dim() == 0 or targets.dim() == 0 or data.shape[0] != targets.shape[0]:
-                raise ValueError(f"aql.selection.{where}: data and targets must have the same number of rows, "
+                raise ValueError(f"aql.{where}: data and targets must have the same number of rows, "
                                  f"got shapes {tuple(data.shape)} and {tuple(targets.shape)}")
             rows = self.in_band(self.difficulty(data)).nonzero().squeeze(1)  # the per-batch host sync
             count = rows.shape[0]
@@ -262,14 +262,14 @@ class CurriculumAQL:
     def maybe_advance_stage(self, val_loss) -> bool:
         """Advance when the validation loss fell by ``stage_advance_threshold`` (relative) since the
         stage's first report; returns whether it advanced. ``val_loss``: a float or a 0-dim tensor."""
-        where = "CurriculumAQL.maybe_advance_stage"
+        where = "selection.CurriculumAQL.maybe_advance_stage"
         if isinstance(val_loss, torch.Tensor):
             if val_loss.numel() != 1:
-                raise ValueError(f"aql.selection.{where}: val_loss must be a scalar, got shape {tuple(val_loss.shape)}")
+                raise ValueError(f"aql.{where}: val_loss must be a scalar, got shape {tuple(val_loss.shape)}")
             val_loss = float(val_loss)
-        val_loss = _check_number(where, "val_loss", val_loss)
+        val_loss = check_number(where, "val_loss", val_loss)
         if not math.isfinite(val_loss):
-            raise ValueError(f"aql.selection.{where}: val_loss must be finite, got {val_loss}")
+            raise ValueError(f"aql.{where}: val_loss must be finite, got {val_loss}")
         if self.stage_start_loss is None:
             self.stage_start_loss = val_loss
             return False
@@ -297,17 +297,17 @@ class CurriculumAQL:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        where = "CurriculumAQL.load_state_dict"
+        where = "selection.CurriculumAQL.load_state_dict"
         if not isinstance(state, dict):
-            raise TypeError(f"aql.selection.{where}: state must be a dict, got {type(state).__name__}")
+            raise TypeError(f"aql.{where}: state must be a dict, got {type(state).__name__}")
         if "training_stage" not in state:
-            raise ValueError(f"aql.selection.{where}: state lacks key 'training_stage'")
+            raise ValueError(f"aql.{where}: state lacks key 'training_stage'")
         thresholds = tuple(state.get("stage_thresholds", self.stage_thresholds))
         if thresholds != self.stage_thresholds:
-            raise ValueError(f"aql.selection.{where}: stage_thresholds must match {self.stage_thresholds}, got {thresholds}")
+            raise ValueError(f"aql.{where}: stage_thresholds must match {self.stage_thresholds}, got {thresholds}")
         stage = state["training_stage"]
         if isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage < self.num_stages:
-            raise ValueError(f"aql.selection.{where}: training_stage must be an int in [0, {self.num_stages - 1}], got {stage!r}")
+            raise ValueError(f"aql.{where}: training_stage must be an int in [0, {self.num_stages - 1}], got {stage!r}")
         self.training_stage = stage
         self._stage_yielded = int(state.get("stage_yielded", 0))
         start = state.get("stage_start_loss")
@@ -319,6 +319,6 @@ class CurriculumAQL:
         carry = state.get("carry")
         if carry is not None and (not isinstance(carry, (tuple, list)) or len(carry) != 2
                                   or not all(isinstance(t, torch.Tensor) for t in carry)):
-            raise TypeError(f"aql.selection.{where}: state['carry'] must be None or a (data, targets) pair of tensors, "
+            raise TypeError(f"aql.{where}: state['carry'] must be None or a (data, targets) pair of tensors, "
                             f"got {type(carry).__name__}")
         self._carry = None if carry is None else (carry[0].clone(), carry[1].clone())

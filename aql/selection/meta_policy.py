@@ -13,7 +13,7 @@ from torch import nn
 
 import aql_kernels
 
-from .score_store import _check_int, _check_interval, _check_tensor
+from aql._checks import check_int, check_interval, check_tensor
 
 __all__ = ["Episode", "MetaLearnedSelector", "ValidationLossEpisode"]
 
@@ -46,7 +46,7 @@ class ValidationLossEpisode:
 
     def __init__(self, features: torch.Tensor, train_step: Callable[[torch.Tensor], object],
                  evaluate: Callable[[], float]):
-        _check_tensor("ValidationLossEpisode", "features", features, ndim=2)
+        check_tensor("selection.ValidationLossEpisode", "features", features, ndim=2)
         if not callable(train_step) or not callable(evaluate):
             raise TypeError("aql.selection.ValidationLossEpisode: train_step and evaluate must be callables, "
                             f"got {type(train_step).__name__} and {type(evaluate).__name__}")
@@ -85,15 +85,15 @@ class MetaLearnedSelector:
 
     def __init__(self, model=None, n_features: int = 5, hidden: int = 32, lr: float = 1e-2,
                  baseline_momentum: float = 0.9, seed: int = 0):
-        where = "MetaLearnedSelector"
+        where = "selection.MetaLearnedSelector"
         _warn_experimental()
         self.model = model
-        self.n_features = _check_int(where, "n_features", n_features, low=1)
-        self.hidden = _check_int(where, "hidden", hidden, low=1)
-        self.lr = _check_interval(where, "lr", lr, 0.0, math.inf, low_open=True, high_open=True)
-        self.baseline_momentum = _check_interval(where, "baseline_momentum", baseline_momentum, 0.0, 1.0,
+        self.n_features = check_int(where, "n_features", n_features, low=1)
+        self.hidden = check_int(where, "hidden", hidden, low=1)
+        self.lr = check_interval(where, "lr", lr, 0.0, math.inf, low_open=True, high_open=True)
+        self.baseline_momentum = check_interval(where, "baseline_momentum", baseline_momentum, 0.0, 1.0,
                                                  low_open=False, high_open=True)
-        self.seed = _check_int(where, "seed", seed, low=0)
+        self.seed = check_int(where, "seed", seed, low=0)
         self._generator = torch.Generator()
         self._generator.manual_seed(self.seed)
         with torch.random.fork_rng(devices=[]):
@@ -115,20 +115,20 @@ class MetaLearnedSelector:
     def features(self, scores: aql_kernels.SoftmaxScores, progress: float) -> torch.Tensor:
         """``[N, 5]`` float32: entropy, loss, el2n, margin, progress (the same for every row).
         ``scores`` must come from a forward with targets (loss and el2n present)."""
-        where = "MetaLearnedSelector.features"
+        where = "selection.MetaLearnedSelector.features"
         if not isinstance(scores, aql_kernels.SoftmaxScores):
-            raise TypeError(f"aql.selection.{where}: scores must be an aql_kernels.SoftmaxScores, got {type(scores).__name__}")
+            raise TypeError(f"aql.{where}: scores must be an aql_kernels.SoftmaxScores, got {type(scores).__name__}")
         if scores.loss is None or scores.el2n is None:
-            raise ValueError(f"aql.selection.{where}: scores must carry loss and el2n (softmax_scores with targets), got None")
-        progress = _check_interval(where, "progress", progress, 0.0, 1.0, low_open=False, high_open=False)
+            raise ValueError(f"aql.{where}: scores must carry loss and el2n (softmax_scores with targets), got None")
+        progress = check_interval(where, "progress", progress, 0.0, 1.0, low_open=False, high_open=False)
         columns = [scores.entropy, scores.loss, scores.el2n, scores.margin]
         out = torch.stack([c.float() for c in columns] + [torch.full_like(scores.entropy, progress, dtype=torch.float32)], dim=1)
         return out
 
     def _check_features(self, where: str, features: torch.Tensor) -> torch.Tensor:
-        _check_tensor(where, "features", features, ndim=2, dtypes=(torch.float32, torch.float64))
+        check_tensor(where, "features", features, ndim=2, dtypes=(torch.float32, torch.float64))
         if features.shape[1] != self.n_features:
-            raise ValueError(f"aql.selection.{where}: features must have n_features={self.n_features} columns, "
+            raise ValueError(f"aql.{where}: features must have n_features={self.n_features} columns, "
                              f"got shape {tuple(features.shape)}")
         return features
 
@@ -141,7 +141,7 @@ class MetaLearnedSelector:
 
     def probabilities(self, features: torch.Tensor) -> torch.Tensor:
         """Keep probability of each row, float32 ``[N]``."""
-        self._check_features("MetaLearnedSelector.probabilities", features)
+        self._check_features("selection.MetaLearnedSelector.probabilities", features)
         with torch.no_grad():
             return torch.sigmoid(self._logits(features))
 
@@ -149,16 +149,16 @@ class MetaLearnedSelector:
         """bool ``[N]`` keep mask: a draw from Bernoulli(p) (the selector's own generator), or with
         ``deterministic=True`` the exact top ``k`` by p (``aql_kernels.topk_mask``), or ``p > 1/2`` when
         ``k`` is None."""
-        where = "MetaLearnedSelector.select"
+        where = "selection.MetaLearnedSelector.select"
         self._check_features(where, features)
         if not isinstance(deterministic, bool):
-            raise TypeError(f"aql.selection.{where}: deterministic must be a bool, got {type(deterministic).__name__}")
+            raise TypeError(f"aql.{where}: deterministic must be a bool, got {type(deterministic).__name__}")
         if k is not None:
-            _check_int(where, "k", k, low=0)
+            check_int(where, "k", k, low=0)
             if k > features.shape[0]:
-                raise ValueError(f"aql.selection.{where}: k must be in [0, {features.shape[0]}], got {k}")
+                raise ValueError(f"aql.{where}: k must be in [0, {features.shape[0]}], got {k}")
             if not deterministic:
-                raise ValueError(f"aql.selection.{where}: k applies to deterministic=True only, got k={k}")
+                raise ValueError(f"aql.{where}: k applies to deterministic=True only, got k={k}")
         p = self.probabilities(features)
         if deterministic:
             return aql_kernels.topk_mask(p, k) if k is not None else p > 0.5
@@ -191,17 +191,17 @@ class MetaLearnedSelector:
         ``.features`` and ``.reward(mask)`` such as `ValidationLossEpisode`); a callable is treated as
         an environment and called with no arguments to produce each episode (then ``max_episodes`` is
         required)."""
-        where = "MetaLearnedSelector.train_policy"
+        where = "selection.MetaLearnedSelector.train_policy"
         if max_episodes is not None:
-            _check_int(where, "max_episodes", max_episodes, low=0)
+            check_int(where, "max_episodes", max_episodes, low=0)
         if callable(episodes) and not isinstance(episodes, Iterable):
             if max_episodes is None:
-                raise ValueError(f"aql.selection.{where}: max_episodes is required when episodes is an environment "
+                raise ValueError(f"aql.{where}: max_episodes is required when episodes is an environment "
                                  "callable, got None")
             environment = episodes
             episodes = (environment() for _ in range(max_episodes))
         if not isinstance(episodes, Iterable):
-            raise TypeError(f"aql.selection.{where}: episodes must be an iterable of (features, reward_fn) or a "
+            raise TypeError(f"aql.{where}: episodes must be an iterable of (features, reward_fn) or a "
                             f"callable environment, got {type(episodes).__name__}")
         rewards: list[float] = []
         for count, episode in enumerate(episodes):
@@ -212,10 +212,10 @@ class MetaLearnedSelector:
             elif hasattr(episode, "features") and hasattr(episode, "reward"):
                 features, reward_fn = episode.features, episode.reward
             else:
-                raise TypeError(f"aql.selection.{where}: each episode must be (features, reward_fn) or have "
+                raise TypeError(f"aql.{where}: each episode must be (features, reward_fn) or have "
                                 f".features and .reward(mask), got {type(episode).__name__}")
             if not callable(reward_fn):
-                raise TypeError(f"aql.selection.{where}: an episode's reward must be callable, got {type(reward_fn).__name__}")
+                raise TypeError(f"aql.{where}: an episode's reward must be callable, got {type(reward_fn).__name__}")
             self._check_features(where, features)
             rewards.append(self._reinforce_step(features, reward_fn))
         return rewards
@@ -259,12 +259,12 @@ class MetaLearnedSelector:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        where = "MetaLearnedSelector.load_state_dict"
+        where = "selection.MetaLearnedSelector.load_state_dict"
         if not isinstance(state, dict):
-            raise TypeError(f"aql.selection.{where}: state must be a dict, got {type(state).__name__}")
+            raise TypeError(f"aql.{where}: state must be a dict, got {type(state).__name__}")
         missing = {"policy", "optimizer", "baseline", "feature_mean", "feature_var", "generator"} - state.keys()
         if missing:
-            raise ValueError(f"aql.selection.{where}: state lacks keys {sorted(missing)}")
+            raise ValueError(f"aql.{where}: state lacks keys {sorted(missing)}")
         self.policy.load_state_dict(state["policy"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.baseline = state["baseline"]

@@ -16,57 +16,9 @@ from typing import NamedTuple
 import torch
 
 import aql_kernels
+from aql._checks import check_int, check_interval, check_number, check_tensor, round_half_up
 
 __all__ = ["ScoreStore", "Subset"]
-
-
-# ---------------------------------------------------------------------------------------------------
-# Input checks shared by the selectors of this package. Each raises a TypeError / ValueError that
-# names the class or method, the argument, what was expected and what came.
-
-
-def _check_number(where: str, name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"aql.selection.{where}: {name} must be a float, got {type(value).__name__} {value!r}")
-    return float(value)
-
-
-def _check_interval(where: str, name: str, value, low: float, high: float, *, low_open: bool, high_open: bool) -> float:
-    value = _check_number(where, name, value)
-    low_ok = value > low if low_open else value >= low
-    high_ok = value < high if high_open else value <= high
-    if not (low_ok and high_ok):
-        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        raise ValueError(f"aql.selection.{where}: {name} must be in {interval}, got {value}")
-    return value
-
-
-def _check_int(where: str, name: str, value, *, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"aql.selection.{where}: {name} must be an int, got {type(value).__name__} {value!r}")
-    if value < low:
-        raise ValueError(f"aql.selection.{where}: {name} must be >= {low}, got {value}")
-    return value
-
-
-def _check_tensor(where: str, name: str, value, *, ndim: int | None = None, dtypes=None) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"aql.selection.{where}: {name} must be a torch.Tensor, got {type(value).__name__}")
-    if ndim is not None and value.dim() != ndim:
-        raise ValueError(f"aql.selection.{where}: {name} must be {ndim}-D, got shape {tuple(value.shape)}")
-    if dtypes is not None and value.dtype not in dtypes:
-        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise TypeError(f"aql.selection.{where}: {name} must have dtype in ({names}), got {value.dtype}")
-    return value
-
-
-def _round_half_up(x: float) -> int:
-    # floor(x + 1/2) with a guard against 0.2 * 10 == 2.0000000000000004 style representation error;
-    # Python's round() rounds halves to even, which would make subset sizes depend on parity.
-    return int(math.floor(x + 0.5 + 1e-9))
-
-
-# ---------------------------------------------------------------------------------------------------
 
 
 class Subset(NamedTuple):
@@ -116,25 +68,25 @@ class ScoreStore:
 
     def __init__(self, num_samples: int, *, query_budget: float = 0.2, exploration: float = 0.1,
                  device: str | torch.device = "cpu", seed: int = 0, unseen_score: float = math.inf):
-        where = "ScoreStore"
-        self.num_samples = _check_int(where, "num_samples", num_samples, low=1)
-        self.query_budget = _check_interval(where, "query_budget", query_budget, 0.0, 1.0, low_open=True, high_open=False)
-        self.exploration = _check_interval(where, "exploration", exploration, 0.0, 1.0, low_open=False, high_open=True)
-        self.seed = _check_int(where, "seed", seed, low=0)
-        self.unseen_score = _check_number(where, "unseen_score", unseen_score)
+        where = "selection.ScoreStore"
+        self.num_samples = check_int(where, "num_samples", num_samples, low=1)
+        self.query_budget = check_interval(where, "query_budget", query_budget, 0.0, 1.0, low_open=True, high_open=False)
+        self.exploration = check_interval(where, "exploration", exploration, 0.0, 1.0, low_open=False, high_open=True)
+        self.seed = check_int(where, "seed", seed, low=0)
+        self.unseen_score = check_number(where, "unseen_score", unseen_score)
         try:
             self.device = torch.device(device)
         except (TypeError, RuntimeError) as error:
             raise ValueError(f"aql.selection.ScoreStore: device must name a torch device, got {device!r} ({error})") from None
 
-        self.num_selected = max(1, _round_half_up(self.query_budget * self.num_samples))
-        self.num_explore = _round_half_up(self.exploration * self.num_selected)
+        self.num_selected = max(1, round_half_up(self.query_budget * self.num_samples))
+        self.num_explore = round_half_up(self.exploration * self.num_selected)
         self.num_top = self.num_selected - self.num_explore
         self._explore_weight = (self.num_samples - self.num_top) / self.num_explore if self.num_explore else 1.0
 
         self._scores = torch.full((self.num_samples,), self.unseen_score, dtype=torch.float32, device=self.device)
         self._seen = torch.zeros(self.num_samples, dtype=torch.bool, device=self.device)
-        self._deferred: list[tuple[torch.Tensor, torch.Tensor]] = []  # `_write`s not yet scattered
+        self._deferred: list[tuple[torch.Tensor, torch.Tensor]] = []  # update(..., deferred=True) pairs not yet scattered
         self._deferred_rows = 0
         self._deferred_distinct = True  # no index occurs in two of the pending calls
         self.epoch = 0
@@ -146,51 +98,56 @@ class ScoreStore:
     @property
     def scores(self) -> torch.Tensor:
         """float32 [N]: the stored score of every sample (``unseen_score`` where none was written)."""
-        self._flush()
+        self.flush()
         return self._scores
 
     @property
     def seen(self) -> torch.Tensor:
         """bool [N]: whether a score was ever written for the sample."""
-        self._flush()
+        self.flush()
         return self._seen
 
-    def update(self, indices: torch.Tensor, scores: torch.Tensor) -> None:
-        """Store ``scores[i]`` as the score of dataset sample ``indices[i]`` (no host synchronisation)."""
-        where = "ScoreStore.update"
-        _check_tensor(where, "indices", indices, ndim=1, dtypes=(torch.int64,))
-        _check_tensor(where, "scores", scores, ndim=1, dtypes=(torch.float32,))
+    def update(self, indices: torch.Tensor, scores: torch.Tensor, *, deferred: bool = False, distinct: bool = False) -> None:
+        """Store ``scores[i]`` as the score of dataset sample ``indices[i]`` (no host synchronisation).
+
+        ``deferred=True`` is the per-step fast path of a training loop: no argument checks, and the
+        pair is kept by reference and scattered with the other deferred pairs when the table is next
+        read (`scores`, `seen`, `next_subset`, `state_dict`) or `flush()`ed, i.e. once per epoch instead
+        of twice per step (in the demo's training loop on the 2-core CI-class CPU the two scatters per
+        step took ~20 us; ~2.8 us when timed back to back: the step in between evicts them from cache).
+        The caller guarantees int64 ``[B]`` indices and float32 ``[B]`` scores on the store's device,
+        neither modified in place afterwards (a loop's are slices of the epoch's fixed order and fresh
+        loss outputs). At most ~``num_samples`` rows wait; beyond that the table is written at once.
+        A sample written several times keeps its last value, deferred or not.
+
+        ``distinct=True`` (with ``deferred``): the caller guarantees that none of these indices was
+        written by another deferred call since the table was last written back (the batches of one
+        epoch's subset), so the write-back needs no pass that resolves repeated indices (4 ops instead
+        of 9 per write-back).
+        """
+        if deferred:
+            self._deferred_distinct = self._deferred_distinct and distinct
+            self._deferred.append((indices, scores.detach()))
+            self._deferred_rows += indices.shape[0]
+            if self._deferred_rows > self.num_samples:
+                self.flush()
+            return
+        where = "selection.ScoreStore.update"
+        check_tensor(where, "indices", indices, ndim=1, dtypes=(torch.int64,))
+        check_tensor(where, "scores", scores, ndim=1, dtypes=(torch.float32,))
         if indices.shape[0] != scores.shape[0]:
-            raise ValueError(f"aql.selection.{where}: indices and scores must have the same length, "
+            raise ValueError(f"aql.{where}: indices and scores must have the same length, "
                              f"got {indices.shape[0]} and {scores.shape[0]}")
         indices = indices.to(self.device, non_blocking=True)
         scores = scores.detach().to(self.device, non_blocking=True)
-        self._flush()  # earlier deferred writes first: the later value of a sample wins
+        self.flush()  # earlier deferred writes first: the later value of a sample wins
         self._scores.index_copy_(0, indices, scores)
         self._seen.index_fill_(0, indices, True)
 
-    def _write(self, indices: torch.Tensor, scores: torch.Tensor, *, distinct: bool = False) -> None:
-        """`update` without its checks and deferred, for the trainer's per-step path.
-
-        The caller guarantees int64 ``[B]`` indices and float32 ``[B]`` scores on the store's device,
-        neither modified in place afterwards (the trainer's are slices of the epoch's fixed order and
-        fresh loss outputs). The pairs are kept by reference and scattered in one go when the table is
-        next read (`scores`, `seen`, `next_subset`, `state_dict`), i.e. once per epoch instead of
-        twice per step: in the demo's training loop on the 2-core CI-class CPU the two scatters per
-        step took ~20 us (~2.8 us when timed back to back: the step in between evicts them from cache).
-        At most ~``num_samples`` rows wait; beyond that the table is written at once.
-
-        ``distinct=True``: the caller guarantees that none of these indices was written by another
-        call since the table was last written back (the trainer's batches of one epoch's subset), so
-        the write-back needs no pass that resolves repeated indices (4 ops instead of 9 per epoch).
-        """
-        self._deferred_distinct = self._deferred_distinct and distinct
-        self._deferred.append((indices, scores.detach()))
-        self._deferred_rows += indices.shape[0]
-        if self._deferred_rows > self.num_samples:
-            self._flush()
-
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Writes the deferred updates (``update(..., deferred=True)``) into the table; a no-op when
+        none wait. Reading the table does it too; a loop calls it to do the work at a time it chooses
+        (e.g. inside its timed selection work rather than inside a checkpoint)."""
         if not self._deferred:
             return
         deferred, self._deferred, self._deferred_rows = self._deferred, [], 0
@@ -216,7 +173,7 @@ class ScoreStore:
 
     def next_subset(self) -> Subset:
         """The subset for the next epoch (see the class docstring); advances the random generator."""
-        self._flush()
+        self.flush()
         top = aql_kernels.topk_indices(self._scores, self.num_top)
         if self.num_explore:
             # Uniform keys in [0, 1) for seen samples and [2, 3) for never-seen ones; the top part gets
@@ -255,20 +212,20 @@ class ScoreStore:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        where = "ScoreStore.load_state_dict"
+        where = "selection.ScoreStore.load_state_dict"
         if not isinstance(state, dict):
-            raise TypeError(f"aql.selection.{where}: state must be a dict, got {type(state).__name__}")
+            raise TypeError(f"aql.{where}: state must be a dict, got {type(state).__name__}")
         missing = {"num_samples", "query_budget", "exploration", "epoch", "scores", "seen", "generator"} - state.keys()
         if missing:
-            raise ValueError(f"aql.selection.{where}: state lacks keys {sorted(missing)}")
+            raise ValueError(f"aql.{where}: state lacks keys {sorted(missing)}")
         for key in ("num_samples", "query_budget", "exploration"):
             if state[key] != getattr(self, key):
-                raise ValueError(f"aql.selection.{where}: {key} must match this store's {getattr(self, key)!r}, "
+                raise ValueError(f"aql.{where}: {key} must match this store's {getattr(self, key)!r}, "
                                  f"got {state[key]!r}")
-        _check_tensor(where, "state['scores']", state["scores"], ndim=1, dtypes=(torch.float32,))
-        _check_tensor(where, "state['seen']", state["seen"], ndim=1, dtypes=(torch.bool,))
+        check_tensor(where, "state['scores']", state["scores"], ndim=1, dtypes=(torch.float32,))
+        check_tensor(where, "state['seen']", state["seen"], ndim=1, dtypes=(torch.bool,))
         if state["scores"].shape[0] != self.num_samples or state["seen"].shape[0] != self.num_samples:
-            raise ValueError(f"aql.selection.{where}: state['scores'] and state['seen'] must have length "
+            raise ValueError(f"aql.{where}: state['scores'] and state['seen'] must have length "
                              f"{self.num_samples}, got {state['scores'].shape[0]} and {state['seen'].shape[0]}")
         self._deferred, self._deferred_rows, self._deferred_distinct = [], 0, True  # the loaded table replaces them
         self._scores.copy_(state["scores"])

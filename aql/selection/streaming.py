@@ -15,7 +15,7 @@ import torch
 
 import aql_kernels
 
-from .score_store import _check_int, _check_interval, _check_tensor
+from aql._checks import check_int, check_interval, check_tensor
 
 __all__ = ["StreamingAQL", "StreamingBatch"]
 
@@ -109,20 +109,20 @@ class StreamingAQL:
 
     def __init__(self, model, uncertainty_estimator, query_budget: float = 0.2, buffer_size: int = 10000, *,
                  weighting: bool = True, seed: int = 0, batch_tolerance: float = 0.25, budget_feedback: bool = True):
-        where = "StreamingAQL"
+        where = "selection.StreamingAQL"
         self.model = model
         self.uncertainty = uncertainty_estimator
-        self.query_budget = _check_interval(where, "query_budget", query_budget, 0.0, 1.0, low_open=True, high_open=False)
-        self.buffer_size = _check_int(where, "buffer_size", buffer_size, low=1)
+        self.query_budget = check_interval(where, "query_budget", query_budget, 0.0, 1.0, low_open=True, high_open=False)
+        self.buffer_size = check_int(where, "buffer_size", buffer_size, low=1)
         if not isinstance(weighting, bool):
-            raise TypeError(f"aql.selection.{where}: weighting must be a bool, got {type(weighting).__name__} {weighting!r}")
+            raise TypeError(f"aql.{where}: weighting must be a bool, got {type(weighting).__name__} {weighting!r}")
         self.weighting = weighting
         if not isinstance(budget_feedback, bool):
-            raise TypeError(f"aql.selection.{where}: budget_feedback must be a bool, got {type(budget_feedback).__name__} "
+            raise TypeError(f"aql.{where}: budget_feedback must be a bool, got {type(budget_feedback).__name__} "
                             f"{budget_feedback!r}")
         self.budget_feedback = budget_feedback
-        self.seed = _check_int(where, "seed", seed, low=0)
-        self.batch_tolerance = _check_interval(where, "batch_tolerance", batch_tolerance, 0.0, math.inf,
+        self.seed = check_int(where, "seed", seed, low=0)
+        self.batch_tolerance = check_interval(where, "batch_tolerance", batch_tolerance, 0.0, math.inf,
                                                low_open=False, high_open=True)
         self.decay = 1.0 - 1.0 / self.buffer_size
         self.seen = 0
@@ -231,15 +231,15 @@ class StreamingAQL:
         ``scores``: float32 ``[B]`` uncertainty scores the caller already has (e.g. from the training
         forward); when None the estimator's ``estimate_uncertainty(data)`` provides them.
         """
-        where = "StreamingAQL.process_batch"
-        _check_tensor(where, "data", data)
-        _check_tensor(where, "targets", targets)
+        where = "selection.StreamingAQL.process_batch"
+        check_tensor(where, "data", data)
+        check_tensor(where, "targets", targets)
         if data.dim() == 0 or data.shape[0] == 0:
-            raise ValueError(f"aql.selection.{where}: data must hold a batch of B >= 1 samples along dim 0, "
+            raise ValueError(f"aql.{where}: data must hold a batch of B >= 1 samples along dim 0, "
                              f"got shape {tuple(data.shape)}")
         batch_size = data.shape[0]
         if targets.dim() == 0 or targets.shape[0] != batch_size:
-            raise ValueError(f"aql.selection.{where}: targets must have B={batch_size} rows like data, "
+            raise ValueError(f"aql.{where}: targets must have B={batch_size} rows like data, "
                              f"got shape {tuple(targets.shape)}")
         if scores is None:
             with torch.no_grad():
@@ -247,9 +247,9 @@ class StreamingAQL:
             name = "uncertainty_estimator.estimate_uncertainty(data)"
         else:
             name = "scores"
-        _check_tensor(where, name, scores, ndim=1, dtypes=(torch.float32,))
+        check_tensor(where, name, scores, ndim=1, dtypes=(torch.float32,))
         if scores.shape[0] != batch_size:
-            raise ValueError(f"aql.selection.{where}: {name} must have length B={batch_size}, got {scores.shape[0]}")
+            raise ValueError(f"aql.{where}: {name} must have length B={batch_size}, got {scores.shape[0]}")
         scores = scores.detach()
         keep, threshold, weight = self._decide(scores)
         kept_rows = keep.nonzero().squeeze(1)  # the one host synchronisation: the kept batch's size
@@ -291,20 +291,20 @@ class StreamingAQL:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        where = "StreamingAQL.load_state_dict"
+        where = "selection.StreamingAQL.load_state_dict"
         if not isinstance(state, dict):
-            raise TypeError(f"aql.selection.{where}: state must be a dict, got {type(state).__name__}")
+            raise TypeError(f"aql.{where}: state must be a dict, got {type(state).__name__}")
         missing = {"query_budget", "buffer_size", "batch_tolerance", "seen", "kept", "histogram", "seen_mass",
                    "kept_mass"} - state.keys()
         if missing:
-            raise ValueError(f"aql.selection.{where}: state lacks keys {sorted(missing)}")
-        histogram = _check_tensor(where, "state['histogram']", state["histogram"], ndim=1, dtypes=(torch.float64,))
+            raise ValueError(f"aql.{where}: state lacks keys {sorted(missing)}")
+        histogram = check_tensor(where, "state['histogram']", state["histogram"], ndim=1, dtypes=(torch.float64,))
         if histogram.shape[0] != _NUM_BINS:
-            raise ValueError(f"aql.selection.{where}: state['histogram'] must have {_NUM_BINS} bins, got {histogram.shape[0]}")
-        self.query_budget = _check_interval(where, "state['query_budget']", state["query_budget"], 0.0, 1.0,
+            raise ValueError(f"aql.{where}: state['histogram'] must have {_NUM_BINS} bins, got {histogram.shape[0]}")
+        self.query_budget = check_interval(where, "state['query_budget']", state["query_budget"], 0.0, 1.0,
                                             low_open=True, high_open=False)
-        self.buffer_size = _check_int(where, "state['buffer_size']", state["buffer_size"], low=1)
-        self.batch_tolerance = _check_interval(where, "state['batch_tolerance']", state["batch_tolerance"], 0.0,
+        self.buffer_size = check_int(where, "state['buffer_size']", state["buffer_size"], low=1)
+        self.batch_tolerance = check_interval(where, "state['batch_tolerance']", state["batch_tolerance"], 0.0,
                                                math.inf, low_open=False, high_open=True)
         self.weighting = bool(state.get("weighting", self.weighting))
         self.budget_feedback = bool(state.get("budget_feedback", self.budget_feedback))

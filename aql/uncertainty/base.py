@@ -1,4 +1,4 @@
-"""The estimator interface shared by every uncertainty method, and checks they share."""
+"""The estimator interface shared by every uncertainty method (argument checks: `aql._checks`)."""
 
 from __future__ import annotations
 
@@ -58,22 +58,6 @@ class UncertaintyEstimator(abc.ABC):
             raise self._fail(method, f"the model must return logits of shape [N, classes], got shape {tuple(logits.shape)}")
         return logits.reshape(-1, logits.shape[-1])
 
-    @staticmethod
-    def _check_positive_int(owner: "UncertaintyEstimator | str", method: str, argument: str, value, *, low: int = 1) -> int:
-        name = owner if isinstance(owner, str) else owner.name
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"aql.uncertainty.{name}.{method}: {argument} must be an int, got {type(value).__name__} {value!r}")
-        if value < low:
-            raise ValueError(f"aql.uncertainty.{name}.{method}: {argument} must be >= {low}, got {value}")
-        return value
-
-    @staticmethod
-    def _check_positive_float(name: str, method: str, argument: str, value, *, allow_zero: bool = False) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"aql.uncertainty.{name}.{method}: {argument} must be a float, got {type(value).__name__} {value!r}")
-        value = float(value)
-        ok = value >= 0.0 if allow_zero else value > 0.0
-        if not (ok and value < float("inf")):
-            bound = ">= 0" if allow_zero else "> 0"
-            raise ValueError(f"aql.uncertainty.{name}.{method}: {argument} must be finite and {bound}, got {value}")
-        return value
+    def _where(self, method: str) -> str:
+        """The `where` of `aql._checks` for this estimator's method: "uncertainty.<name>.<method>"."""
+        return f"uncertainty.{self.name}.{method}"

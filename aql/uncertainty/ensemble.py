@@ -4,12 +4,15 @@ document's Solution 2)."""
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from aql._checks import check_int, check_interval
 
 from .base import UncertaintyEstimator
 
@@ -116,9 +119,9 @@ class EnsembleUncertainty(UncertaintyEstimator):
     def __init__(self, main_model: nn.Module, n_ensemble: int = 3, student_factory: Callable[[], nn.Module] | None = None,
                  temperature: float = 2.0, lr: float = 1e-3):
         self.main_model = self._check_model("__init__", "main_model", main_model)
-        self.n_ensemble = self._check_positive_int(self, "__init__", "n_ensemble", n_ensemble, low=2)
-        self.temperature = self._check_positive_float(self.name, "__init__", "temperature", temperature)
-        self.lr = self._check_positive_float(self.name, "__init__", "lr", lr)
+        self.n_ensemble = check_int(self._where("__init__"), "n_ensemble", n_ensemble, low=2)
+        self.temperature = check_interval(self._where("__init__"), "temperature", temperature, 0.0, math.inf, low_open=True, high_open=True)
+        self.lr = check_interval(self._where("__init__"), "lr", lr, 0.0, math.inf, low_open=True, high_open=True)
         if student_factory is not None and not callable(student_factory):
             raise self._fail("__init__", f"student_factory must be callable, got {type(student_factory).__name__}", TypeError)
         factory = student_factory if student_factory is not None else (lambda: shrink_model(main_model, 4))

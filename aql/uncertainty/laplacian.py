@@ -11,6 +11,8 @@ from torch import nn
 
 import aql_kernels
 
+from aql._checks import check_int, check_interval
+
 from .base import UncertaintyEstimator
 
 __all__ = ["LaplacianUncertainty", "Uncertainty"]
@@ -83,14 +85,10 @@ class LaplacianUncertainty(UncertaintyEstimator):
             raise self._fail("__init__", f"head must be an nn.Linear, got {type(head).__name__}", TypeError)
         if not any(module is head for module in model.modules()):
             raise self._fail("__init__", "head must be a submodule of model")
-        if isinstance(ema_decay, bool) or not isinstance(ema_decay, (int, float)):
-            raise self._fail("__init__", f"ema_decay must be a float, got {type(ema_decay).__name__} {ema_decay!r}", TypeError)
-        if not 0.0 <= float(ema_decay) < 1.0:
-            raise self._fail("__init__", f"ema_decay must be in [0, 1), got {ema_decay}")
-        self.ema_decay = float(ema_decay)
-        self.prior_precision = self._check_positive_float(self.name, "__init__", "prior_precision", prior_precision)
+        self.ema_decay = check_interval(self._where("__init__"), "ema_decay", ema_decay, 0.0, 1.0, low_open=False, high_open=True)
+        self.prior_precision = check_interval(self._where("__init__"), "prior_precision", prior_precision, 0.0, math.inf, low_open=True, high_open=True)
         if dataset_size is not None:
-            dataset_size = self._check_positive_int(self, "__init__", "dataset_size", dataset_size)
+            dataset_size = check_int(self._where("__init__"), "dataset_size", dataset_size, low=1)
         self.dataset_size = dataset_size
         self.head = head
 
@@ -152,14 +150,6 @@ class LaplacianUncertainty(UncertaintyEstimator):
         self.samples_seen += rows
         self._variance_sums = None
 
-    def _update_from_grads_unchecked(self, batch_size: int) -> None:
-        """`update_from_grads(batch_size)` without its argument checks and its scan for a missing .grad,
-        for a caller that guarantees a positive int batch size, a mean loss without loss scaling and a
-        backward since the last zero_grad (the trainer's per-step path). fisher_ema_ still checks the
-        tensors."""
-        self._accumulate([p.grad for p in self.params], batch_size, "mean", 1.0)
-        self._rows_since_update = 0
-
     def update_fisher(self, data: torch.Tensor, targets: torch.Tensor) -> None:
         """One Fisher update from its own forward and backward of the mean cross-entropy on (data, targets).
 
@@ -183,26 +173,38 @@ class LaplacianUncertainty(UncertaintyEstimator):
             self._counting = True
         self._accumulate(list(grads), logits.shape[0], "mean", 1.0)
 
-    def update_from_grads(self, batch_size: int | None = None, *, reduction: str = "mean", loss_scale: float = 1.0) -> None:
+    def update_from_grads(self, batch_size: int | None = None, *, reduction: str = "mean", loss_scale: float = 1.0,
+                          check: bool = True) -> None:
         """One Fisher update from the `.grad` of the parameters (after the training backward).
 
         batch_size: rows the loss was averaged (or summed) over; default: the rows that went through the
         head with autograd on since the last update. reduction: "mean" or "sum" (how the loss was
         reduced over rows). loss_scale: the factor the loss was multiplied by before backward (AMP).
+
+        check=False is the per-step fast path of a training loop: no argument checks and no scan for a
+        missing .grad (`aql_kernels.fisher_ema_` still checks the tensors). The caller guarantees a
+        positive int `batch_size` (required), a valid `reduction` and `loss_scale`, and a backward since
+        the last zero_grad.
         """
-        if reduction not in ("mean", "sum"):
-            raise self._fail("update_from_grads", f"reduction must be 'mean' or 'sum', got {reduction!r}")
-        loss_scale = self._check_positive_float(self.name, "update_from_grads", "loss_scale", loss_scale)
-        if batch_size is None:
-            batch_size = self._rows_since_update
-            if batch_size == 0:
-                raise self._fail("update_from_grads", "no rows went through the head with autograd on since the last "
-                                 "update; pass batch_size=")
+        if check:
+            where = self._where("update_from_grads")
+            if reduction not in ("mean", "sum"):
+                raise self._fail("update_from_grads", f"reduction must be 'mean' or 'sum', got {reduction!r}")
+            loss_scale = check_interval(where, "loss_scale", loss_scale, 0.0, math.inf, low_open=True, high_open=True)
+            if batch_size is None:
+                batch_size = self._rows_since_update
+                if batch_size == 0:
+                    raise self._fail("update_from_grads", "no rows went through the head with autograd on since the last "
+                                     "update; pass batch_size=")
+            else:
+                batch_size = check_int(where, "batch_size", batch_size, low=1)
+            grads = [p.grad for p in self.params]
+            if all(g is None for g in grads):
+                raise self._fail("update_from_grads", "no parameter has a .grad; call it after loss.backward() and before zero_grad()")
+        elif batch_size is None:
+            raise self._fail("update_from_grads", "check=False needs batch_size (the rows the loss was averaged over), got None")
         else:
-            batch_size = self._check_positive_int(self, "update_from_grads", "batch_size", batch_size)
-        grads = [p.grad for p in self.params]
-        if all(g is None for g in grads):
-            raise self._fail("update_from_grads", "no parameter has a .grad; call it after loss.backward() and before zero_grad()")
+            grads = [p.grad for p in self.params]
         self._accumulate(grads, batch_size, reduction, loss_scale)
         self._rows_since_update = 0
 

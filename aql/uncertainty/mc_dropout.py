@@ -7,6 +7,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from aql._checks import check_int
+
 from .base import UncertaintyEstimator
 
 __all__ = ["MCDropoutUncertainty", "MCDropoutEstimate"]
@@ -33,9 +35,9 @@ class MCDropoutUncertainty(UncertaintyEstimator):
 
     def __init__(self, model: nn.Module, n_samples: int = 10, chunk_size: int | None = None, *, score: str = "entropy"):
         self.model = self._check_model("__init__", "model", model)
-        self.n_samples = self._check_positive_int(self, "__init__", "n_samples", n_samples)
+        self.n_samples = check_int(self._where("__init__"), "n_samples", n_samples, low=1)
         if chunk_size is not None:
-            chunk_size = self._check_positive_int(self, "__init__", "chunk_size", chunk_size)
+            chunk_size = check_int(self._where("__init__"), "chunk_size", chunk_size, low=1)
         self.chunk_size = chunk_size
         if score not in ("entropy", "bald"):
             raise self._fail("__init__", f"score must be 'entropy' or 'bald', got {score!r}")

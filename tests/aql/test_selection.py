@@ -283,7 +283,7 @@ def test_score_store_update_out_of_range_index_raises():
 
 
 def test_score_store_deferred_writes_match_eager_updates():
-    # The trainer's `_write` keeps (indices, scores) by reference and scatters them when the table is
+    # update(..., deferred=True) keeps (indices, scores) by reference and scatters them when the table is
     # read; the table must equal one written eagerly in the same order (later writes of a sample win).
     num_samples = 400
     deferred, eager = ScoreStore(num_samples, seed=3), ScoreStore(num_samples, seed=3)
@@ -296,7 +296,7 @@ def test_score_store_deferred_writes_match_eager_updates():
             indices = torch.cat([previous, indices[~torch.isin(indices, previous)]])
         scores = torch.randn(indices.numel())
         scores[::7] = float("nan") if step % 3 == 0 else -0.0
-        deferred._write(indices, scores)
+        deferred.update(indices, scores, deferred=True)
         eager.update(indices, scores)
         table[indices.numpy()] = scores.numpy()
         previous = indices
@@ -309,13 +309,13 @@ def test_score_store_deferred_writes_match_eager_updates():
         a, b = deferred.next_subset(), eager.next_subset()
         assert torch.equal(a.indices, b.indices) and torch.equal(a.weights, b.weights)
     # an eager update after deferred writes of the same sample wins; state_dict and next_subset flush
-    deferred._write(torch.tensor([5]), torch.tensor([1.0]))
+    deferred.update(torch.tensor([5]), torch.tensor([1.0]), deferred=True)
     deferred.update(torch.tensor([5]), torch.tensor([2.0]))
-    deferred._write(torch.tensor([6]), torch.tensor([3.0]))
+    deferred.update(torch.tensor([6]), torch.tensor([3.0]), deferred=True)
     assert float(deferred.state_dict()["scores"][5]) == 2.0 and float(deferred.state_dict()["scores"][6]) == 3.0
     # loading a state drops writes that were not yet applied
     state = eager.state_dict()
-    deferred._write(torch.tensor([0, 1]), torch.tensor([9.0, 9.0]))
+    deferred.update(torch.tensor([0, 1]), torch.tensor([9.0, 9.0]), deferred=True)
     deferred.load_state_dict(state)
     np.testing.assert_array_equal(deferred.scores.numpy(), eager.scores.numpy())  # NaN equals NaN here
     assert torch.equal(deferred.seen, eager.seen)
@@ -327,14 +327,14 @@ def test_score_store_distinct_deferred_writes_skip_the_repeat_pass_only_when_all
     for start in range(0, 120, 17):  # one epoch's distinct indices, in batches
         indices = order[start:min(start + 17, 120)]
         scores = torch.randn(indices.numel())
-        store._write(indices, scores, distinct=True)
+        store.update(indices, scores, distinct=True, deferred=True)
         eager.update(indices, scores)
     assert store._deferred_distinct
     np.testing.assert_array_equal(store.scores.numpy(), eager.scores.numpy())
     # one call without the guarantee, rewriting a sample: the repeat pass runs and the later value wins
-    store._write(order[:5], torch.full((5,), 1.0), distinct=True)
-    store._write(order[3:8], torch.full((5,), 2.0))
-    store._write(order[10:12], torch.full((2,), 3.0), distinct=True)
+    store.update(order[:5], torch.full((5,), 1.0), distinct=True, deferred=True)
+    store.update(order[3:8], torch.full((5,), 2.0), deferred=True)
+    store.update(order[10:12], torch.full((2,), 3.0), distinct=True, deferred=True)
     assert not store._deferred_distinct
     assert store.scores[order[:12]].tolist()[:8] == [1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 2.0, 2.0]
     assert store._deferred_distinct and float(store.scores[order[11]]) == 3.0
@@ -343,9 +343,9 @@ def test_score_store_distinct_deferred_writes_skip_the_repeat_pass_only_when_all
 def test_score_store_deferred_writes_are_bounded():
     store = ScoreStore(50)
     for start in range(0, 50, 10):
-        store._write(torch.arange(start, start + 10), torch.full((10,), float(start)))
+        store.update(torch.arange(start, start + 10), torch.full((10,), float(start)), deferred=True)
     assert store._deferred_rows == 50  # up to num_samples rows wait
-    store._write(torch.tensor([0]), torch.tensor([-1.0]))
+    store.update(torch.tensor([0]), torch.tensor([-1.0]), deferred=True)
     assert store._deferred_rows == 0 and store._deferred == []  # beyond: written at once
     assert float(store.scores[0]) == -1.0 and float(store.scores[49]) == 40.0
 
