@@ -6,7 +6,10 @@ file only names what it changes; `configs/aql_v2_config.yaml` is the template it
 
 Rules (each violation is a `ConfigError` naming the key, the value and what is allowed):
 unknown sections or keys, values of the wrong type, `aql_v2.query_budget` outside (0, 1], decays outside
-[0, 1), unknown choices (`aql_v2.uncertainty_method`, `aql_v2.selection_strategy`, `aql_v2.score`, ...).
+[0, 1), unknown choices (`aql_v2.uncertainty_method`, `aql_v2.selection_strategy`, `aql_v2.score`, ...),
+`aql_v2.strategy_options` keys that are no option of the chosen strategy.
+`aql_v2.selection_strategy` takes the name of any registered strategy (`aql.strategies.STRATEGIES`;
+`SELECTION_STRATEGIES` here is read from that registry, so a new strategy needs no edit of this file).
 PyYAML reads `3e-4` as a string (YAML 1.1 wants a dot in a float), so float fields accept numeric strings.
 Command-line overrides `section.key=value` are parsed as YAML scalars and validated the same way.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -49,12 +53,23 @@ class ConfigError(ValueError):
 
 MODEL_TYPES = ("mnist1d_cnn", "gpt2")
 UNCERTAINTY_METHODS = ("laplace", "ensemble", "mc_dropout")
-SELECTION_STRATEGIES = ("none", "random", "stale", "streaming", "curriculum")
 SCORES = ("loss", "entropy", "el2n")
 SCORERS = ("model", "estimator")
 DATASETS = ("mnist1d", "wikitext103", "text_files")
 TOKENIZERS = ("auto", "gpt2", "byte")
 PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def _selection_strategies() -> tuple[str, ...]:
+    from .strategies import STRATEGIES  # torch-heavy: imported when a config is validated, not with aql
+
+    return tuple(STRATEGIES)
+
+
+def __getattr__(name):
+    if name == "SELECTION_STRATEGIES":  # the names registered with aql.strategies.register_strategy
+        return _selection_strategies()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -109,27 +124,36 @@ class AQLConfig:
     query_budget: float = 0.2  # fraction of the training set back-propagated per epoch, in (0, 1]
     buffer_size: int = 10000  # streaming: scores kept for the running threshold
     # none (baseline: all data) | random (control: a uniform query_budget share each epoch, no scoring)
-    # | stale | streaming | curriculum
+    # | stale | streaming | curriculum | any other registered strategy (aql.strategies; one file each)
     selection_strategy: str = "streaming"
+    # Keyword arguments of the strategy's constructor beyond the keys below (e.g. streaming:
+    # {batch_tolerance: 0.1}; curriculum: {max_lookahead: 8}); a key that is no option of the chosen
+    # strategy is refused. On the command line: --set aql_v2.strategy_options.<key>=<value>.
+    strategy_options: dict[str, Any] = field(default_factory=dict)
     exploration: float = 0.1  # stale: fraction of each subset drawn at random, in [0, 1)
-    score: str = "loss"  # per-sample score ranking the data: loss | entropy | el2n
+    score: str = "loss"  # stale / streaming: per-sample score ranking the data: loss | entropy | el2n
     # Weight each sample's loss by the selector's importance weight (the loss is then the weighted mean
     # over the micro-batch). Off by default: stale's explored samples carry weight (N - top) / explored,
     # ~41 at budget 0.2 and exploration 0.1, so a handful of them dominate every gradient (MNIST-1D demo,
     # learning rate 3e-3, seed 0: test accuracy 0.76 with the weights, 0.90 without); the weights make
     # the loss an estimate of the full-data loss, which undoes the emphasis that selection is for, while
     # exploration's job (refreshing stale scores, coverage) needs the samples, not their weight.
-    # Streaming's weights are one value per candidate batch and nearly cancel in the mean.
+    # Stale and streaming have weights (streaming's: one value per candidate batch, 1 / its keep rate).
     importance_weights: bool = False
-    scorer: str = "model"  # streaming: candidates scored by a no-grad model forward or the estimator
+    # streaming / curriculum: candidates scored by the statistics of a no-grad model forward, or by the
+    # estimator's estimate_uncertainty of their inputs (gathered again: an extra copy per candidate batch)
+    scorer: str = "model"
     # Curriculum learning (selection_strategy: curriculum; curriculum_enabled must then be true)
     curriculum_enabled: bool = True
     difficulty_stages: list[float] = field(default_factory=lambda: [0.3, 0.6, 1.0])  # upper edges of entropy / log(classes) bands
     stage_advance_threshold: float = 0.1  # relative val-loss reduction within a stage that advances it, in [0, 1]
-    # Performance (recorded for the template; the trainer reports overhead_pct against target_overhead)
+    # Performance. target_overhead: the AQL overhead budget as a fraction of the training time; fit()
+    # reports target_overhead_pct beside overhead_pct and warns when the run's overhead exceeds it.
     target_overhead: float = 0.03
-    enable_caching: bool = True
-    parallelize_uncertainty: bool = True
+    # Not implemented (nothing is cached; uncertainty is not computed in parallel). Accepted so that the
+    # design document's template (which sets both true) loads; true warns once that it has no effect.
+    enable_caching: bool = False
+    parallelize_uncertainty: bool = False
 
 
 @dataclass
@@ -201,6 +225,10 @@ def _coerce(key: str, value: Any, annotation) -> Any:
     if origin is typing.Union:  # Optional[X]
         inner = [a for a in typing.get_args(annotation) if a is not type(None)][0]
         return None if value is None else _coerce(key, value, inner)
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{key}: expected a mapping of names to values, got {value!r} ({type(value).__name__})")
+        return dict(value)
     if origin is list:
         (item_type,) = typing.get_args(annotation)
         if not isinstance(value, (list, tuple)):
@@ -300,7 +328,10 @@ def _validate(config: Config) -> None:
     _at_least("aql_v2.mc_samples", a.mc_samples, 1)
     _range("aql_v2.query_budget", a.query_budget, 0.0, 1.0, low_open=True)
     _at_least("aql_v2.buffer_size", a.buffer_size, 1)
-    _choice("aql_v2.selection_strategy", a.selection_strategy, SELECTION_STRATEGIES)
+    _choice("aql_v2.selection_strategy", a.selection_strategy, _selection_strategies())
+    from .strategies import STRATEGIES
+
+    STRATEGIES[a.selection_strategy].check_options(a.strategy_options)
     _range("aql_v2.exploration", a.exploration, 0.0, 1.0, high_open=True)
     _choice("aql_v2.score", a.score, SCORES)
     _choice("aql_v2.scorer", a.scorer, SCORERS)
@@ -311,6 +342,12 @@ def _validate(config: Config) -> None:
                           "(bands of entropy / log(classes))")
     _range("aql_v2.stage_advance_threshold", a.stage_advance_threshold, 0.0, 1.0)
     _range("aql_v2.target_overhead", a.target_overhead, 0.0, 1.0)
+    for key, what in (("enable_caching", "nothing is cached"), ("parallelize_uncertainty", "uncertainty is not computed in parallel")):
+        if getattr(a, key) and key not in _WARNED:
+            _WARNED.add(key)
+            warnings.warn(f"aql_v2.{key}: true is not implemented ({what}); the key is accepted so that the design "
+                          "document's template loads, and has no effect; set it false to silence this warning",
+                          UserWarning, stacklevel=4)
     if a.selection_strategy == "curriculum" and not a.curriculum_enabled:
         raise ConfigError("aql_v2.curriculum_enabled: false contradicts aql_v2.selection_strategy: curriculum; set it true or pick another strategy")
 
@@ -344,6 +381,9 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"device: {config.device!r} is not allowed; choose auto, cpu, cuda or cuda:<n>")
 
 
+_WARNED: set[str] = set()  # keys whose "not implemented" warning was given in this process
+
+
 def config_from_dict(raw: dict | None) -> Config:
     """Builds and validates a Config from a parsed YAML mapping (sections and top-level keys)."""
     raw = {} if raw is None else raw
@@ -369,8 +409,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {text!r}: expected section.key=value (e.g. training.batch_size=64)")
     key, _, value_text = text.partition("=")
     path = key.strip().split(".")
-    if not all(path) or len(path) > 2:
-        raise ConfigError(f"override {text!r}: the key must be section.key or a top-level key (seed, device)")
+    if not all(path) or len(path) > 3:
+        raise ConfigError(f"override {text!r}: the key must be section.key, section.key.name (for a mapping such as "
+                          "aql_v2.strategy_options) or a top-level key (seed, device)")
     try:
         value = yaml.safe_load(value_text) if value_text.strip() else None
     except yaml.YAMLError as error:
@@ -387,7 +428,7 @@ def _apply_override(raw: dict, text: str) -> None:
             raise ConfigError(f"override {text!r}: {path[0]} is a section; set its keys one by one ({path[0]}.<key>=...)")
         raw[path[0]] = value
         return
-    section, key = path
+    section, key, *name = path
     if section not in _SECTIONS:
         raise ConfigError(f"override {text!r}: unknown section {section!r}; allowed: {', '.join(_SECTIONS)}")
     current = raw.get(section)
@@ -395,6 +436,16 @@ def _apply_override(raw: dict, text: str) -> None:
         current = raw[section] = {}
     if not isinstance(current, dict):
         raise ConfigError(f"{section}: expected a mapping of keys, got {current!r}")
+    if name:
+        if typing.get_origin(typing.get_type_hints(_SECTIONS[section]).get(key)) is not dict:
+            raise ConfigError(f"override {text!r}: {section}.{key} is not a mapping; set it as {section}.{key}=value")
+        mapping = current.get(key)
+        if mapping is None:
+            mapping = current[key] = {}
+        if not isinstance(mapping, dict):
+            raise ConfigError(f"{section}.{key}: expected a mapping of names to values, got {mapping!r}")
+        mapping[name[0]] = value
+        return
     current[key] = value
 
 

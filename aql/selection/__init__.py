@@ -10,7 +10,7 @@
 from .curriculum import CurriculumAQL, CurriculumBatch
 from .meta_policy import Episode, MetaLearnedSelector, ValidationLossEpisode
 from .score_store import ScoreStore, Subset
-from .streaming import StreamingAQL, StreamingBatch
+from .streaming import StreamingAQL, StreamingBatch, StreamingDecision
 
 __all__ = [
     "CurriculumAQL",
@@ -20,6 +20,7 @@ __all__ = [
     "ScoreStore",
     "StreamingAQL",
     "StreamingBatch",
+    "StreamingDecision",
     "Subset",
     "ValidationLossEpisode",
 ]

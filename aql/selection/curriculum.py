@@ -116,6 +116,7 @@ class CurriculumAQL:
         self._carry: tuple[torch.Tensor, torch.Tensor] | None = None
         self._source = None  # the iterable whose iterator select_batch continues
         self._source_iterator: Iterator | None = None
+        self.reset_window()
 
     @property
     def num_stages(self) -> int:
@@ -144,7 +145,7 @@ class CurriculumAQL:
                 check_tensor(where, "uncertainty_estimator.estimate_uncertainty(data)", entropy, ndim=1)
                 if self.num_classes is None:  # once: the width of the model's output
                     self.num_classes = max(2, int(self.model(data[:1]).shape[-1]))
-                scale = math.log(self.num_classes)
+                scale_classes = self.num_classes
             else:
                 logits = self.model(data)
                 check_tensor(where, "model(data)", logits)
@@ -156,7 +157,14 @@ class CurriculumAQL:
                 entropy = aql_kernels.softmax_scores(flat).entropy.reshape(logits.shape[:-1])
                 if entropy.dim() == 2:
                     entropy = entropy.mean(dim=1)
-                scale = math.log(vocab) if vocab > 1 else 1.0
+                scale_classes = vocab
+        return self.normalised_entropy(entropy, scale_classes)
+
+    @staticmethod
+    def normalised_entropy(entropy: torch.Tensor, num_classes: int) -> torch.Tensor:
+        """Difficulty from an entropy in nats over ``num_classes`` classes: entropy / log(num_classes)
+        clipped to [0, 1] (float32; NaN stays NaN; 1 class divides by 1)."""
+        scale = math.log(num_classes) if num_classes > 1 else 1.0
         return (entropy.float() / scale).clamp(0.0, 1.0)
 
     # -- selection ----------------------------------------------------------------------------------
@@ -247,6 +255,52 @@ class CurriculumAQL:
                 self._advance(f"band exhausted after {looked_at} batches")
         return CurriculumBatch(out_data, out_targets, exhausted, looked_at, stream_ended, stage)
 
+    def filter_batch(self, difficulty: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """The push form of `select_batch`, for a loop that scores its candidate batches itself and
+        keeps dataset indices (`aql.strategies.CurriculumStrategy`): the positions (int64, ascending)
+        of the samples of one candidate batch whose ``difficulty`` (float ``[B]`` in [0, 1], e.g. the
+        normalised entropy of `difficulty`) lies in the current band.
+
+        The exhaustion rules of `select_batch` apply, with ``batch_size`` the batch being filled and
+        the candidate batches since ``batch_size`` in-band samples were last found as the window (the
+        in-band samples beyond a full batch start the next window, as the carry does): a window of
+        ``max_lookahead`` batches that found fewer, or, at a stage's start with nothing found yet,
+        candidate batches of at least ``batch_size`` rows together without an in-band sample, end the
+        window and (``advance_if_exhausted``) advance the stage. The batch's in-band samples are
+        returned either way. `reset_window()` starts a new window (at an epoch's start). One host
+        synchronisation per call (the in-band count).
+        """
+        where = "selection.CurriculumAQL.filter_batch"
+        check_tensor(where, "difficulty", difficulty, ndim=1)
+        check_int(where, "batch_size", batch_size, low=1)
+        positions = self.in_band(difficulty).nonzero().squeeze(1)  # the host synchronisation
+        count = positions.shape[0]
+        self._window_looked += 1
+        self._window_rows += difficulty.shape[0]
+        if (count == 0 and self.advance_if_exhausted and self._window_found == 0 and self._stage_yielded == 0
+                and self._window_rows >= batch_size):
+            logger.info("curriculum stage %d: band %s empty at the stage's start (%d candidates)", self.training_stage,
+                        self.get_difficulty_range(), self._window_rows)
+            self._advance(f"band empty at the stage's start ({self._window_rows} candidates)")
+            self.reset_window()
+            return positions
+        self._window_found += count
+        self._stage_yielded += count
+        if self._window_found >= batch_size:
+            self._window_found %= batch_size
+            self._window_looked = self._window_rows = 0
+        elif self._window_looked >= self.max_lookahead:
+            logger.info("curriculum stage %d: band %s ran dry (%d of %d samples in %d batches)", self.training_stage,
+                        self.get_difficulty_range(), self._window_found, batch_size, self._window_looked)
+            if self.advance_if_exhausted:
+                self._advance(f"band exhausted after {self._window_looked} batches")
+            self.reset_window()
+        return positions
+
+    def reset_window(self) -> None:
+        """Starts a new window of `filter_batch` (nothing found, no batch looked at)."""
+        self._window_found = self._window_looked = self._window_rows = 0
+
     # -- stages -------------------------------------------------------------------------------------
 
     def _advance(self, reason: str) -> bool:
@@ -255,6 +309,7 @@ class CurriculumAQL:
         self.training_stage += 1
         self._stage_yielded = 0
         self._carry = None
+        self.reset_window()
         logger.info("curriculum: advanced to stage %d, band %s (%s)", self.training_stage,
                     self.get_difficulty_range(), reason)
         return True
@@ -294,6 +349,7 @@ class CurriculumAQL:
             "num_classes": self.num_classes,
             "stage_yielded": self._stage_yielded,
             "carry": None if self._carry is None else tuple(t.clone() for t in self._carry),
+            "window": (self._window_found, self._window_looked, self._window_rows),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -322,3 +378,4 @@ class CurriculumAQL:
             raise TypeError(f"aql.{where}: state['carry'] must be None or a (data, targets) pair of tensors, "
                             f"got {type(carry).__name__}")
         self._carry = None if carry is None else (carry[0].clone(), carry[1].clone())
+        self._window_found, self._window_looked, self._window_rows = (int(v) for v in state.get("window", (0, 0, 0)))

@@ -17,7 +17,7 @@ import aql_kernels
 
 from aql._checks import check_int, check_interval, check_tensor
 
-__all__ = ["StreamingAQL", "StreamingBatch"]
+__all__ = ["StreamingAQL", "StreamingBatch", "StreamingDecision"]
 
 # Histogram bins: the top 16 bits of the order-preserving 32-bit key of a float32 score. Within one
 # binade that is 2**7 bins, i.e. a relative bin width below 1%, and the range needs no adapting: any
@@ -57,6 +57,17 @@ class StreamingBatch(NamedTuple):
     threshold: torch.Tensor
     seen: int
     kept: int
+
+
+class StreamingDecision(NamedTuple):
+    """What `StreamingAQL.keep` decided for one batch of scores: positions (int64, ascending) of the
+    kept samples, their float32 weights (as `StreamingBatch.weights`), the bool mask over the batch and
+    the 0-dim running threshold it was compared with."""
+
+    positions: torch.Tensor
+    weights: torch.Tensor
+    mask: torch.Tensor
+    threshold: torch.Tensor
 
 
 class StreamingAQL:
@@ -225,6 +236,25 @@ class StreamingAQL:
             return min(k_max, k_min + correction), k_max
         return k_min, max(k_min, k_max - correction)
 
+    def keep(self, scores: torch.Tensor) -> StreamingDecision:
+        """Decide which of one batch's samples to keep from their float32 ``[B]`` scores alone (see the
+        class docstring for the rule): the form a loop uses when it keeps dataset indices rather than
+        the data (`aql.strategies.StreamingStrategy`). Updates the running state like
+        `process_batch`; one host synchronisation (the kept count)."""
+        where = "selection.StreamingAQL.keep"
+        check_tensor(where, "scores", scores, ndim=1, dtypes=(torch.float32,))
+        if scores.shape[0] == 0:
+            raise ValueError(f"aql.{where}: scores must hold a batch of B >= 1 scores, got shape {tuple(scores.shape)}")
+        return self._keep(scores.detach())
+
+    def _keep(self, scores: torch.Tensor) -> StreamingDecision:
+        keep, threshold, weight = self._decide(scores)
+        positions = keep.nonzero().squeeze(1)  # the one host synchronisation: the kept batch's size
+        kept_count = positions.shape[0]
+        self.seen += scores.shape[0]
+        self.kept += kept_count
+        return StreamingDecision(positions, weight.expand(kept_count).clone(), keep, threshold)
+
     def process_batch(self, data: torch.Tensor, targets: torch.Tensor, scores: torch.Tensor | None = None) -> StreamingBatch:
         """Decide which samples of one batch to keep (see the class docstring for the rule).
 
@@ -250,18 +280,14 @@ class StreamingAQL:
         check_tensor(where, name, scores, ndim=1, dtypes=(torch.float32,))
         if scores.shape[0] != batch_size:
             raise ValueError(f"aql.{where}: {name} must have length B={batch_size}, got {scores.shape[0]}")
-        scores = scores.detach()
-        keep, threshold, weight = self._decide(scores)
-        kept_rows = keep.nonzero().squeeze(1)  # the one host synchronisation: the kept batch's size
-        kept_count = kept_rows.shape[0]
-        self.seen += batch_size
-        self.kept += kept_count
+        decision = self._keep(scores.detach())
+        kept_rows = decision.positions
         return StreamingBatch(
             data=data.index_select(0, kept_rows.to(data.device)),
             targets=targets.index_select(0, kept_rows.to(targets.device)),
-            weights=weight.expand(kept_count).clone(),
-            mask=keep,
-            threshold=threshold,
+            weights=decision.weights,
+            mask=decision.mask,
+            threshold=decision.threshold,
             seen=self.seen,
             kept=self.kept,
         )

@@ -26,6 +26,7 @@ tensor). A new strategy is one class in one file under `aql/strategies/`, regist
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -33,9 +34,9 @@ from typing import Any, ClassVar, NamedTuple
 
 import torch
 
-from aql._checks import check_int, check_interval
+from aql._checks import check_int, check_interval, round_half_up
 
-__all__ = ["EpochPlan", "SelectionStrategy", "StrategyContext", "STRATEGIES", "register_strategy", "build_strategy"]
+__all__ = ["EpochPlan", "SelectionStrategy", "StrategyContext", "STRATEGIES", "register_strategy", "build_strategy", "split_selection"]
 
 
 class EpochPlan(NamedTuple):
@@ -86,6 +87,10 @@ class SelectionStrategy:
     name: ClassVar[str] = ""
     uses_scores: ClassVar[bool] = True
     scores_candidates: ClassVar[bool] = False
+    #: constructor arguments that `from_config` fills from the config's own keys or the context, with
+    #: where each comes from; `aql_v2.strategy_options` may set any other keyword argument
+    config_arguments: ClassVar[Mapping[str, str]] = {
+        "num_samples": "the training set's size", "query_budget": "aql_v2.query_budget", "seed": "seed", "device": "device"}
 
     def __init__(self, num_samples: int, *, query_budget: float = 1.0, seed: int = 0, device: torch.device | str = "cpu"):
         where = f"strategies.{type(self).__name__}"
@@ -93,6 +98,26 @@ class SelectionStrategy:
         self.query_budget = check_interval(where, "query_budget", query_budget, 0.0, 1.0, low_open=True, high_open=False)
         self.seed = check_int(where, "seed", seed, low=0)
         self.device = torch.device(device)
+
+    @property
+    def samples_per_epoch(self) -> int:
+        """max(1, floor(query_budget * num_samples + 1/2)): the samples an epoch back-propagates (what a
+        loop sizes its learning-rate schedule by; a budget-capped strategy stops there)."""
+        return max(1, round_half_up(self.query_budget * self.num_samples))
+
+    def epoch_permutation(self, n: int, epoch: int) -> torch.Tensor:
+        """int64 [n] on the CPU: a uniform permutation of range(n) fixed by (seed, epoch)."""
+        return torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+
+    def host_plan(self, indices: torch.Tensor, weights: torch.Tensor | None = None) -> EpochPlan:
+        """An EpochPlan of CPU tensors, in pinned memory when the strategy's device is CUDA, so that a
+        loop's per-batch `index.to(device, non_blocking=True)` does not wait for the stream."""
+        indices = indices.to("cpu", torch.int64)
+        weights = None if weights is None else weights.to("cpu", torch.float32)
+        if self.device.type == "cuda":
+            indices = indices.pin_memory()
+            weights = None if weights is None else weights.pin_memory()
+        return EpochPlan(indices, weights)
 
     # -- the protocol ----------------------------------------------------------------------------
     def epoch_plan(self, epoch: int) -> EpochPlan:
@@ -116,10 +141,12 @@ class SelectionStrategy:
     def num_batches(self, plan: EpochPlan, batch_size: int) -> int:
         return math.ceil(plan.indices.numel() / self.candidate_batch_size(batch_size))
 
-    def select(self, indices: torch.Tensor, scores) -> torch.Tensor:
+    def select(self, indices: torch.Tensor, scores) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Positions (int64, into `indices`) of the candidates to train on; `scores` are the no-grad
         `aql_kernels.SoftmaxScores` of the candidates (one row per sample). Only for
-        `scores_candidates` strategies."""
+        `scores_candidates` strategies. A strategy that weights what it keeps (importance sampling)
+        returns `(positions, weights)`, float32 weights aligned with the positions; `split_selection`
+        turns either form into the pair."""
         raise NotImplementedError(f"{type(self).__name__} does not score candidates (scores_candidates is False)")
 
     def after_step(self, indices: torch.Tensor, scores) -> None:
@@ -143,8 +170,36 @@ class SelectionStrategy:
     # -- construction ----------------------------------------------------------------------------
     @classmethod
     def from_config(cls, config, context: StrategyContext) -> SelectionStrategy:
-        """Builds the strategy from an `aql.config.Config` (its `aql_v2` section) and the context."""
-        return cls(context.num_samples, query_budget=config.aql_v2.query_budget, seed=config.seed, device=context.device)
+        """Builds the strategy from an `aql.config.Config` (its `aql_v2` section) and the context; the
+        `aql_v2.strategy_options` mapping goes to the constructor as keyword arguments."""
+        return cls(context.num_samples, query_budget=config.aql_v2.query_budget, seed=config.seed, device=context.device,
+                   **config.aql_v2.strategy_options)
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> None:
+        """Raises `aql.config.ConfigError` naming `aql_v2.strategy_options.<key>` for a key that is no
+        keyword argument of the constructor or that `from_config` fills itself (`config_arguments`).
+        `aql.config.load_config` calls it, so a bad option fails when the config loads."""
+        from aql.config import ConfigError
+
+        parameters = inspect.signature(cls.__init__).parameters
+        open_ended = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+        allowed = [name for name, p in parameters.items() if name != "self" and name not in cls.config_arguments
+                   and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        for key in options:
+            if key in cls.config_arguments:
+                raise ConfigError(f"aql_v2.strategy_options.{key}: strategy {cls.name!r} takes {key} from "
+                                  f"{cls.config_arguments[key]}; set it there")
+            if key not in allowed and not open_ended:
+                raise ConfigError(f"aql_v2.strategy_options.{key}: not an option of strategy {cls.name!r} "
+                                  f"({cls.__name__}); its options: {', '.join(allowed) or 'none'}")
+
+
+def split_selection(selection) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`select()`'s result as (positions, weights or None)."""
+    if isinstance(selection, tuple):
+        return selection[0], selection[1]
+    return selection, None
 
 
 STRATEGIES: dict[str, type[SelectionStrategy]] = {}

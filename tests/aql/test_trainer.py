@@ -185,7 +185,7 @@ def test_resume_after_an_interrupt_repeats_the_uninterrupted_run(strategy, stop_
     assert resumed_result["samples_backpropagated"] == reference_result["samples_backpropagated"]
     assert resumed_result["test_loss"] == reference_result["test_loss"]
     if strategy == "stale":
-        assert torch.equal(reference.score_store.scores, resumed.score_store.scores)
+        assert torch.equal(reference.strategy.store.scores, resumed.strategy.store.scores)
     if strategy not in ("none", "random"):
         for a, b in zip(reference.uncertainty.fisher, resumed.uncertainty.fisher):
             assert torch.equal(a, b)
@@ -201,7 +201,7 @@ def test_keyboard_interrupt_from_a_callback_writes_a_checkpoint(mnist, tmp_path)
         trainer.fit()
     state = torch.load(trainer.checkpoint_path, weights_only=False)
     assert state["step"] == 3 and state["epoch"] == 0 and state["position"]["consumed"] == 3
-    for key in ("model", "optimizer", "scheduler", "uncertainty", "score_store", "rng"):
+    for key in ("model", "optimizer", "scheduler", "uncertainty", "selection", "rng"):
         assert state[key] is not None, key
     assert {"torch", "numpy", "python"} <= set(state["rng"])
 
@@ -250,14 +250,19 @@ def test_importance_weighted_mean_matches_a_float64_reference(mnist, tmp_path):
 
 
 def test_stale_default_trains_on_the_plain_mean_despite_explored_weights(mnist, tmp_path):
-    # The store's explored samples carry weight (N - top) / explored (here ~9.7); by default the loss
-    # is the plain mean over the micro-batch, so those samples do not dominate the gradient.
+    # The store's explored samples carry weight (N - top) / explored (here ~9.7); by default the plan
+    # carries no weights and the loss is the plain mean, so those samples do not dominate the gradient.
     config = make_config(tmp_path, aql_v2={"selection_strategy": "stale", "exploration": 0.5}, training={"grad_clip": 0.0})
     trainer = make_trainer(config, mnist)
     assert config.aql_v2.importance_weights is False
-    trainer.score_store.update(torch.arange(len(mnist[0])), torch.rand(len(mnist[0])))  # every sample seen
+    trainer.strategy.store.update(torch.arange(len(mnist[0])), torch.rand(len(mnist[0])))  # every sample seen
     x, y, index, weight = next(iter(trainer.epoch_loader(0)))
-    assert float(weight.max()) > 5.0 and float(weight.min()) == 1.0  # explored and top samples in one batch
+    assert weight is None
+    weighted = make_trainer(make_config(tmp_path / "w", aql_v2={"selection_strategy": "stale", "exploration": 0.5,
+                                                               "importance_weights": True}), mnist)
+    weighted.strategy.store.update(torch.arange(len(mnist[0])), torch.rand(len(mnist[0])))
+    weights = next(iter(weighted.epoch_loader(0)))[3]
+    assert float(weights.max()) > 5.0 and float(weights.min()) == 1.0  # explored and top samples in one batch
     trainer._micro_step(x, y, index, weight, 1.0)
     got = {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
     reference = MNIST1DCNN([16, 16]).double()
@@ -270,7 +275,7 @@ def test_stale_default_trains_on_the_plain_mean_despite_explored_weights(mnist, 
 def test_random_strategy_draws_a_fresh_uniform_subset_each_epoch(mnist, tmp_path):
     config = make_config(tmp_path, aql_v2={"selection_strategy": "random"}, training={"epochs": 2})
     trainer = make_trainer(config, mnist)
-    assert trainer.uncertainty is None and trainer.score_store is None and trainer.selector is None
+    assert trainer.uncertainty is None and not trainer.strategy.uses_scores
     seen = record_batches(trainer)
     trainer.fit()
     k, n = round(0.2 * len(mnist[0])), len(mnist[0])
@@ -295,7 +300,7 @@ def test_curriculum_trains_in_the_first_epoch_of_a_fresh_model(mnist, tmp_path):
     trainer = make_trainer(config, (train, mnist[1], None))
     result = trainer.fit()
     assert result["history"][0]["samples_backpropagated"] == round(0.2 * 600)
-    assert trainer.selector.training_stage == 2
+    assert trainer.strategy.training_stage == 2
 
 
 def test_fisher_update_freq_is_honoured(mnist, tmp_path):
@@ -331,11 +336,11 @@ def test_train_epoch_takes_a_plain_dataloader(mnist, tmp_path):
     loader = torch.utils.data.DataLoader(subset, batch_size=16, shuffle=True)
     metrics = trainer.train_epoch(loader)
     assert metrics["samples_backpropagated"] == 60 and trainer.step == 4 and trainer.epoch == 1
-    seen = trainer.score_store.seen.nonzero().squeeze(1)
+    seen = trainer.strategy.store.seen.nonzero().squeeze(1)
     assert seen.tolist() == list(range(40, 100))
     # the stored score of a sample is its loss at the time it was trained: finite and positive
-    assert torch.isfinite(trainer.score_store.scores[40:100]).all() and (trainer.score_store.scores[40:100] > 0).all()
-    assert torch.isinf(trainer.score_store.scores[:40]).all()
+    assert torch.isfinite(trainer.strategy.store.scores[40:100]).all() and (trainer.strategy.store.scores[40:100] > 0).all()
+    assert torch.isinf(trainer.strategy.store.scores[:40]).all()
 
 
 def test_wandb_absence_is_a_clear_error(mnist, tmp_path):
@@ -403,4 +408,4 @@ def test_gpt2_tiny_forward_and_token_level_training(tmp_path):
     assert result["tokens_backpropagated"] == 8 * result["samples_backpropagated"] > 0
     assert result["history"][-1]["val_loss"] < result["history"][0]["val_loss"]
     assert "val_perplexity" in result["history"][-1]
-    assert torch.isfinite(trainer.score_store.scores[trainer.score_store.seen]).all()
+    assert torch.isfinite(trainer.strategy.store.scores[trainer.strategy.store.seen]).all()

@@ -1,0 +1,115 @@
+"""Batches for the trainer: one epoch's plan as (x, y, index, weight) batches, the buffer that regroups
+kept candidates into training batches, and per-sample statistics of token data."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["split_batch", "gather", "EpochLoader", "PendingSamples", "per_sample_scores", "estimator_scorer"]
+
+# the per-row float statistics of aql_kernels.SoftmaxScores (argmax is an index, not averaged)
+_FLOAT_FIELDS = ("lse", "entropy", "maxprob", "margin", "loss", "el2n")
+
+
+def split_batch(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(x, y), (x, y, index) or (x, y, index, weight) -> all four (None where absent)."""
+    if not isinstance(batch, (tuple, list)) or not 2 <= len(batch) <= 4:
+        raise TypeError(f"aql.trainer: batches must be (x, y), (x, y, index) or (x, y, index, weight) tuples, got {type(batch).__name__}"
+                        f"{'' if not isinstance(batch, (tuple, list)) else ' of length ' + str(len(batch))}")
+    x, y, *rest = batch
+    index = rest[0] if rest else None
+    weight = rest[1] if len(rest) > 1 else None
+    if index is not None and not isinstance(index, torch.Tensor):
+        index = torch.as_tensor(index, dtype=torch.long)
+    return x, y, index, weight
+
+
+def gather(dataset, index: torch.Tensor):
+    """(x, y) of the samples `index` (CPU int64) of `dataset`: one `dataset.gather(index)` when it has
+    one (`aql.data.IndexedTensorDataset`), else the items stacked."""
+    if hasattr(dataset, "gather"):
+        return dataset.gather(index)
+    items = [dataset[i] for i in index.tolist()]
+    return torch.stack([torch.as_tensor(item[0]) for item in items]), torch.stack([torch.as_tensor(item[1]) for item in items])
+
+
+class EpochLoader:
+    """One epoch of `strategy.batches(plan, batch_size, skip=skip)` over `dataset`, as
+    (x, y, index, weight) batches: x, y gathered with the plan's CPU indices, index (and the plan's
+    weights, None when it has none) copied to `device` with `non_blocking=True` (the strategy's
+    `host_plan` pins them on CUDA, so the copy does not wait for the stream)."""
+
+    def __init__(self, dataset, strategy, plan, batch_size: int, *, skip: int = 0, device: torch.device | None = None):
+        self.dataset, self.strategy, self.plan, self.batch_size, self.skip = dataset, strategy, plan, batch_size, skip
+        self.device = torch.device("cpu") if device is None else device
+
+    def __len__(self) -> int:
+        return max(0, self.strategy.num_batches(self.plan, self.batch_size) - self.skip)
+
+    def __iter__(self):
+        device = self.device
+        for index, weight in self.strategy.batches(self.plan, self.batch_size, skip=self.skip):
+            x, y = gather(self.dataset, index)
+            yield x, y, index.to(device, non_blocking=True), None if weight is None else weight.to(device, non_blocking=True)
+
+
+class PendingSamples:
+    """Kept candidates not yet trained on, handed out as training batches of a fixed size (in the
+    order they were kept). `pieces` (x, y, index, weight; index and weight may be None) is the
+    whole state, saved in the trainer's checkpoint."""
+
+    def __init__(self, pieces=()):
+        self.pieces: list[tuple] = list(pieces)
+
+    def __len__(self) -> int:
+        return sum(piece[0].shape[0] for piece in self.pieces)
+
+    def append(self, x, y, index, weight) -> None:
+        self.pieces.append((x, y, index, weight))
+
+    def take(self, size: int) -> tuple:
+        """The first `size` samples (fewer when fewer wait) as (x, y, index, weight)."""
+        xs, ys, idx, ws = zip(*self.pieces)
+        x, y = torch.cat(xs), torch.cat(ys)
+        index = None if any(i is None for i in idx) else torch.cat(idx)
+        weight = None if any(w is None for w in ws) else torch.cat(ws)
+        take = min(size, x.shape[0])
+        head = (x[:take], y[:take], None if index is None else index[:take], None if weight is None else weight[:take])
+        self.pieces = [] if take == x.shape[0] else [(x[take:], y[take:], None if index is None else index[take:],
+                                                      None if weight is None else weight[take:])]
+        return head
+
+
+def per_sample_scores(scores, batch: int, valid: torch.Tensor):
+    """`aql_kernels.SoftmaxScores` with one row per sample: unchanged when it has `batch` rows; for
+    token data ([batch * T] rows) each float statistic is the mean over the sample's tokens with
+    `valid` (float [batch * T], 1 where the target is not ignored) and argmax is None."""
+    if scores.lse.shape[0] == batch:
+        return scores
+    fields = [name for name in _FLOAT_FIELDS if getattr(scores, name) is not None]
+    tokens = valid.view(batch, -1)
+    stacked = torch.stack([getattr(scores, name) for name in fields]).view(len(fields), batch, -1)
+    means = (stacked * tokens).sum(dim=-1) / tokens.sum(dim=1).clamp_min(1)
+    return scores._replace(argmax=None, **dict(zip(fields, means.unbind(0))))
+
+
+def estimator_scorer(estimator, dataset, device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`aql_v2.scorer: estimator`: a candidate scorer for the strategies that take one: indices ->
+    float32 [B] `estimator.estimate_uncertainty` of those samples of `dataset` (the mean over a
+    sample's rows for token data). Gathers the candidates' inputs again (an extra copy per candidate
+    batch; the model scorer reads the loop's own forward instead)."""
+    if estimator is None or dataset is None or not hasattr(estimator, "estimate_uncertainty"):
+        raise ValueError("aql_v2.scorer: 'estimator' needs an uncertainty estimator and the training data, "
+                         f"got estimator {type(estimator).__name__} and data {type(dataset).__name__}")
+
+    def score(indices: torch.Tensor) -> torch.Tensor:
+        x, _ = gather(dataset, indices.cpu())
+        with torch.no_grad():
+            values = estimator.estimate_uncertainty(x.to(device))
+        if values.shape[0] != indices.shape[0]:
+            values = values.view(indices.shape[0], -1).mean(dim=1)
+        return values.float()
+
+    return score

@@ -1,0 +1,671 @@
+"""`AQLv2Trainer`: training with per-sample scores, a Fisher-EMA Laplace posterior and data selection.
+
+One optimizer step: for each of `gradient_accumulation` micro-batches, forward (bf16 autocast on
+CUDA), `cross_entropy_with_scores(reduction="none")` (per-token losses and their softmax statistics in
+one pass), the mean of the losses (weighted when the batch carries weights), backward; then
+`LaplacianUncertainty.update_from_grads(check=False)` every `fisher_update_freq` steps (it reads the
+.grad the training backward left), gradient clipping, AdamW, and the learning-rate schedule (linear
+warmup, then cosine to zero over the optimizer steps that the back-propagated samples make: a 20%
+subset makes 5x fewer steps per epoch, and the schedule is sized for that).
+
+Selection is the strategy's (`aql_v2.selection_strategy`, an `aql.strategies.SelectionStrategy` built
+by its `from_config`; see each strategy's file for what it does). The trainer knows only the protocol:
+- each epoch it trains on `strategy.epoch_plan(epoch)` through `strategy.batches(...)` (`epoch_loader`);
+- `scores_candidates` strategies get each candidate batch's no-grad `SoftmaxScores` (model in eval
+  mode) in `select()`; the kept samples are regrouped into micro-batches of `batch_size`;
+- `after_step(indices, scores)` gets every micro-batch's per-sample statistics from the fused loss;
+- `end_epoch(metrics)` after the validation pass; its metrics join the epoch's;
+- strategies with `uses_scores` False (none, random) train with plain `F.cross_entropy` and run no
+  AQL machinery: no estimator, no `after_step`, nothing timed as overhead.
+
+Overhead (`overhead_time`, and `overhead_pct` = AQL time / the rest of the training time), timed with
+CUDA events on GPU (read once per log interval, so no per-step synchronisation) and
+`time.perf_counter` on CPU (where every op is synchronous):
+- timed as AQL: per step, the per-sample statistics handed to `after_step` (the score store's
+  deferred write), and the Fisher update (every `fisher_update_freq` optimizer steps); per epoch, the
+  epoch's plan (`next_subset()`) and `end_epoch` (the store's write-back); for candidate-scoring
+  strategies, the candidates' scoring forward and the selection;
+- timed as training: batch gathering and transfer (the sample indices included), forward, the loss,
+  backward, clipping, optimizer and scheduler; evaluation, checkpoints and logging are in neither;
+- caused by AQL but counted as training: the fused loss's extra cost over the baseline's
+  `F.cross_entropy` (the demo prints both runs' time per step, and `benchmarks/` measure the two
+  losses side by side) and the estimator's forward hook on the head (a row counter).
+`aql_v2.target_overhead` is the budget: `fit()` reports `target_overhead_pct` beside `overhead_pct` and
+warns (RuntimeWarning) when the run's measured overhead exceeds it.
+The per-step path is lean: the documented fast paths `update_from_grads(check=False)` and the
+store's `update(deferred=True)` skip the argument checks of their public twins (the trainer
+guarantees the types), and nothing in it synchronises with the device.
+
+Checkpoints (`<output_dir>/checkpoint.pt`, written to a temporary file then `os.replace`d) hold the
+model, optimizer, scheduler, estimator and strategy states, the RNG states (torch, CUDA, numpy,
+python), the step, the epoch and the position inside the epoch (batches consumed, kept samples not yet
+trained), so a resumed run makes the same selections and reaches the same parameters as an
+uninterrupted one. A checkpoint is written every `save_every` steps, at every epoch end, and on Ctrl-C
+(SIGINT is deferred to the end of the running step, then the checkpoint is written and
+KeyboardInterrupt raised; a second Ctrl-C interrupts at once).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aql_kernels import cross_entropy_with_scores, softmax_scores
+
+from ..config import Config
+from ..strategies import STRATEGIES, SelectionStrategy, StrategyContext
+from ..strategies.base import split_selection
+from .batches import EpochLoader, PendingSamples, gather, per_sample_scores, split_batch
+from .checkpoint import CHECKPOINT_FORMAT, atomic_torch_save, rng_states, set_rng_states
+from .clock import OverheadClock, overhead_percent
+from .schedule import WarmupCosine
+
+__all__ = ["AQLv2Trainer", "resolve_device"]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"aql.trainer: device {name!r} requested but torch.cuda.is_available() is False; use device=cpu or auto")
+    return device
+
+
+class AQLv2Trainer:
+    """Trains `model` on `train_data` under `config` (an `aql.config.Config`).
+
+    train_data / val_data / test_data: datasets whose items are `(x, y[, index])` (an
+    `aql.data.IndexedTensorDataset` is fastest: whole batches by one index). `output_dir` defaults to
+    `config.logging.output_dir`; `callbacks` are called as `callback(trainer)` after every optimizer step.
+    `strategy`: the `aql.strategies.SelectionStrategy` (built from the config); `uncertainty`: the
+    estimator (None for strategies that use no scores).
+    """
+
+    def __init__(self, model: nn.Module, config: Config, *, train_data=None, val_data=None, test_data=None,
+                 output_dir: str | os.PathLike | None = None, callbacks: Iterable[Callable] = (), ignore_index: int = -100):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"aql.trainer.AQLv2Trainer: model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(config, Config):
+            raise TypeError(f"aql.trainer.AQLv2Trainer: config must be an aql.config.Config (see load_config), got {type(config).__name__}")
+        for name, data in (("train_data", train_data), ("val_data", val_data), ("test_data", test_data)):
+            if data is not None and not hasattr(data, "__len__"):
+                raise TypeError(f"aql.trainer.AQLv2Trainer: {name} must be a dataset with a length, got {type(data).__name__}")
+        if train_data is None:
+            raise ValueError("aql.trainer.AQLv2Trainer: train_data is required (the strategy plans over its samples), got None")
+        if len(train_data) == 0:
+            raise ValueError("aql.trainer.AQLv2Trainer: train_data is empty")
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.model = model.to(self.device)
+        # the device as tensors report it ("cuda" -> "cuda:0"), for per-step comparisons that must not
+        # fail on the missing index
+        self._tensor_device = torch.empty(0, device=self.device).device
+        self.train_data, self.val_data, self.test_data = train_data, val_data, test_data
+        self.output_dir = Path(output_dir if output_dir is not None else config.logging.output_dir)
+        self.callbacks = list(callbacks)
+        self.ignore_index = ignore_index
+        t = config.training
+        use_bf16 = t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")
+        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
+
+        strategy_class = STRATEGIES[config.aql_v2.selection_strategy]
+        self.uncertainty = self._build_estimator() if strategy_class.uses_scores else None
+        self.strategy: SelectionStrategy = strategy_class.from_config(config, self._strategy_context())
+        # the per-step work the strategy asked for: none when it reads no scores or keeps the default
+        # (empty) after_step
+        self._feeds_steps = self.strategy.uses_scores and type(self.strategy).after_step is not SelectionStrategy.after_step
+
+        decay, no_decay = [], []
+        for parameter in self.model.parameters():
+            if parameter.requires_grad:
+                (decay if parameter.dim() >= 2 else no_decay).append(parameter)
+        groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=t.learning_rate)
+        micro = math.ceil(self.strategy.samples_per_epoch / t.batch_size)
+        self.steps_per_epoch = max(1, math.ceil(micro / t.gradient_accumulation))
+        total = self.steps_per_epoch * t.epochs
+        if t.max_steps:
+            total = min(total, t.max_steps)
+        self.total_steps = max(1, total)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, WarmupCosine(t.warmup_steps, self.total_steps))
+
+        self.step = 0
+        self.epoch = 0
+        self.metrics: dict[str, list] = {"train_loss": [], "val_loss": [], "data_selected": [], "overhead_time": [], "overhead_pct": []}
+        self.history: list[dict] = []
+        self.total_samples = 0
+        self.total_tokens = 0
+        self._reset_epoch_state()
+        self._clock = OverheadClock(self.device)
+        self._stop_requested = False
+        self._step_rows = 0  # loss rows back-propagated in the running optimizer step
+        self._at_boundary = True  # no optimizer step half done: the state is consistent to checkpoint
+        self._progress = None
+        self._wandb = None
+        self._wandb_module = self._import_wandb() if config.logging.wandb_project else None
+
+    # ------------------------------------------------------------------------------------------ setup
+    def _build_estimator(self):
+        from .. import uncertainty
+
+        a = self.config.aql_v2
+        if a.uncertainty_method == "laplace":
+            head = getattr(self.model, "head", None)
+            return uncertainty.LaplacianUncertainty(self.model, head=head, ema_decay=a.fisher_ema_decay, prior_precision=a.prior_precision)
+        if a.uncertainty_method == "ensemble":
+            return uncertainty.EnsembleUncertainty(self.model, n_ensemble=a.n_ensemble)
+        return uncertainty.MCDropoutUncertainty(self.model, n_samples=a.mc_samples)
+
+    def _strategy_context(self) -> StrategyContext:
+        m = self.config.model
+        labels = getattr(self.train_data, "targets", None)
+        if not isinstance(labels, torch.Tensor) or labels.dim() != 1:
+            labels = None  # token data (or a dataset without a label tensor)
+        return StrategyContext(num_samples=len(self.train_data), seed=self.config.seed, device=self.device, labels=labels,
+                               num_classes=m.num_classes if m.type == "mnist1d_cnn" else m.vocab_size, model=self.model,
+                               estimator=self.uncertainty, train_data=self.train_data, holdout_data=self.val_data)
+
+    def _import_wandb(self):
+        try:
+            import wandb
+        except ImportError:
+            raise RuntimeError(
+                f"aql.trainer: logging.wandb_project is {self.config.logging.wandb_project!r} but wandb is not installed; "
+                "install the optional extra (pip install 'aql[wandb]'; WANDB_MODE=offline works without network) "
+                "or turn it off with --set logging.wandb_project=null") from None
+        return wandb
+
+    def _reset_epoch_state(self) -> None:
+        self._consumed = 0  # batches of the epoch's loader taken so far
+        self._pending = PendingSamples()  # kept candidates not yet trained on
+        self._epoch_loss_sum = torch.zeros((), dtype=torch.float64)
+        self._epoch_loss_count = torch.zeros((), dtype=torch.float64)
+        self._epoch_samples = 0
+        self._epoch_tokens = torch.zeros((), dtype=torch.int64)
+        self._epoch_aql_time = 0.0
+        self._epoch_total_time = 0.0
+        self._epoch_looked_at = 0
+        self._interval_loss_sum = torch.zeros((), dtype=torch.float64)
+        self._interval_loss_count = torch.zeros((), dtype=torch.float64)
+
+    def _move_epoch_state(self) -> None:
+        for name in ("_epoch_loss_sum", "_epoch_loss_count", "_epoch_tokens", "_interval_loss_sum", "_interval_loss_count"):
+            setattr(self, name, getattr(self, name).to(self.device))
+
+    # ------------------------------------------------------------------------------ the training step
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _micro_step(self, x, y, index, weight, scale: float) -> None:
+        x = x.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
+        batch = x.shape[0]
+        with self._autocast():
+            logits = self.model(x)
+        targets = y.reshape(-1)
+        if logits.dim() != 2 or logits.shape[0] != targets.shape[0]:
+            raise ValueError(f"aql.trainer: the model must return 2-D logits with one row per target, got {tuple(logits.shape)} "
+                             f"for {targets.shape[0]} targets")
+        if self.strategy.uses_scores:
+            per_token, scores = cross_entropy_with_scores(logits, targets, ignore_index=self.ignore_index, reduction="none")
+        else:
+            per_token = F.cross_entropy(logits.float(), targets, ignore_index=self.ignore_index, reduction="none")
+            scores = None
+        valid = (targets != self.ignore_index).to(per_token.dtype)
+        row_weight = valid
+        if weight is not None:  # the strategy's (or the loader's) importance weights: a normalised weighted mean
+            weight = weight.to(self.device, non_blocking=True).to(per_token.dtype)
+            row_weight = valid * weight.repeat_interleave(targets.shape[0] // batch)
+        loss = (per_token * row_weight).sum() / row_weight.sum().clamp_min(1e-12)
+        (loss * scale).backward()
+
+        detached = loss.detach().double()
+        self._interval_loss_sum += detached
+        self._interval_loss_count += 1
+        self._epoch_loss_sum += detached
+        self._epoch_loss_count += 1
+        self._epoch_samples += batch
+        self._step_rows += targets.shape[0]
+        self._epoch_tokens += valid.sum().long()
+        if self._feeds_steps and index is not None:
+            token = self._clock.begin()
+            if index.device != self._tensor_device or index.dtype != torch.int64 or index.dim() != 1 or index.shape[0] != batch:
+                index = self._check_index(index, batch)
+            self.strategy.after_step(index, per_sample_scores(scores, batch, valid))
+            self._clock.end(token)
+        self._last_batch = (x, y)
+
+    def _check_index(self, index: torch.Tensor, batch: int) -> torch.Tensor:
+        """A sample-index tensor from a user's loader, as the strategy's `after_step` needs it."""
+        if index.dim() != 1 or index.shape[0] != batch:
+            raise ValueError(f"aql.trainer: a batch's index must be 1-D with one entry per sample ({batch}), "
+                             f"got shape {tuple(index.shape)}")
+        if index.dtype.is_floating_point or index.dtype == torch.bool or index.is_complex():
+            raise TypeError(f"aql.trainer: a batch's index must hold integer sample indices, got {index.dtype}")
+        return index.to(self.device, torch.int64, non_blocking=True)
+
+    def _optimizer_step(self, micro_batches: int) -> None:
+        a, t = self.config.aql_v2, self.config.training
+        if micro_batches != t.gradient_accumulation:  # a short last group: rescale to a mean over what came
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            if grads:
+                torch._foreach_mul_(grads, t.gradient_accumulation / micro_batches)
+        if self.uncertainty is not None and self.step % a.fisher_update_freq == 0:
+            token = self._clock.begin()
+            if a.uncertainty_method == "laplace":
+                # the loss of this step is a mean over its rows (tokens for language models), unscaled,
+                # and backward ran since the last zero_grad: the estimator's per-step path
+                self.uncertainty.update_from_grads(max(1, self._step_rows), check=False)
+            elif a.uncertainty_method == "ensemble":
+                self.uncertainty.train_ensemble(*self._last_batch)
+            self._clock.end(token)
+        if t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._step_rows = 0
+        self.step += 1
+
+    # ---------------------------------------------------------------------------------- selection
+    def _counted(self, data_loader) -> Iterator:
+        for batch in data_loader:
+            self._consumed += 1
+            yield batch
+
+    def _candidate_scores(self, x: torch.Tensor, y: torch.Tensor):
+        """Per-sample `SoftmaxScores` of candidates from a no-grad forward of the model in eval mode."""
+        was_training = self.model.training
+        self.model.eval()
+        with torch.no_grad(), self._autocast():
+            logits = self.model(x)
+        self.model.train(was_training)
+        targets = y.reshape(-1)
+        valid = (targets != self.ignore_index).float()
+        return per_sample_scores(softmax_scores(logits, targets, ignore_index=self.ignore_index), x.shape[0], valid)
+
+    def _training_batches(self, data_loader) -> Iterator[tuple]:
+        """Micro-batches (x, y, index, weight) to back-propagate, after the strategy's selection."""
+        stream = self._counted(data_loader)
+        if not self.strategy.scores_candidates:
+            for batch in stream:
+                yield split_batch(batch)
+            return
+        batch_size = self.config.training.batch_size
+        pending = self._pending
+        for batch in stream:
+            x, y, index, weight = split_batch(batch)
+            if index is None:
+                raise TypeError(f"aql.trainer: strategy {self.strategy.name!r} selects among candidates by their dataset "
+                                "indices: batches must be (x, y, index) or (x, y, index, weight)")
+            with self._clock.aql():
+                x = x.to(self.device, non_blocking=True)
+                y = y.to(self.device, non_blocking=True)
+                index = index.to(self.device, non_blocking=True)
+                kept, kept_weight = split_selection(self.strategy.select(index, self._candidate_scores(x, y)))
+                if kept.shape[0]:
+                    if weight is not None:
+                        weight = weight.to(self.device).index_select(0, kept)
+                        kept_weight = weight if kept_weight is None else weight * kept_weight
+                    pending.append(x.index_select(0, kept), y.index_select(0, kept), index.index_select(0, kept), kept_weight)
+                self._epoch_looked_at += x.shape[0]
+            while len(pending) >= batch_size:
+                yield pending.take(batch_size)
+        while pending.pieces:
+            yield pending.take(batch_size)
+
+    # ---------------------------------------------------------------------------------- epoch loop
+    def train_epoch(self, data_loader) -> dict[str, Any]:
+        """Trains one epoch on `data_loader` (training batches for strategies that select before the
+        epoch, candidate batches for `scores_candidates` strategies), evaluates val, checkpoints;
+        returns the epoch's metrics."""
+        self.model.train()
+        self._move_epoch_state()
+        accumulation = self.config.training.gradient_accumulation
+        micro = 0
+        max_steps = self.config.training.max_steps
+        for x, y, index, weight in self._training_batches(data_loader):
+            self._at_boundary = False
+            self._micro_step(x, y, index, weight, 1.0 / accumulation)
+            micro += 1
+            if micro == accumulation:
+                self._optimizer_step(micro)
+                micro = 0
+                self._after_step()
+                if max_steps and self.step >= max_steps:
+                    break
+        if micro:
+            self._optimizer_step(micro)
+            self._after_step()
+        return self._end_epoch()
+
+    def _after_step(self) -> None:
+        self._at_boundary = True
+        lg = self.config.logging
+        if self._progress is not None:
+            self._progress.update(1)
+        for callback in self.callbacks:
+            callback(self)
+        if self.step % lg.log_every == 0:
+            self._log_interval()
+        if lg.eval_every and self.step % lg.eval_every == 0 and self.val_data is not None:
+            aql_time, total = self._clock.lap()
+            self._epoch_aql_time += aql_time
+            self._epoch_total_time += total
+            val = self.evaluate(self.val_data)
+            self._write_record({"event": "eval", "step": self.step, "epoch": self.epoch, **{f"val_{k}": v for k, v in val.items()}})
+            self._clock.restart()  # evaluation is neither training nor AQL
+        if lg.save_every and self.step % lg.save_every == 0:
+            self.save_checkpoint()
+        if self._stop_requested:
+            self.save_checkpoint()
+            raise KeyboardInterrupt(f"aql.trainer: interrupted; checkpoint written at step {self.step} to {self.checkpoint_path}")
+
+    def _log_interval(self) -> None:
+        aql_time, total = self._clock.lap()
+        self._epoch_aql_time += aql_time
+        self._epoch_total_time += total
+        count = float(self._interval_loss_count)
+        record = {
+            "event": "train", "step": self.step, "epoch": self.epoch,
+            "train_loss": float(self._interval_loss_sum) / count if count else float("nan"),
+            "lr": self.scheduler.get_last_lr()[0],
+            "overhead_time": aql_time, "overhead_pct": overhead_percent(aql_time, total), "interval_time": total,
+            "samples_backpropagated": self.total_samples + self._epoch_samples,
+            "tokens_backpropagated": self.total_tokens + int(self._epoch_tokens),
+        }
+        self._interval_loss_sum.zero_()
+        self._interval_loss_count.zero_()
+        self._write_record(record)
+        if self._progress is not None:
+            self._progress.set_postfix(loss=f"{record['train_loss']:.4f}", overhead=f"{record['overhead_pct']:.2f}%")
+
+    def _end_epoch(self) -> dict[str, Any]:
+        aql_time, total = self._clock.lap()
+        self._epoch_aql_time += aql_time
+        self._epoch_total_time += total
+        count = float(self._epoch_loss_count)
+        tokens = int(self._epoch_tokens)
+        self.total_samples += self._epoch_samples
+        self.total_tokens += tokens
+        metrics: dict[str, Any] = {
+            "epoch": self.epoch, "step": self.step,
+            "train_loss": float(self._epoch_loss_sum) / count if count else float("nan"),
+            "data_selected": self._epoch_samples / len(self.train_data),
+            "samples_backpropagated": self._epoch_samples,
+            "tokens_backpropagated": tokens,
+            "total_samples_backpropagated": self.total_samples,
+            "total_tokens_backpropagated": self.total_tokens,
+            "lr": self.scheduler.get_last_lr()[0],
+        }
+        if self.val_data is not None:
+            val = self.evaluate(self.val_data)
+            metrics.update({f"val_{k}": v for k, v in val.items()})
+        else:
+            metrics["val_loss"] = float("nan")
+        # the strategy's end of epoch (e.g. the score store's write-back) is AQL work, evaluation is not
+        self._clock.restart()
+        if self.strategy.uses_scores:
+            with self._clock.aql():
+                metrics.update(self.strategy.end_epoch(metrics))
+        else:
+            metrics.update(self.strategy.end_epoch(metrics))
+        aql_time, total = self._clock.lap()
+        self._epoch_aql_time += aql_time
+        self._epoch_total_time += total
+        metrics["overhead_time"] = self._epoch_aql_time
+        metrics["overhead_pct"] = overhead_percent(self._epoch_aql_time, self._epoch_total_time)
+        metrics["train_time"] = self._epoch_total_time
+        if self.config.logging.test_every_epoch and self.test_data is not None:
+            test = self.evaluate(self.test_data)
+            metrics.update({f"test_{k}": v for k, v in test.items()})
+        for key in self.metrics:
+            self.metrics[key].append(metrics[key])
+        self.history.append(metrics)
+        self._write_record({"event": "epoch", **metrics})
+        if self._wandb is not None:
+            self._wandb.log({f"epoch/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=self.step)
+        self.epoch += 1
+        self._reset_epoch_state()
+        self.save_checkpoint()
+        self._clock.restart()
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self, dataset) -> dict[str, float]:
+        """Mean loss per target (and accuracy; perplexity for token data) over `dataset`."""
+        was_training = self.model.training
+        self.model.eval()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        count = torch.zeros((), dtype=torch.int64, device=self.device)
+        size = self.config.training.eval_batch_size
+        for start in range(0, len(dataset), size):
+            x, y = gather(dataset, torch.arange(start, min(start + size, len(dataset))))
+            x, y = x.to(self.device), y.to(self.device)
+            with self._autocast():
+                logits = self.model(x)
+            targets = y.reshape(-1)
+            valid = targets != self.ignore_index
+            loss_sum += F.cross_entropy(logits.float(), targets, ignore_index=self.ignore_index, reduction="sum").double()
+            correct += ((logits.argmax(dim=1) == targets) & valid).sum()
+            count += valid.sum()
+        self.model.train(was_training)
+        n = max(1, int(count))
+        loss = float(loss_sum) / n
+        out = {"loss": loss, "accuracy": int(correct) / n}
+        if getattr(dataset, "tokens_per_sample", 1) > 1:
+            out["perplexity"] = math.exp(min(loss, 50.0))
+        return out
+
+    # ------------------------------------------------------------------------------------------ fit
+    def epoch_loader(self, epoch: int) -> EpochLoader:
+        """The loader `fit` trains epoch `epoch` on: the strategy's plan for the epoch as
+        (x, y, index, weight) batches (training batches, or candidate batches for `scores_candidates`
+        strategies), minus the batches already consumed when resuming inside the epoch."""
+        if self.strategy.uses_scores:  # the plan may select (next_subset): AQL work
+            with self._clock.aql():
+                plan = self.strategy.epoch_plan(epoch)
+        else:
+            plan = self.strategy.epoch_plan(epoch)
+        return EpochLoader(self.train_data, self.strategy, plan, self.config.training.batch_size, skip=self._consumed,
+                           device=self.device)
+
+    def fit(self, epochs: int | None = None, *, resume: bool = False) -> dict[str, Any]:
+        """Trains `config.training.epochs` epochs (or until max_steps); evaluates test at the end.
+
+        resume=True continues from `<output_dir>/checkpoint.pt` when it exists.
+        """
+        epochs = self.config.training.epochs if epochs is None else epochs
+        if resume and self.checkpoint_path.is_file():
+            self.load_checkpoint(self.checkpoint_path)
+        max_steps = self.config.training.max_steps
+        self._start_logging()
+        previous_handler = self._install_sigint()
+        try:
+            with self._progress_bar():
+                self._clock.restart()
+                while self.epoch < epochs and not (max_steps and self.step >= max_steps):
+                    self.train_epoch(self.epoch_loader(self.epoch))
+        except KeyboardInterrupt:
+            if self._stop_requested:
+                pass  # written at the step boundary already, or a second Ctrl-C asked to stop at once
+            elif self._at_boundary:  # raised between steps (e.g. by a callback): the state is consistent
+                self.save_checkpoint()
+            else:  # raised inside a step: keep the last consistent checkpoint rather than half a step
+                print(f"aql: interrupted inside a step; the last checkpoint ({self.checkpoint_path}) stands", flush=True)
+            raise
+        finally:
+            self._restore_sigint(previous_handler)
+            self._stop_requested = False
+        result = self.summary()
+        if result["overhead_pct"] > result["target_overhead_pct"]:
+            warnings.warn(f"aql.trainer: the AQL overhead of this run, {result['overhead_pct']:.2f}% of the training time, exceeds "
+                          f"aql_v2.target_overhead ({result['target_overhead_pct']:.2f}%)", RuntimeWarning, stacklevel=2)
+        if self.test_data is not None:
+            test = self.evaluate(self.test_data)
+            result.update({f"test_{k}": v for k, v in test.items()})
+        self._write_record({"event": "fit", **{k: v for k, v in result.items() if k != "history"}})
+        if self._wandb is not None:
+            self._wandb.log({f"final/{k}": v for k, v in result.items() if isinstance(v, (int, float))}, step=self.step)
+            self._wandb.finish()
+            self._wandb = None
+        return result
+
+    def summary(self) -> dict[str, Any]:
+        aql = sum(m["overhead_time"] for m in self.history)
+        total = sum(m["train_time"] for m in self.history)
+        return {
+            "strategy": self.strategy.name, "epochs": self.epoch, "steps": self.step,
+            "samples_backpropagated": self.total_samples, "tokens_backpropagated": self.total_tokens,
+            "train_loss": self.history[-1]["train_loss"] if self.history else float("nan"),
+            "val_loss": self.history[-1]["val_loss"] if self.history else float("nan"),
+            "data_selected": (sum(m["data_selected"] for m in self.history) / len(self.history)) if self.history else 0.0,
+            "overhead_time": aql, "overhead_pct": overhead_percent(aql, total), "train_time": total,
+            "target_overhead_pct": 100.0 * self.config.aql_v2.target_overhead,
+            "history": list(self.history),
+        }
+
+    @contextlib.contextmanager
+    def _progress_bar(self):
+        if not self.config.logging.progress_bar:
+            yield
+            return
+        from tqdm.auto import tqdm
+
+        self._progress = tqdm(total=self.total_steps, initial=self.step, desc=f"aql[{self.strategy.name}]", unit="step",
+                              dynamic_ncols=True)
+        try:
+            yield
+        finally:
+            self._progress.close()
+            self._progress = None
+
+    def _install_sigint(self):
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def request_stop(signum, frame):
+            if self._stop_requested:  # second Ctrl-C: stop now
+                raise KeyboardInterrupt
+            self._stop_requested = True
+            print("\naql: finishing the current step, writing a checkpoint, then stopping (Ctrl-C again to stop at once)", flush=True)
+
+        return signal.signal(signal.SIGINT, request_stop)
+
+    @staticmethod
+    def _restore_sigint(previous) -> None:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+    # --------------------------------------------------------------------------------------- logging
+    @property
+    def metrics_path(self) -> Path:
+        return self.output_dir / "metrics.jsonl"
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.output_dir / "checkpoint.pt"
+
+    def _start_logging(self) -> None:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if self._wandb_module is not None and self._wandb is None:
+            lg = self.config.logging
+            self._wandb = self._wandb_module.init(project=lg.wandb_project, tags=list(lg.wandb_tags), config=self.config.to_dict(),
+                                                  dir=str(self.output_dir), resume="allow")
+
+    def _write_record(self, record: dict) -> None:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        record = {"time": time.time(), **record}
+        with open(self.metrics_path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record, default=float) + "\n")
+        if self._wandb is not None and record.get("event") in ("train", "eval"):
+            self._wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "time"}, step=self.step)
+
+    # ------------------------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        def cpu(value):
+            return value.detach().cpu() if isinstance(value, torch.Tensor) else value
+
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "uncertainty": self.uncertainty.state_dict() if self.uncertainty is not None and hasattr(self.uncertainty, "state_dict") else None,
+            "strategy": self.strategy.name,
+            "selection": self.strategy.state_dict(),
+            "rng": rng_states(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "config": self.config.to_dict(),
+            "totals": {"samples": self.total_samples, "tokens": self.total_tokens},
+            "history": self.history,
+            "metrics": self.metrics,
+            "position": {
+                "consumed": self._consumed,
+                "pending": [tuple(cpu(v) for v in piece) for piece in self._pending.pieces],
+                "loss_sum": float(self._epoch_loss_sum), "loss_count": float(self._epoch_loss_count),
+                "samples": self._epoch_samples, "tokens": int(self._epoch_tokens),
+                "aql_time": self._epoch_aql_time, "total_time": self._epoch_total_time, "looked_at": self._epoch_looked_at,
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        where = "aql.trainer.AQLv2Trainer.load_state_dict"
+        if state.get("strategy") != self.strategy.name:
+            raise ValueError(f"{where}: the checkpoint was written by selection_strategy {state.get('strategy')!r}, "
+                             f"this trainer runs {self.strategy.name!r}")
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{where}: checkpoint format {state.get('format')!r} is not this version's {CHECKPOINT_FORMAT}; "
+                             "resume it with the aql version that wrote it")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.uncertainty is not None and state["uncertainty"] is not None:
+            self.uncertainty.load_state_dict(state["uncertainty"])
+        self.strategy.load_state_dict(state["selection"])
+        set_rng_states(state["rng"])
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.total_samples, self.total_tokens = state["totals"]["samples"], state["totals"]["tokens"]
+        self.history = list(state["history"])
+        self.metrics = {k: list(v) for k, v in state["metrics"].items()}
+        position = state["position"]
+        self._reset_epoch_state()
+        self._consumed = position["consumed"]
+        self._pending = PendingSamples(tuple(None if v is None else v.to(self.device) for v in piece) for piece in position["pending"])
+        self._epoch_loss_sum = torch.tensor(position["loss_sum"], dtype=torch.float64)
+        self._epoch_loss_count = torch.tensor(position["loss_count"], dtype=torch.float64)
+        self._epoch_samples = position["samples"]
+        self._epoch_tokens = torch.tensor(position["tokens"], dtype=torch.int64)
+        self._epoch_aql_time, self._epoch_total_time = position["aql_time"], position["total_time"]
+        self._epoch_looked_at = position["looked_at"]
+
+    def save_checkpoint(self, path: str | os.PathLike | None = None) -> Path:
+        """Writes the full training state atomically (temporary file, then os.replace)."""
+        path = Path(path) if path is not None else self.checkpoint_path
+        atomic_torch_save(self.state_dict(), path)
+        return path
+
+    def load_checkpoint(self, path: str | os.PathLike | None = None) -> None:
+        path = Path(path) if path is not None else self.checkpoint_path
+        if not path.is_file():
+            raise FileNotFoundError(f"aql.trainer.AQLv2Trainer.load_checkpoint: no checkpoint at {path}")
+        # weights_only=False: the RNG states are numpy / python objects. Only load checkpoints you wrote.
+        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
