@@ -10,6 +10,10 @@
 - `experiment uncertainty [--samples N] [--epochs E] [--output-dir D] [--seed S]`: the design
   document's Experiment 1 on MNIST-1D (see aql.experiments): OOD AUROC and cost relative to a forward
   pass of the Laplace, MC-dropout and ensemble estimators; a table, a JSON and a bar chart.
+- `experiment efficiency [--config YAML] [--quick] [--output-dir D]`: the selection study (see
+  aql.efficiency): every strategy and control at every budget, learning rate tuned on the validation
+  split, 3 seeds; runs.jsonl (resumable), summary.json, report.md and a plot of test accuracy against
+  samples back-propagated.
 - `bench [-k EXPR] [--json PATH]`: the pytest-benchmark suites of the repository's `benchmarks/`
   folder in a subprocess, then `benchmarks/summarize.py`'s table of the JSON they wrote.
 """
@@ -249,11 +253,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                       help="override a value of configs/mnist1d_demo.yaml for every run")
     experiment = commands.add_parser("experiment", help="the design document's experiments (uncertainty: OOD AUROC and cost "
-                                                          "of the estimators on MNIST-1D)")
-    experiment.add_argument("name", choices=["uncertainty"], help="which experiment")
+                                                          "of the estimators on MNIST-1D; efficiency: the selection study)")
+    experiment.add_argument("name", choices=["uncertainty", "efficiency"], help="which experiment")
+    experiment.add_argument("--config", default="configs/experiments/mnist1d_efficiency.yaml",
+                            help="efficiency: the study's YAML (methods, budgets, seeds, learning-rate grid)")
+    experiment.add_argument("--quick", action="store_true", help="efficiency: the config's quick: section (a few minutes)")
     experiment.add_argument("--samples", type=int, default=10000, help="MNIST-1D samples, 80%% train / 20%% test (default 10000)")
     experiment.add_argument("--epochs", type=int, default=20, help="training epochs (default 20)")
-    experiment.add_argument("--output-dir", default="runs/experiment_uncertainty", help="where the JSON and the PNG go")
+    experiment.add_argument("--output-dir", default=None, help="where the JSON and the PNG go (default runs/experiment_uncertainty; "
+                                                                "efficiency: results/experiments/efficiency, runs/experiment_efficiency_quick with --quick)")
     experiment.add_argument("--seed", type=int, default=0, help="seed of the model, training and OOD draws (default 0)")
     bench = commands.add_parser("bench", help="run the pytest-benchmark suites of benchmarks/ and summarise them")
     bench.add_argument("-k", dest="expression", default=None, metavar="EXPR", help="pytest -k expression selecting benchmarks")
@@ -275,8 +283,19 @@ def main(argv=None) -> int:
             _print_result(result)
         elif args.command == "demo":
             run_demo(args.output_dir, overrides=args.overrides)
+        elif args.command == "experiment" and args.name == "efficiency":
+            from .efficiency import StudyError, run_efficiency_experiment
+
+            default = "runs/experiment_efficiency_quick" if args.quick else "results/experiments/efficiency"
+            try:
+                run_efficiency_experiment(args.config, args.output_dir or default, quick=args.quick)
+            except StudyError as error:
+                print(f"error: {error}", file=sys.stderr)
+                return 2
         elif args.command == "experiment":
             from .experiments import EXPERIMENTS
+
+            args.output_dir = args.output_dir or "runs/experiment_uncertainty"
 
             try:
                 EXPERIMENTS[args.name](args.output_dir, samples=args.samples, epochs=args.epochs, seed=args.seed)

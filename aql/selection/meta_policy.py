@@ -220,16 +220,21 @@ class MetaLearnedSelector:
             rewards.append(self._reinforce_step(features, reward_fn))
         return rewards
 
-    def _reinforce_step(self, features: torch.Tensor, reward_fn) -> float:
+    def reinforce(self, features: torch.Tensor, mask: torch.Tensor, reward: float) -> None:
+        """One REINFORCE step for a decision taken outside `train_policy`: the rows of ``features``
+        where the bool ``mask`` is True were kept and earned ``reward`` (the online form, used by
+        the `meta` selection strategy, whose reward arrives only after the training step)."""
+        where = "selection.MetaLearnedSelector.reinforce"
+        self._check_features(where, features)
+        check_tensor(where, "mask", mask, ndim=1, dtypes=(torch.bool,))
+        if mask.shape[0] != features.shape[0]:
+            raise ValueError(f"aql.{where}: mask must have one entry per row of features ({features.shape[0]}), got {mask.shape[0]}")
         self._update_feature_stats(features)
-        logits = self._logits(features)
-        with torch.no_grad():
-            draw = torch.rand(logits.shape, generator=self._generator).to(logits.device)
-            mask = draw < torch.sigmoid(logits)
-        reward = reward_fn(mask.to(features.device))
-        reward = float(reward)
+        self._policy_step(self._logits(features), mask.to(next(self.policy.parameters()).device), float(reward))
+
+    def _policy_step(self, logits: torch.Tensor, mask: torch.Tensor, reward: float) -> None:
         if not math.isfinite(reward):
-            raise ValueError(f"aql.selection.MetaLearnedSelector.train_policy: a reward must be finite, got {reward}")
+            raise ValueError(f"aql.selection.MetaLearnedSelector: a reward must be finite, got {reward}")
         if self.baseline is None:
             self.baseline = reward
         advantage = reward - self.baseline
@@ -242,6 +247,18 @@ class MetaLearnedSelector:
         m = self.baseline_momentum
         self.baseline = m * self.baseline + (1.0 - m) * reward
         self.episodes_trained += 1
+
+    def _reinforce_step(self, features: torch.Tensor, reward_fn) -> float:
+        self._update_feature_stats(features)
+        logits = self._logits(features)
+        with torch.no_grad():
+            draw = torch.rand(logits.shape, generator=self._generator).to(logits.device)
+            mask = draw < torch.sigmoid(logits)
+        reward = reward_fn(mask.to(features.device))
+        reward = float(reward)
+        if not math.isfinite(reward):
+            raise ValueError(f"aql.selection.MetaLearnedSelector.train_policy: a reward must be finite, got {reward}")
+        self._policy_step(logits, mask, reward)
         return reward
 
     # -- persistence --------------------------------------------------------------------------------

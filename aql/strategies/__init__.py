@@ -13,6 +13,10 @@ from .random import RandomStrategy
 from .stale import StaleStrategy
 from .streaming import StreamingStrategy
 from .curriculum import CurriculumStrategy
+from .online import OnlineSelection
+from .ranked import RankedSelection
+from .meta import MetaSelection
 
 __all__ = ["STRATEGIES", "EpochPlan", "SelectionStrategy", "StrategyContext", "build_strategy", "register_strategy",
-           "AllDataStrategy", "RandomStrategy", "StaleStrategy", "StreamingStrategy", "CurriculumStrategy"]
+           "AllDataStrategy", "RandomStrategy", "StaleStrategy", "StreamingStrategy", "CurriculumStrategy",
+           "OnlineSelection", "RankedSelection", "MetaSelection"]

@@ -1,0 +1,179 @@
+"""`online`: fresh scores for every candidate batch, the budget share of it back-propagated.
+
+Each step draws a candidate batch of `ceil(batch_size / query_budget)` samples from the epoch's
+shuffled order, scores it with a no-grad forward (`aql_kernels.softmax_scores`, one read of the
+logits), and trains on the chosen rows (Selective Backprop, Jiang et al. 2019; with `score:
+reducible`, RHO-LOSS, Mindermann et al. 2022). The knobs, each measured in EXPERIMENTS.md:
+
+- `score`: the statistic that ranks candidates (`_keys.SCORE_NAMES`).
+- `pick`: `top` (the exact top of the keys) or `sample` (a draw proportional to
+  `score + smoothing * mean(score)`, Katharopoulos & Fleuret 2018), with `importance_weights` bounded
+  by `max_weight` (`_keys.inclusion_weights`).
+- `balanced`: per-class quotas inside the selection (stratified by label), so a subset never
+  collapses onto a few classes. The plain top-loss rule collapses onto the classes the model gets
+  wrong and never leaves chance level on MNIST-1D at high learning rates; the quotas fix that.
+- `warmup_epochs`: epochs of uniformly random selection before scores rank anything.
+- `curriculum_start` / `curriculum_epochs`: an easy-to-hard band on the quantiles of the candidates'
+  scores: at epoch progress t only the easiest `start + (1 - start) * min(1, t / curriculum_epochs)`
+  of each candidate batch is eligible (never fewer than the rows to keep), so a band never runs dry.
+- `order`: `score` (active selection) or `random` (uniform inside the eligible band: curriculum
+  without active selection, and with no curriculum the random control with its extra forwards).
+
+The budget is held exactly: after each candidate batch, floor(query_budget * candidates seen + 1/2)
+rows have been kept in all. Keys and the top-k (`aql_kernels.topk_indices`) stay on the device; the
+only host arithmetic is on batch sizes. Deterministic for a seed: the order, the random keys and the
+selections are fixed by (seed, epoch) and the generator's state, which `state_dict` carries.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+import aql_kernels
+from aql._checks import check_int, check_interval, check_tensor
+
+from . import _keys
+from .base import EpochPlan, SelectionStrategy, StrategyContext, register_strategy
+
+__all__ = ["OnlineSelection"]
+
+
+@register_strategy
+class OnlineSelection(SelectionStrategy):
+    """Candidate batches scored by a no-grad forward; see the module docstring for the knobs.
+
+    labels: int64 [N] training labels (needed by `balanced`); irreducible: float32 [N] stored
+    irreducible losses (needed by `score="reducible"`, e.g. from `aql.strategies.irreducible_losses`).
+    """
+
+    name = "online"
+    scores_candidates = True
+
+    def __init__(self, num_samples: int, *, query_budget: float = 0.2, seed: int = 0, device: torch.device | str = "cpu",
+                 score: str = "loss", pick: str = "top", balanced: bool = True, smoothing: float = 0.5,
+                 importance_weights: bool = False, max_weight: float = 4.0, warmup_epochs: float = 0.0,
+                 curriculum_start: float | None = None, curriculum_epochs: float = 10.0, order: str = "score",
+                 labels: torch.Tensor | None = None, num_classes: int | None = None, irreducible: torch.Tensor | None = None):
+        super().__init__(num_samples, query_budget=query_budget, seed=seed, device=device)
+        where = f"strategies.{type(self).__name__}"
+        if score not in _keys.SCORE_NAMES:
+            raise ValueError(f"aql.{where}: score must be one of {_keys.SCORE_NAMES}, got {score!r}")
+        if pick not in ("top", "sample"):
+            raise ValueError(f"aql.{where}: pick must be 'top' or 'sample', got {pick!r}")
+        if order not in ("score", "random"):
+            raise ValueError(f"aql.{where}: order must be 'score' or 'random', got {order!r}")
+        for name, value in (("balanced", balanced), ("importance_weights", importance_weights)):
+            if not isinstance(value, bool):
+                raise TypeError(f"aql.{where}: {name} must be a bool, got {type(value).__name__} {value!r}")
+        self.score, self.pick, self.order = score, pick, order
+        self.balanced, self.importance_weights = balanced, importance_weights
+        self.smoothing = check_interval(where, "smoothing", smoothing, 0.0, math.inf, low_open=False, high_open=True)
+        self.max_weight = check_interval(where, "max_weight", max_weight, 1.0, math.inf, low_open=False, high_open=True)
+        self.warmup_epochs = check_interval(where, "warmup_epochs", warmup_epochs, 0.0, math.inf, low_open=False, high_open=True)
+        self.curriculum_epochs = check_interval(where, "curriculum_epochs", curriculum_epochs, 0.0, math.inf, low_open=True, high_open=True)
+        self.curriculum_start = None if curriculum_start is None else check_interval(
+            where, "curriculum_start", curriculum_start, 0.0, 1.0, low_open=True, high_open=False)
+        self.labels = None
+        self.num_classes = None
+        if balanced:
+            if labels is None:
+                raise ValueError(f"aql.{where}: balanced=True needs labels (int64 [num_samples] class labels); "
+                                 "pass balanced=False for data without labels")
+            check_tensor(where, "labels", labels, ndim=1, dtypes=(torch.int64, torch.int32))
+            if labels.shape[0] != self.num_samples:
+                raise ValueError(f"aql.{where}: labels must have num_samples={self.num_samples} entries, got {labels.shape[0]}")
+            self.labels = labels.to(self.device, torch.int64)
+            self.num_classes = check_int(where, "num_classes", num_classes, low=1) if num_classes is not None \
+                else int(self.labels.max()) + 1  # once, at construction
+        self.irreducible = None
+        if score == "reducible":
+            if irreducible is None:
+                raise ValueError(f"aql.{where}: score='reducible' needs irreducible (float32 [num_samples] irreducible losses, "
+                                 "see aql.strategies.irreducible_losses)")
+            check_tensor(where, "irreducible", irreducible, ndim=1, dtypes=(torch.float32,))
+            if irreducible.shape[0] != self.num_samples:
+                raise ValueError(f"aql.{where}: irreducible must have num_samples={self.num_samples} entries, got {irreducible.shape[0]}")
+            self.irreducible = irreducible.to(self.device)
+        self._generator = torch.Generator(device=self.device)
+        self._generator.manual_seed(self.seed + 7919)
+        self.epoch = 0
+        self._seen = 0  # candidates scored this epoch
+        self._kept = 0  # of them kept
+
+    # -- the protocol ------------------------------------------------------------------------------
+    def epoch_plan(self, epoch: int) -> EpochPlan:
+        check_int(f"strategies.{type(self).__name__}.epoch_plan", "epoch", epoch, low=0)
+        if epoch != self.epoch:
+            self.epoch, self._seen, self._kept = epoch, 0, 0
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return EpochPlan(torch.randperm(self.num_samples, generator=generator))
+
+    def _progress(self) -> float:
+        """Epochs of training so far, fractional inside the running epoch."""
+        return self.epoch + self._seen / self.num_samples
+
+    def select(self, indices: torch.Tensor, scores):
+        batch = indices.shape[0]
+        progress = self._progress()
+        self._seen += batch
+        keep = min(batch, _keys.quota(self._seen, self._kept, self.query_budget))
+        self._kept += keep
+        device = scores.lse.device
+        if progress < self.warmup_epochs or self.order == "random":
+            keys = torch.rand(batch, generator=self._generator, device=self.device).to(device)
+            values = None
+        else:
+            values = _keys.score_values(scores, self.score, self.irreducible, indices)
+            keys = values
+        weights = None
+        if self.pick == "sample" and values is not None:
+            draw = (values.float() + self.smoothing * values.float().mean()).clamp_min(0)
+            draw = torch.nan_to_num(draw, nan=0.0, posinf=0.0)
+            keys = _keys.sampling_keys(draw, self._generator).to(device)
+            if self.importance_weights:
+                weights = _keys.inclusion_weights(draw, keep, self.max_weight)
+        if self.curriculum_start is not None and progress >= self.warmup_epochs:
+            difficulty = _keys.score_values(scores, self.score, self.irreducible, indices)
+            upper = self.curriculum_start + (1.0 - self.curriculum_start) * min(1.0, progress / self.curriculum_epochs)
+            keys = _keys.band_keys(difficulty, keys, max(upper, keep / max(1, batch)))
+        if self.balanced:
+            keys = _keys.balanced_keys(keys, self.labels.index_select(0, indices.to(self.device)).to(device), self.num_classes)
+        positions = aql_kernels.topk_indices(keys.float().contiguous(), keep)
+        if weights is not None:
+            return positions, weights.index_select(0, positions)
+        return positions
+
+    def end_epoch(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        out = {"candidates_scored": self._seen, "selected": self._kept}
+        self.epoch, self._seen, self._kept = self.epoch + 1, 0, 0
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "epoch": self.epoch, "seen": self._seen, "kept": self._kept,
+                "generator": self._generator.get_state()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.epoch, self._seen, self._kept = int(state["epoch"]), int(state["seen"]), int(state["kept"])
+        self._generator.set_state(state["generator"])
+
+    @classmethod
+    def from_config(cls, config, context: StrategyContext) -> OnlineSelection:
+        options = dict(config.aql_v2.strategy_options)
+        labels = context.labels if options.get("balanced", True) else None
+        irreducible = None
+        if options.get("score") == "reducible":
+            from aql.models import build_model
+
+            from .irreducible import irreducible_losses
+
+            irreducible = irreducible_losses(context.train_data, context.holdout_data, seed=config.seed,
+                                             model_factory=lambda: build_model(config.model), **options.pop("irreducible", {}))
+        return cls(context.num_samples, query_budget=config.aql_v2.query_budget, seed=config.seed, device=context.device,
+                   labels=labels, num_classes=context.num_classes, irreducible=irreducible, **options)
+
+
