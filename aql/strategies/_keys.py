@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 __all__ = ["SCORE_NAMES", "score_values", "rank_fraction", "balanced_keys", "sampling_keys", "inclusion_weights",
            "band_keys", "quota"]
@@ -52,15 +53,12 @@ def balanced_keys(keys: torch.Tensor, labels: torch.Tensor, num_classes: int) ->
     selection), so that a high-loss subset never collapses onto a few labels. Ties between classes
     at the same fractional rank go to the lowest index."""
     clean = torch.nan_to_num(keys.float(), nan=-math.inf)
-    labels = labels.to(clean.device).long()
-    by_key = torch.sort(clean, descending=True, stable=True).indices
-    by_class = by_key[torch.sort(labels[by_key], stable=True).indices]  # class, then key descending
-    counts = torch.bincount(labels, minlength=num_classes)
-    starts = torch.cumsum(counts, 0) - counts
-    sorted_labels = labels[by_class]
-    rank = torch.arange(by_class.numel(), device=clean.device) - starts[sorted_labels]
+    order = torch.sort(clean, descending=True, stable=True).indices
+    sorted_labels = labels.to(clean.device).long()[order]
+    running = F.one_hot(sorted_labels, num_classes).cumsum(0)  # [B, C]: rows of each class so far, best first
+    rank = running.gather(1, sorted_labels.unsqueeze(1)).squeeze(1) - 1
     out = torch.empty_like(clean)
-    out[by_class] = -(rank.float() + 0.5) / counts[sorted_labels].float()
+    out[order] = -(rank.float() + 0.5) / running[-1][sorted_labels].float()
     return out
 
 
