@@ -123,7 +123,9 @@ def test_overrides_are_yaml_scalars_validated_like_the_file():
     ("trainin.batch_size=3", ["trainin", "unknown section"]),
     ("training=3", ["training", "section"]),
     ("training.batch_size", ["section.key=value"]),
-    ("a.b.c=1", ["section.key"]),
+    ("a.b.c.d=1", ["section.key"]),
+    ("training.batch_size.x=1", ["training.batch_size is not a mapping"]),
+    ("aql_v2.strategy_options.bogus=1", ["aql_v2.strategy_options.bogus", "not an option of strategy 'stale'"]),
     ("training.batch_size={a: 1}", ["one key at a time"]),
 ])
 def test_bad_overrides(override, fragments):
@@ -156,3 +158,27 @@ def test_file_errors(tmp_path):
 def test_to_dict_round_trips():
     config = load_config(DEMO)
     assert config_from_dict(config.to_dict()) == config
+
+
+def test_unimplemented_performance_keys_warn_once_and_false_is_silent(monkeypatch):
+    import warnings
+
+    from aql import config as config_module
+
+    monkeypatch.setattr(config_module, "_WARNED", set())
+    with pytest.warns(UserWarning, match=r"aql_v2.enable_caching: true is not implemented.*has no effect") as caught:
+        load_config(TEMPLATE)
+    assert any("aql_v2.parallelize_uncertainty: true is not implemented" in str(w.message) for w in caught)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_config(TEMPLATE)  # once per process
+        monkeypatch.setattr(config_module, "_WARNED", set())
+        config = load_config(DEMO)  # false (the default): nothing to warn about
+    assert config.aql_v2.enable_caching is False and config.aql_v2.parallelize_uncertainty is False
+
+
+def test_strategy_options_from_the_command_line():
+    config = load_config(DEMO, ["aql_v2.selection_strategy=streaming", "aql_v2.strategy_options.batch_tolerance=0.5",
+                                "aql_v2.strategy_options.budget_feedback=false"])
+    assert config.aql_v2.strategy_options == {"batch_tolerance": 0.5, "budget_feedback": False}
+    assert load_config(DEMO).aql_v2.strategy_options == {}

@@ -1090,3 +1090,25 @@ def test_selectors_on_cuda_agree_with_cpu():
     resumed = ScoreStore(n, query_budget=0.2, exploration=0.1, device=device)
     resumed.load_state_dict(state)
     assert torch.equal(resumed.next_subset().indices, subset.indices)
+
+
+def test_streaming_keep_decides_as_process_batch_does():
+    a, b = StreamingAQL(None, None, query_budget=0.3, buffer_size=50), StreamingAQL(None, None, query_budget=0.3, buffer_size=50)
+    generator = torch.Generator().manual_seed(0)
+    for step in range(6):
+        scores = torch.randn(40, generator=generator) + 0.2 * step
+        decision = a.keep(scores)
+        batch = b.process_batch(torch.arange(40).float(), torch.arange(40), scores)
+        assert torch.equal(decision.positions, batch.mask.nonzero().squeeze(1)) and torch.equal(decision.weights, batch.weights)
+        assert torch.equal(batch.data, decision.positions.float())
+    assert (a.seen, a.kept) == (b.seen, b.kept)
+    with pytest.raises(TypeError, match=r"aql.selection.StreamingAQL.keep: scores must have dtype in \(float32\)"):
+        a.keep(torch.zeros(3, dtype=torch.float64))
+
+
+def test_score_store_flush_writes_deferred_updates():
+    store = ScoreStore(10)
+    store.update(torch.tensor([2, 3]), torch.tensor([1.0, 2.0]), deferred=True)
+    assert store._deferred
+    store.flush()
+    assert not store._deferred and store._scores[2:4].tolist() == [1.0, 2.0] and store._seen[2:4].all()

@@ -44,7 +44,7 @@ def make_config(output_dir, **sections):
         "data": {"name": "mnist1d"},
         "training": {"batch_size": 32, "learning_rate": 3e-3, "warmup_steps": 2, "max_steps": 0, "gradient_accumulation": 1,
                      "epochs": 6, "eval_batch_size": 1000},
-        "aql_v2": {"selection_strategy": "stale", "query_budget": 0.2, "exploration": 0.0},
+        "aql_v2": {"selection_strategy": "stale", "query_budget": 0.2, "exploration": 0.0, "target_overhead": 1.0},
         "logging": {"log_every": 5, "eval_every": 0, "save_every": 0, "wandb_project": None, "output_dir": str(output_dir),
                     "progress_bar": False},
     }
@@ -98,7 +98,8 @@ def test_every_strategy_trains_selects_its_budget_and_reports_overhead(strategy,
     if strategy in ("none", "random"):  # no AQL machinery runs
         assert result["overhead_time"] == 0.0 and result["overhead_pct"] == 0.0
     else:
-        assert result["overhead_time"] > 0 and 0 < result["overhead_pct"] < 1000
+        assert 0 < result["overhead_time"] < result["train_time"]
+        assert result["overhead_pct"] == pytest.approx(overhead_percent(result["overhead_time"], result["train_time"]))
     if strategy in ("stale", "random"):
         assert all(m["data_selected"] == pytest.approx(round(0.2 * n) / n) for m in history)
     if strategy == "streaming":  # a running threshold with budget feedback: the budget up to a few samples
@@ -409,3 +410,42 @@ def test_gpt2_tiny_forward_and_token_level_training(tmp_path):
     assert result["history"][-1]["val_loss"] < result["history"][0]["val_loss"]
     assert "val_perplexity" in result["history"][-1]
     assert torch.isfinite(trainer.strategy.store.scores[trainer.strategy.store.seen]).all()
+
+
+@pytest.mark.parametrize("strategy, hook", [("stale", "after_step"), ("streaming", "select")])
+def test_overhead_counts_the_strategys_work_and_not_evaluation(strategy, hook, mnist, tmp_path):
+    """The strategy's per-step (after_step) or per-candidate-batch (select) work is AQL time; the
+    validation pass is in neither AQL nor training time."""
+    config = make_config(tmp_path, aql_v2={"selection_strategy": strategy}, training={"epochs": 1})
+    trainer = make_trainer(config, mnist)
+    calls, pause = [], 0.004
+    original = getattr(trainer.strategy, hook)
+
+    def slow(*args):
+        calls.append(1)
+        time.sleep(pause)
+        return original(*args)
+
+    setattr(trainer.strategy, hook, slow)
+    evaluate = trainer.evaluate
+    trainer.evaluate = lambda data: time.sleep(0.3) or evaluate(data)
+    started = time.perf_counter()
+    result = trainer.fit()
+    wall = time.perf_counter() - started
+    assert calls and result["overhead_time"] >= len(calls) * pause
+    # the slept time is AQL time, so it is no more than the overhead; evaluation (2 x 0.3 s) is outside both
+    assert result["train_time"] < wall - 0.55 and result["overhead_time"] < result["train_time"]
+
+
+def test_target_overhead_is_reported_and_exceeding_it_warns(mnist, tmp_path):
+    config = make_config(tmp_path, aql_v2={"target_overhead": 0.0}, training={"epochs": 1})
+    with pytest.warns(RuntimeWarning, match=r"AQL overhead of this run, [0-9.]+% of the training time, exceeds "
+                                            r"aql_v2.target_overhead \(0.00%\)"):
+        result = make_trainer(config, mnist).fit()
+    assert result["target_overhead_pct"] == 0.0 and result["overhead_pct"] > 0.0
+    config = make_config(tmp_path / "b", training={"epochs": 1})  # target 100%: met
+    import warnings as warnings_module
+
+    with warnings_module.catch_warnings():
+        warnings_module.simplefilter("error", RuntimeWarning)
+        assert make_trainer(config, mnist).fit()["target_overhead_pct"] == 100.0
