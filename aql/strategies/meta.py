@@ -40,6 +40,13 @@ class MetaSelection(SelectionStrategy):
 
     name = "meta"
     scores_candidates = True
+    config_arguments = {**SelectionStrategy.config_arguments,
+                        "model": "the trained model",
+                        "holdout": "the validation split",
+                        "labels": "the training data's targets",
+                        "num_classes": "the training data's targets",
+                        "epochs": "training.epochs",
+                        }
 
     def __init__(self, num_samples: int, *, query_budget: float = 0.2, seed: int = 0, device: torch.device | str = "cpu",
                  model=None, holdout=None, labels: torch.Tensor | None = None, num_classes: int | None = None,

@@ -52,6 +52,11 @@ class OnlineSelection(SelectionStrategy):
 
     name = "online"
     scores_candidates = True
+    config_arguments = {**SelectionStrategy.config_arguments,
+                        "labels": "the training data's targets",
+                        "num_classes": "the training data's targets",
+                        "irreducible": "a model trained on the validation split (score: reducible)",
+                        }
 
     def __init__(self, num_samples: int, *, query_budget: float = 0.2, seed: int = 0, device: torch.device | str = "cpu",
                  score: str = "loss", pick: str = "top", balanced: bool = True, smoothing: float = 0.5,
@@ -172,7 +177,7 @@ class OnlineSelection(SelectionStrategy):
             from .irreducible import irreducible_losses
 
             irreducible = irreducible_losses(context.train_data, context.holdout_data, seed=config.seed,
-                                             model_factory=lambda: build_model(config.model), **options.pop("irreducible", {}))
+                                             model_factory=lambda: build_model(config.model))
         return cls(context.num_samples, query_budget=config.aql_v2.query_budget, seed=config.seed, device=context.device,
                    labels=labels, num_classes=context.num_classes, irreducible=irreducible, **options)
 

@@ -37,6 +37,11 @@ class RankedSelection(SelectionStrategy):
     """A ranked subset per epoch from stale training-forward scores (see the module docstring)."""
 
     name = "ranked"
+    config_arguments = {**SelectionStrategy.config_arguments,
+                        "labels": "the training data's targets",
+                        "num_classes": "the training data's targets",
+                        "irreducible": "a model trained on the validation split (score: reducible)",
+                        }
 
     def __init__(self, num_samples: int, *, query_budget: float = 0.2, seed: int = 0, device: torch.device | str = "cpu",
                  score: str = "loss", balanced: bool = True, ageing: float = 1.0, exploration: float = 0.0,
@@ -127,7 +132,7 @@ class RankedSelection(SelectionStrategy):
             from .irreducible import irreducible_losses
 
             irreducible = irreducible_losses(context.train_data, context.holdout_data, seed=config.seed,
-                                             model_factory=lambda: build_model(config.model), **options.pop("irreducible", {}))
+                                             model_factory=lambda: build_model(config.model))
         return cls(context.num_samples, query_budget=config.aql_v2.query_budget, seed=config.seed, device=context.device,
                    labels=labels, num_classes=context.num_classes, irreducible=irreducible, **options)
 

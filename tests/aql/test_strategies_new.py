@@ -342,3 +342,56 @@ def test_irreducible_losses_flag_noisy_labels():
 
 def test_registered():
     assert {"online", "ranked", "meta"} <= set(STRATEGIES)
+
+
+# ------------------------------------------------------------------------------------------ in the trainer
+@pytest.fixture(scope="module")
+def mnist(tmp_path_factory):
+    from aql.data import mnist1d_datasets
+
+    return mnist1d_datasets(1500, val_fraction=0.1, seed=11, cache_dir=tmp_path_factory.mktemp("mnist1d"))
+
+
+@pytest.mark.parametrize("strategy, options, stop_step", [
+    ("online", {"score": "loss", "balanced": True}, 11),
+    ("online", {"score": "el2n", "pick": "sample", "balanced": False, "importance_weights": True}, 7),
+    ("online", {"score": "reducible", "balanced": True}, 9),
+    ("ranked", {"score": "loss", "balanced": True, "ageing": 0.5}, 13),
+    ("meta", {"hidden": 8}, 10),
+])
+def test_new_strategies_resume_in_the_trainer_like_an_uninterrupted_run(strategy, options, stop_step, mnist, tmp_path):
+    """The trainer drives each strategy through the protocol alone: it trains at the budget, and an
+    interrupted, resumed run repeats the uninterrupted one bit for bit."""
+    from tests.aql.test_trainer import _interrupt_at, make_config, make_trainer, record_batches
+
+    sections = {"aql_v2": {"selection_strategy": strategy, "strategy_options": options},
+                "training": {"epochs": 3, "batch_size": 16}}
+    torch.set_num_threads(1)
+    reference = make_trainer(make_config(tmp_path / "reference", **sections), mnist)
+    reference_batches = record_batches(reference)
+    result = reference.fit()
+    assert result["steps"] > stop_step
+    assert result["samples_backpropagated"] == pytest.approx(3 * 0.2 * len(mnist[0]), abs=3)
+    interrupted = make_trainer(make_config(tmp_path / "resumed", **sections), mnist, callbacks=[_interrupt_at(stop_step)])
+    first = record_batches(interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.fit()
+    resumed = make_trainer(make_config(tmp_path / "resumed", **sections), mnist, model_seed=1)
+    second = record_batches(resumed)
+    resumed.fit(resume=True)
+    assert len(first + second) == len(reference_batches)
+    for (ref_index, ref_x), (index, x) in zip(reference_batches, first + second):
+        assert torch.equal(ref_x, x)
+    for (name, a), b in zip(reference.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_strategy_options_are_checked_when_the_config_loads(tmp_path):
+    from tests.aql.test_trainer import make_config
+
+    from aql.config import ConfigError
+
+    with pytest.raises(ConfigError, match="aql_v2.strategy_options.labels"):
+        make_config(tmp_path, aql_v2={"selection_strategy": "online", "strategy_options": {"labels": [1, 2]}})
+    with pytest.raises(ConfigError, match="aql_v2.strategy_options.colour"):
+        make_config(tmp_path, aql_v2={"selection_strategy": "ranked", "strategy_options": {"colour": 1}})
