@@ -1,9 +1,11 @@
 """Builds the native libraries of aql_kernels with CMake during `pip install` / `build_ext`.
 
-libaql_cpu.so is always built (C++17, OpenMP, -O3 -march=native); libaql_cuda.so when nvcc is found
-(static CUDA runtime; AQL_CUDA_ARCHS, default "80;90", PTX for the newest). Both land inside
-aql_kernels/. AQL_SKIP_NATIVE=1 skips the native build; AQL_REQUIRE_CUDA=1 makes a missing nvcc or a
-failed CUDA build an error.
+libaql_cpu.so is always built (C++17, OpenMP, -O3), portable: its kernels are compiled for baseline
+x86-64, x86-64-v3 (AVX2) and x86-64-v4 (AVX-512) and picked at run time from the CPU's features.
+AQL_NATIVE_ARCH=native (or 1 / ON) builds them for this machine only (-march=native), which fails on
+older CPUs. libaql_cuda.so is built when nvcc is found (static CUDA runtime; AQL_CUDA_ARCHS, default
+"80;90", PTX for the newest). Both land inside aql_kernels/. AQL_SKIP_NATIVE=1 skips the native
+build; AQL_REQUIRE_CUDA=1 makes a missing nvcc or a failed CUDA build an error.
 """
 
 import os
@@ -40,6 +42,15 @@ def find_cmake() -> str:
         raise RuntimeError("aql: CMake is needed to build the native libraries: `pip install cmake` or apt-get install cmake") from None
 
 
+def native_arch() -> bool:
+    value = os.environ.get("AQL_NATIVE_ARCH", "").strip().lower()
+    if value in ("", "0", "off", "no", "false", "portable"):
+        return False
+    if value in ("1", "on", "yes", "true", "native"):
+        return True
+    raise RuntimeError(f"aql: AQL_NATIVE_ARCH must be native (or 1 / ON) or unset, got {os.environ['AQL_NATIVE_ARCH']!r}")
+
+
 def build_native(output_dir: Path, build_dir: Path) -> None:
     cmake = find_cmake()
     nvcc = find_nvcc()
@@ -54,6 +65,8 @@ def build_native(output_dir: Path, build_dir: Path) -> None:
     ]
     if nvcc:
         args.append(f"-DCMAKE_CUDA_COMPILER={nvcc}")
+    # Always passed, so that a build directory configured earlier does not keep a cached value.
+    args.append(f"-DAQL_NATIVE_ARCH={'ON' if native_arch() else 'OFF'}")
     if os.environ.get("AQL_CUDA_ARCHS"):
         args.append(f"-DAQL_CUDA_ARCHS={os.environ['AQL_CUDA_ARCHS']}")
     if shutil.which("ninja") and not (build_dir / "CMakeCache.txt").exists():

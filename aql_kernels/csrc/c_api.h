@@ -32,6 +32,8 @@ enum {
   AQL_ERR_CUDA = 3,
   AQL_ERR_UNSUPPORTED = 4,
   AQL_ERR_WORKSPACE_TOO_SMALL = 5,
+  AQL_ERR_OUT_OF_MEMORY = 6, /* a host allocation failed */
+  AQL_ERR_INTERNAL = 7,      /* a consistency check inside the library failed: a bug, please report it */
 };
 
 /* Element types of floating inputs. */
@@ -41,6 +43,14 @@ enum {
   AQL_DTYPE_F16 = 2,
 };
 
+/* Instruction-set variants of the CPU library's kernels (aql_cpu_isa). */
+enum {
+  AQL_CPU_ISA_BASELINE = 0, /* x86-64 with SSE2 (or, off x86-64, the compiler's default target) */
+  AQL_CPU_ISA_AVX2 = 1,     /* x86-64-v3: AVX2, FMA, F16C, BMI1/2 */
+  AQL_CPU_ISA_AVX512 = 2,   /* x86-64-v4: AVX-512 F, BW, DQ, VL, CD */
+  AQL_CPU_ISA_NATIVE = 3,   /* built with AQL_NATIVE_ARCH=ON: the build machine's -march=native only */
+};
+
 #define AQL_ABI_VERSION 1
 
 /* ---- both libraries ---------------------------------------------------------------------------- */
@@ -48,6 +58,16 @@ AQL_API int32_t aql_abi_version(void);
 AQL_API const char *aql_last_error(void);
 /* Number of OpenMP threads the CPU library uses (1 in the CUDA library). */
 AQL_API int32_t aql_num_threads(void);
+
+/* ---- instruction set (CPU library) -------------------------------------------------------------- */
+/* The variant the kernels run: the best one built that this CPU supports, at most the one named by
+ * the environment variable AQL_CPU_ISA (baseline, avx2, avx512 or native) when that is set at the
+ * first call. An AQL_CPU_ISA value outside that list makes every kernel return
+ * AQL_ERR_INVALID_ARGUMENT and this function -1. */
+AQL_API int32_t aql_cpu_isa(void);
+/* Runs the kernels of variant `isa` from now on (tests compare the variants); AQL_ERR_UNSUPPORTED when
+ * it was not built or this CPU lacks its instructions. */
+AQL_API aql_status aql_cpu_set_isa(int32_t isa);
 
 /* ---- scores (CPU library) ---------------------------------------------------------------------- */
 /* Fused softmax statistics over each row of logits[n, v] (row stride `row_stride` elements, unit

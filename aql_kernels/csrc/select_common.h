@@ -1,4 +1,5 @@
-// What the CPU and CUDA selectors must agree on: the digit schedule, the order-preserving key, and the
+// What the CPU and CUDA selectors must agree on: the digit schedule, the order-preserving key (and its
+// inverse), and the
 // sample that guesses the top digits of the k-th largest key. One definition, so the two cannot drift
 // apart (tests/kernels/test_select.py builds its adversarial "sample decoys" from the same sample).
 #ifndef AQL_SELECT_COMMON_H
@@ -41,6 +42,26 @@ AQL_HOST_DEVICE uint32_t float_key(float value) {
   const uint32_t canonical = bits & (0u - static_cast<uint32_t>(magnitude != 0u));  // -0.0 -> +0.0
   const uint32_t key = canonical ^ (static_cast<uint32_t>(static_cast<int32_t>(canonical) >> 31) | 0x80000000u);
   return key & (0u - static_cast<uint32_t>(magnitude <= 0x7f800000u));  // NaN -> 0
+}
+
+// Inverse of float_key on its image: key 0 becomes the canonical quiet NaN, both zeros come back as
+// +0.0. What topk_threshold returns for the k-th largest key.
+AQL_HOST_DEVICE float key_to_float(uint32_t key) {
+  uint32_t bits;
+  if (key == 0u) {
+    bits = 0x7fc00000u;
+  } else if (key & 0x80000000u) {
+    bits = key ^ 0x80000000u;
+  } else {
+    bits = ~key;
+  }
+#ifdef __CUDA_ARCH__
+  return __uint_as_float(bits);
+#else
+  float value;
+  std::memcpy(&value, &bits, sizeof(value));
+  return value;
+#endif
 }
 
 // The sample ranks (descending, 1-based) whose top digits bound the candidate range: k s / n -+

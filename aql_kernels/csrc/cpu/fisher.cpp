@@ -9,9 +9,11 @@
 // tensor and many tiny ones keeps every thread equally busy.
 #include <algorithm>
 #include <cmath>
+#include <new>
 #include <vector>
 
 #include "../common.h"
+#include "kernels.h"
 
 #if defined(__F16C__) && defined(__AVX__)
 #include <immintrin.h>
@@ -111,11 +113,10 @@ void update_slice(const std::vector<Entry> &entries, const std::vector<int64_t> 
 
 }  // namespace
 
-extern "C" {
+namespace aql::cpu::AQL_CPU_VARIANT {
 
-AQL_API aql_status aql_fisher_ema(int64_t count, float *const *fisher, const void *const *grads,
-                                  const int32_t *grad_dtypes, const int64_t *numels, double decay,
-                                  double scale) {
+aql_status fisher_ema(int64_t count, float *const *fisher, const void *const *grads, const int32_t *grad_dtypes,
+                      const int64_t *numels, double decay, double scale) {
   if (count < 0) return aql::fail(AQL_ERR_INVALID_ARGUMENT, "aql_fisher_ema: count must be >= 0, got %lld", (long long)count);
   if (count == 0) return aql::ok();
   if (fisher == nullptr || grads == nullptr || grad_dtypes == nullptr || numels == nullptr) {
@@ -129,8 +130,12 @@ AQL_API aql_status aql_fisher_ema(int64_t count, float *const *fisher, const voi
   }
   std::vector<Entry> entries;
   std::vector<int64_t> starts;
-  entries.reserve(static_cast<size_t>(count));
-  starts.reserve(static_cast<size_t>(count));
+  try {
+    entries.reserve(static_cast<size_t>(count));
+    starts.reserve(static_cast<size_t>(count));
+  } catch (const std::bad_alloc &) {
+    return aql::fail(AQL_ERR_OUT_OF_MEMORY, "aql_fisher_ema: out of host memory for a list of %lld tensors", (long long)count);
+  }
   int64_t total = 0;
   for (int64_t i = 0; i < count; ++i) {
     if (grads[i] == nullptr) continue;  // a None gradient leaves its state unchanged
@@ -173,4 +178,4 @@ AQL_API aql_status aql_fisher_ema(int64_t count, float *const *fisher, const voi
   return aql::ok();
 }
 
-}  // extern "C"
+}  // namespace aql::cpu::AQL_CPU_VARIANT

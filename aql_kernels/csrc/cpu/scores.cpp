@@ -36,6 +36,7 @@
 #include <limits>
 
 #include "../common.h"
+#include "kernels.h"
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -448,13 +449,11 @@ aql_status check_targets(const int64_t *targets, int64_t n, int64_t v, int64_t i
 
 }  // namespace
 
-extern "C" {
+namespace aql::cpu::AQL_CPU_VARIANT {
 
-AQL_API aql_status aql_softmax_scores(const void *logits, int32_t dtype, int64_t n, int64_t v,
-                                      int64_t row_stride, const int64_t *targets,
-                                      int64_t ignore_index, float *lse, float *entropy,
-                                      float *maxprob, float *margin, int64_t *argmax, float *loss,
-                                      float *el2n) {
+aql_status softmax_scores(const void *logits, int32_t dtype, int64_t n, int64_t v, int64_t row_stride,
+                          const int64_t *targets, int64_t ignore_index, float *lse, float *entropy, float *maxprob,
+                          float *margin, int64_t *argmax, float *loss, float *el2n) {
   if (!aql::valid_dtype(dtype)) return aql::fail(AQL_ERR_INVALID_ARGUMENT, "aql_softmax_scores: unknown dtype code %d", dtype);
   if (n < 0 || v < 1) return aql::fail(AQL_ERR_INVALID_ARGUMENT, "aql_softmax_scores: need n >= 0 and v >= 1, got n=%lld v=%lld", (long long)n, (long long)v);
   if (n > 0 && row_stride < v) return aql::fail(AQL_ERR_INVALID_ARGUMENT, "aql_softmax_scores: row_stride must be >= v=%lld, got %lld", (long long)v, (long long)row_stride);
@@ -515,12 +514,10 @@ AQL_API aql_status aql_softmax_scores(const void *logits, int32_t dtype, int64_t
   return aql::ok();
 }
 
-AQL_API aql_status aql_softmax_scores_backward(const void *logits, int32_t dtype, int64_t n,
-                                               int64_t v, int64_t row_stride,
-                                               const int64_t *targets, int64_t ignore_index,
-                                               const float *lse, const float *grad_loss,
-                                               void *grad_logits, int32_t grad_dtype,
-                                               int64_t grad_row_stride) {
+aql_status softmax_scores_backward(const void *logits, int32_t dtype, int64_t n, int64_t v, int64_t row_stride,
+                                   const int64_t *targets, int64_t ignore_index, const float *lse,
+                                   const float *grad_loss, void *grad_logits, int32_t grad_dtype,
+                                   int64_t grad_row_stride) {
   if (!aql::valid_dtype(dtype) || !aql::valid_dtype(grad_dtype))
     return aql::fail(AQL_ERR_INVALID_ARGUMENT, "aql_softmax_scores_backward: unknown dtype code %d / %d", dtype, grad_dtype);
   if (n < 0 || v < 1) return aql::fail(AQL_ERR_INVALID_ARGUMENT, "aql_softmax_scores_backward: need n >= 0 and v >= 1, got n=%lld v=%lld", (long long)n, (long long)v);
@@ -576,4 +573,4 @@ AQL_API aql_status aql_softmax_scores_backward(const void *logits, int32_t dtype
   return aql::ok();
 }
 
-}  // extern "C"
+}  // namespace aql::cpu::AQL_CPU_VARIANT

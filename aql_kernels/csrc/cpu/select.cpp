@@ -45,11 +45,13 @@
 
 #include "../common.h"
 #include "../select_common.h"
+#include "kernels.h"
 
 namespace {
 
 using aql::select::float_key;
 using aql::select::index_bits;
+using aql::select::key_to_float;
 using aql::select::kFirstBits;
 using aql::select::kRefineBits;
 using aql::select::kSample;
@@ -63,21 +65,6 @@ constexpr int kBuckets = 1 << kFirstBits;
 constexpr int64_t kParallelScores = int64_t{1} << 20;
 constexpr int64_t kParallelCandidates = int64_t{1} << 22;
 constexpr int kChunksPerThread = 8;
-
-// Inverse of float_key on its image: key 0 becomes the canonical quiet NaN, zeros become +0.0.
-inline float key_to_float(uint32_t key) {
-  uint32_t bits;
-  if (key == 0u) {
-    bits = 0x7fc00000u;
-  } else if (key & 0x80000000u) {
-    bits = key ^ 0x80000000u;
-  } else {
-    bits = ~key;
-  }
-  float value;
-  std::memcpy(&value, &bits, sizeof(value));
-  return value;
-}
 
 struct Pick {
   uint32_t digit;          // the bucket that holds the wanted element
@@ -254,7 +241,7 @@ void histogram_candidates(int64_t count, int buckets, Accept accept, DigitOf dig
   histogram_ranges(begins.data(), ends.data(), chunks, count, buckets, accept, digit_of, hist);
 }
 
-aql_status topk_select(const float *scores, int64_t n, int64_t k, uint8_t *mask, int64_t *indices,
+aql_status select_topk(const float *scores, int64_t n, int64_t k, uint8_t *mask, int64_t *indices,
                        float *threshold) {
   if (k == 0) {
     if (mask != nullptr) std::memset(mask, 0, static_cast<size_t>(n));
@@ -456,7 +443,7 @@ aql_status topk_select(const float *scores, int64_t n, int64_t k, uint8_t *mask,
     }
     for (int c = 0; c < chunks; ++c) offset[c + 1] += offset[c];
     if (offset[chunks] != k) {
-      return aql::fail(AQL_ERR_INVALID_ARGUMENT, "aql_topk_select: internal error, selected %lld of k = %lld",
+      return aql::fail(AQL_ERR_INTERNAL, "aql_topk_select: internal error, selected %lld of k = %lld",
                        static_cast<long long>(offset[chunks]), static_cast<long long>(k));
     }
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
@@ -485,10 +472,10 @@ aql_status topk_select(const float *scores, int64_t n, int64_t k, uint8_t *mask,
 #pragma GCC diagnostic pop
 #endif
 
-extern "C" {
+namespace aql::cpu::AQL_CPU_VARIANT {
 
-AQL_API aql_status aql_topk_select(const float *scores, int64_t n, int64_t k, uint8_t *mask,
-                                   int64_t *indices, float *threshold) {
+aql_status topk_select(const float *scores, int64_t n, int64_t k, uint8_t *mask, int64_t *indices,
+                       float *threshold) {
   if (n < 0) return aql::fail(AQL_ERR_INVALID_ARGUMENT, "aql_topk_select: n must be >= 0, got %lld", static_cast<long long>(n));
   if (k < 0 || k > n) {
     return aql::fail(AQL_ERR_INVALID_ARGUMENT, "aql_topk_select: k must be in [0, %lld], got %lld",
@@ -496,15 +483,15 @@ AQL_API aql_status aql_topk_select(const float *scores, int64_t n, int64_t k, ui
   }
   if (scores == nullptr && n > 0) return aql::fail(AQL_ERR_INVALID_ARGUMENT, "aql_topk_select: scores is NULL");
   try {
-    return topk_select(scores, n, k, mask, indices, threshold);
+    return select_topk(scores, n, k, mask, indices, threshold);
   } catch (const std::bad_alloc &) {
-    return aql::fail(AQL_ERR_INVALID_ARGUMENT, "aql_topk_select: out of host memory for n = %lld",
+    return aql::fail(AQL_ERR_OUT_OF_MEMORY, "aql_topk_select: out of host memory for n = %lld",
                      static_cast<long long>(n));
   }
 }
 
-AQL_API aql_status aql_digit_histogram(const float *scores, int64_t n, uint32_t prefix,
-                                       int32_t prefix_bits, int32_t digit_bits, int64_t *out) {
+aql_status digit_histogram(const float *scores, int64_t n, uint32_t prefix, int32_t prefix_bits,
+                           int32_t digit_bits, int64_t *out) {
   if (n < 0) return aql::fail(AQL_ERR_INVALID_ARGUMENT, "aql_digit_histogram: n must be >= 0, got %lld", static_cast<long long>(n));
   if (digit_bits < 1 || digit_bits > 16) {
     return aql::fail(AQL_ERR_INVALID_ARGUMENT, "aql_digit_histogram: digit_bits must be in [1, 16], got %d", digit_bits);
@@ -532,9 +519,9 @@ AQL_API aql_status aql_digit_histogram(const float *scores, int64_t n, uint32_t 
         [&](int64_t i) { return (float_key(scores[i]) << prefix_bits) >> shift; }, hist.data());
     for (int d = 0; d < buckets; ++d) out[d] = static_cast<int64_t>(hist[d]);
   } catch (const std::bad_alloc &) {
-    return aql::fail(AQL_ERR_INVALID_ARGUMENT, "aql_digit_histogram: out of host memory");
+    return aql::fail(AQL_ERR_OUT_OF_MEMORY, "aql_digit_histogram: out of host memory");
   }
   return aql::ok();
 }
 
-}  // extern "C"
+}  // namespace aql::cpu::AQL_CPU_VARIANT

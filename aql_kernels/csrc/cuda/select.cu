@@ -54,6 +54,7 @@ namespace {
 
 using aql::select::float_key;
 using aql::select::index_bits;
+using aql::select::key_to_float;
 using aql::select::kFirstBits;
 using aql::select::kRefineBits;
 using aql::select::kSample;
@@ -104,18 +105,6 @@ Layout layout_for(int64_t n) {
   l.scratch_mask = l.candidate_indices + align_up(sizeof(int64_t) * count);
   l.total = l.scratch_mask + align_up(count);
   return l;
-}
-
-__device__ __forceinline__ float key_to_float(uint32_t key) {
-  uint32_t bits;
-  if (key == 0u) {
-    bits = 0x7fc00000u;
-  } else if (key & 0x80000000u) {
-    bits = key ^ 0x80000000u;
-  } else {
-    bits = ~key;
-  }
-  return __uint_as_float(bits);
 }
 
 // Scores as items of VEC consecutive floats (float4 loads when the pointer allows). Streaming loads:
