@@ -8,15 +8,50 @@ at import. Argument types are declared once, in ``_SIGNATURES``, for every expor
 from __future__ import annotations
 
 import ctypes
+import enum
 import os
+import threading
 from pathlib import Path
 
-__all__ = ["CPU", "CUDA", "NativeLibrary", "NativeError", "DTYPE_CODES"]
+__all__ = ["CPU", "CUDA", "NativeLibrary", "NativeError", "NativeMemoryError", "Status", "DType", "CpuIsa", "DTYPE_CODES",
+           "raise_for_status"]
 
-# Element-type codes of the C ABI (AQL_DTYPE_*).
-DTYPE_CODES = {"float32": 0, "bfloat16": 1, "float16": 2}
 
-_ABI_VERSION = 1
+# The enums of csrc/c_api.h, once (tests/kernels/test_native.py checks every value against the header).
+class Status(enum.IntEnum):
+    """aql_status codes (AQL_OK, AQL_ERR_*)."""
+
+    OK = 0
+    INVALID_ARGUMENT = 1
+    TARGET_OUT_OF_RANGE = 2
+    CUDA = 3
+    UNSUPPORTED = 4
+    WORKSPACE_TOO_SMALL = 5
+    OUT_OF_MEMORY = 6
+    INTERNAL = 7
+
+
+class DType(enum.IntEnum):
+    """Element-type codes of floating inputs (AQL_DTYPE_*)."""
+
+    F32 = 0
+    BF16 = 1
+    F16 = 2
+
+
+class CpuIsa(enum.IntEnum):
+    """Instruction-set variants of the CPU library's kernels (AQL_CPU_ISA_*)."""
+
+    BASELINE = 0
+    AVX2 = 1
+    AVX512 = 2
+    NATIVE = 3
+
+
+# Element-type codes by torch dtype name.
+DTYPE_CODES = {"float32": int(DType.F32), "bfloat16": int(DType.BF16), "float16": int(DType.F16)}
+
+_ABI_VERSION = 1  # AQL_ABI_VERSION
 _BUILD_HINT = (
     "build it with `make native` (or `pip install -e .`) from the repository root; "
     "AQL_NATIVE_LIB_DIR points the loader at another directory"
@@ -29,29 +64,32 @@ _u32 = ctypes.c_uint32
 _f32 = ctypes.c_float
 _size = ctypes.c_size_t
 
-# name -> argtypes; every function returns an int32 status (AQL_OK == 0).
-_SIGNATURES: dict[str, list] = {
+# name -> (restype, argtypes) of every function of the C ABI; a status-returning function returns
+# an int32 aql_status (Status.OK == 0).
+_SIGNATURES: dict[str, tuple] = {
+    # both libraries
+    "aql_abi_version": (_i32, []),
+    "aql_last_error": (ctypes.c_char_p, []),
+    "aql_num_threads": (_i32, []),
+    # instruction set (CPU)
+    "aql_cpu_isa": (_i32, []),
+    "aql_cpu_set_isa": (_i32, [_i32]),
     # scores
-    "aql_softmax_scores": [_p, _i32, _i64, _i64, _i64, _p, _i64, _p, _p, _p, _p, _p, _p, _p],
-    "aql_softmax_scores_backward": [_p, _i32, _i64, _i64, _i64, _p, _i64, _p, _p, _p, _i32, _i64],
+    "aql_softmax_scores": (_i32, [_p, _i32, _i64, _i64, _i64, _p, _i64, _p, _p, _p, _p, _p, _p, _p]),
+    "aql_softmax_scores_backward": (_i32, [_p, _i32, _i64, _i64, _i64, _p, _i64, _p, _p, _p, _i32, _i64]),
     # fisher
-    "aql_fisher_ema": [_i64, _p, _p, _p, _p, ctypes.c_double, ctypes.c_double],
+    "aql_fisher_ema": (_i32, [_i64, _p, _p, _p, _p, ctypes.c_double, ctypes.c_double]),
     # select (CPU)
-    "aql_topk_select": [_p, _i64, _i64, _p, _p, _p],
-    "aql_digit_histogram": [_p, _i64, _u32, _i32, _i32, _p],
+    "aql_topk_select": (_i32, [_p, _i64, _i64, _p, _p, _p]),
+    "aql_digit_histogram": (_i32, [_p, _i64, _u32, _i32, _i32, _p]),
     # select (CUDA)
-    "aql_cuda_topk_workspace_size": [_i64, _i64, ctypes.POINTER(_size)],
-    "aql_cuda_topk_select": [_p, _i64, _i64, _p, _p, _p, _p, _size, _p],
-    "aql_cuda_digit_histogram": [_p, _i64, _u32, _i32, _i32, _p, _p],
+    "aql_cuda_topk_workspace_size": (_i32, [_i64, _i64, ctypes.POINTER(_size)]),
+    "aql_cuda_topk_select": (_i32, [_p, _i64, _i64, _p, _p, _p, _p, _size, _p]),
+    "aql_cuda_digit_histogram": (_i32, [_p, _i64, _u32, _i32, _i32, _p, _p]),
 }
 
-_STATUS_NAMES = {
-    1: "invalid argument",
-    2: "target out of range",
-    3: "CUDA error",
-    4: "unsupported",
-    5: "workspace too small",
-}
+_STATUS_NAMES = {status: status.name.lower().replace("_", " ") for status in Status if status != Status.OK}
+_STATUS_NAMES[Status.CUDA] = "CUDA error"
 
 
 class NativeError(RuntimeError):
@@ -65,6 +103,24 @@ class NativeError(RuntimeError):
         super().__init__(f"{function} failed ({kind}): {message}")
 
 
+class NativeMemoryError(NativeError, MemoryError):
+    """A native function ran out of host memory (Status.OUT_OF_MEMORY): a MemoryError too."""
+
+
+def raise_for_status(function: str, status: int, message: str, op: str | None = None) -> None:
+    """Raises the exception that a non-zero `status` of `function` stands for.
+
+    TARGET_OUT_OF_RANGE is the caller's data: a ValueError naming the public op `op`;
+    OUT_OF_MEMORY a MemoryError (NativeMemoryError); anything else a NativeError (a RuntimeError):
+    INTERNAL is a bug of the library, the others an argument that the Python layer let through.
+    """
+    if status == Status.TARGET_OUT_OF_RANGE:
+        raise ValueError(f"aql_kernels.{op or function}: {message}")
+    if status == Status.OUT_OF_MEMORY:
+        raise NativeMemoryError(function, status, message)
+    raise NativeError(function, status, message)
+
+
 def _library_dirs() -> list[Path]:
     dirs = []
     override = os.environ.get("AQL_NATIVE_LIB_DIR")
@@ -75,47 +131,55 @@ def _library_dirs() -> list[Path]:
 
 
 class NativeLibrary:
-    """One shared library of the C ABI, loaded lazily on first use."""
+    """One shared library of the C ABI, loaded lazily on first use.
+
+    The first use loads it under a lock, and the outcome (the handle, or why there is none) is
+    published only once it is complete: a second thread never sees a half-loaded library (which would
+    look like one that lacks every function). A failed load is final for the process.
+    """
 
     def __init__(self, kind: str, filename: str):
         self.kind = kind
         self.filename = filename
+        self.path: Path | None = None
         self._handle: ctypes.CDLL | None = None
         self._error: str | None = None
         self._loaded = False
+        self._lock = threading.Lock()
 
     def _load(self) -> None:
         if self._loaded:
             return
-        self._loaded = True
+        with self._lock:
+            if self._loaded:
+                return
+            self._handle, self._error, self.path = self._open()
+            self._loaded = True  # after the outcome is in place
+
+    def _open(self) -> tuple[ctypes.CDLL | None, str | None, Path | None]:
+        """(handle, None, path) when the library loads and matches this package, else (None, reason, path)."""
         candidates = [d / self.filename for d in _library_dirs()]
         path = next((c for c in candidates if c.exists()), None)
         if path is None:
-            self._error = f"{self.filename} not found (looked in {', '.join(str(c.parent) for c in candidates)})"
-            return
+            return None, f"{self.filename} not found (looked in {', '.join(str(c.parent) for c in candidates)})", None
         try:
             handle = ctypes.CDLL(str(path))
         except OSError as error:
-            self._error = f"{path} failed to load: {error}"
-            return
+            return None, f"{path} failed to load: {error}", path
         try:
-            handle.aql_abi_version.restype = ctypes.c_int32
-            version = handle.aql_abi_version()
+            version_function = handle.aql_abi_version
         except AttributeError:
-            self._error = f"{path} does not export aql_abi_version: not an aql library"
-            return
+            return None, f"{path} does not export aql_abi_version: not an aql library", path
+        version_function.restype, version_function.argtypes = _SIGNATURES["aql_abi_version"]
+        version = version_function()
         if version != _ABI_VERSION:
-            self._error = f"{path} has ABI version {version}, this package expects {_ABI_VERSION}: rebuild it"
-            return
-        handle.aql_last_error.restype = ctypes.c_char_p
-        handle.aql_last_error.argtypes = []
-        for name, argtypes in _SIGNATURES.items():
+            return None, f"{path} has ABI version {version}, this package expects {_ABI_VERSION}: rebuild it", path
+        for name, (restype, argtypes) in _SIGNATURES.items():
             function = getattr(handle, name, None) if hasattr(handle, name) else None
             if function is not None:
-                function.restype = ctypes.c_int32
+                function.restype = restype
                 function.argtypes = argtypes
-        self._handle = handle
-        self.path = path
+        return handle, None, path
 
     @property
     def available(self) -> bool:
@@ -132,13 +196,16 @@ class NativeLibrary:
         """Whether the library is loaded and exports `name`."""
         return self.available and hasattr(self._handle, name)
 
-    def call(self, name: str, *args) -> None:
-        """Calls `name` and raises NativeError on a non-zero status."""
+    def call(self, name: str, *args, op: str | None = None) -> None:
+        """Calls `name` and raises (``raise_for_status``) on a non-zero status."""
         function = self.function(name)
         status = function(*args)
         if status != 0:
-            message = self._handle.aql_last_error().decode("utf-8", "replace")
-            raise NativeError(name, status, message)
+            raise_for_status(name, status, self.last_error(), op)
+
+    def last_error(self) -> str:
+        """The message of the calling thread's last failed call."""
+        return self._handle.aql_last_error().decode("utf-8", "replace")
 
     def function(self, name: str):
         self._load()
@@ -151,9 +218,14 @@ class NativeLibrary:
         return getattr(self._handle, name)
 
     def num_threads(self) -> int:
-        function = self.function("aql_num_threads")
-        function.restype = ctypes.c_int32
-        return int(function())
+        return int(self.function("aql_num_threads")())
+
+    def cpu_isa(self) -> CpuIsa | None:
+        """The instruction-set variant that the CPU library's kernels run (None where not reported)."""
+        if not self.has("aql_cpu_isa"):
+            return None
+        isa = int(self.function("aql_cpu_isa")())
+        return CpuIsa(isa) if isa >= 0 else None
 
 
 CPU = NativeLibrary("cpu", "libaql_cpu.so")

@@ -12,8 +12,11 @@ For each row x of ``logits[N, V]`` and p = softmax(x) (computed in float32):
 
 Layout of this file: the Triton kernels (forward, backward) and their launchers, the C++ CPU
 launchers (``csrc/cpu/scores.cpp`` through ctypes), the pure-torch reference (the spec), the
-``torch.library`` ops with their fake implementations and autograd, the eager path (the chosen
-launcher called directly, autograd through a torch.autograd.Function) and the public functions.
+``torch.library`` ops (the forward and the two backwards, with fake implementations), the one
+autograd function of the loss, and the public functions. Every launcher takes and returns the
+statistics as a ``SoftmaxScores``. In plain eager mode the public functions call the chosen launcher
+directly; under torch.compile, tracing, dispatch modes and tensor subclasses they call the registered
+ops (``_dispatch.eager``). The autograd function is the same on both routes.
 
 Special values, the same in every implementation:
 - a row containing NaN gets NaN lse / entropy / maxprob / margin (and NaN loss / el2n unless its
@@ -64,13 +67,15 @@ class SoftmaxScores(NamedTuple):
 
 
 _REDUCTIONS = ("mean", "sum", "none")
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
 def _validate(logits, targets, ignore_index, op="softmax_scores", targets_required=False):
     check_tensor(op, "logits", logits, ndim=2, dtypes=FLOAT_DTYPES)
     if logits.shape[0] == 0 or logits.shape[1] == 0:
         raise ValueError(f"aql_kernels.{op}: logits must have N >= 1 rows and V >= 1 columns, got shape {tuple(logits.shape)}")
-    check_int(op, "ignore_index", ignore_index)
+    # the kernels take it as int64: a wider Python int would wrap silently
+    check_int(op, "ignore_index", ignore_index, low=_INT64_MIN, high=_INT64_MAX)
     if targets is None:
         if targets_required:
             raise TypeError(f"aql_kernels.{op}: targets must be a torch.Tensor of class indices, got None")
@@ -88,14 +93,16 @@ def _unit_columns(logits: torch.Tensor) -> tuple[torch.Tensor, int]:
     return logits, (logits.stride(0) if n > 1 else v)
 
 
-def _empty_outputs(logits: torch.Tensor, with_targets: bool):
+def _empty_outputs(logits: torch.Tensor, with_targets: bool) -> SoftmaxScores:
+    """Uninitialised outputs for the launchers (loss and el2n None without targets)."""
     n = logits.shape[0]
-    kw = dict(device=logits.device, dtype=torch.float32)
-    stats = [torch.empty(n, **kw) for _ in range(4)]
-    argmax = torch.empty(n, device=logits.device, dtype=torch.int64)
-    loss = torch.empty(n if with_targets else 0, **kw)
-    el2n = torch.empty(n if with_targets else 0, **kw)
-    return (*stats, argmax, loss, el2n)
+
+    def floats():
+        return torch.empty(n, device=logits.device, dtype=torch.float32)
+
+    return SoftmaxScores(lse=floats(), entropy=floats(), maxprob=floats(), margin=floats(),
+                         argmax=torch.empty(n, device=logits.device, dtype=torch.int64),
+                         loss=floats() if with_targets else None, el2n=floats() if with_targets else None)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -118,8 +125,48 @@ _BLOCK = _ELEMENTS_PER_THREAD * 32 * _NUM_WARPS  # 2048 columns per loop step
 _CHUNK_BLOCKS_MAX = 8  # at most 8 steps per program: the serial chain of a program stays short
 _PROGRAMS_PER_SM = 16  # split rows until the grid has at least this many programs per SM
 _CHUNKS_MAX = 1024  # partials per row that one combine program holds in registers (V beyond 2M: longer chunks)
+# When a row is split, each (row, chunk) program leaves its partial statistics in two buffers of
+# planes of N * n_chunks words: float32 planes (the chunk's shift, its three sums, its top two logits)
+# and int32 planes (its argmax and first NaN). _store_partials and _load_partials are their only users.
+_FLOAT_PLANES = ("shift", "sum_exp", "sum_x_exp", "sum_sq", "max", "second")
+_INDEX_PLANES = ("argmax", "first_nan")
 
 if triton is not None:
+    # Plane offsets inside the kernels (Triton reads module globals only as constexpr).
+    _PLANE_SHIFT = tl.constexpr(_FLOAT_PLANES.index("shift"))
+    _PLANE_SUM_EXP = tl.constexpr(_FLOAT_PLANES.index("sum_exp"))
+    _PLANE_SUM_X_EXP = tl.constexpr(_FLOAT_PLANES.index("sum_x_exp"))
+    _PLANE_SUM_SQ = tl.constexpr(_FLOAT_PLANES.index("sum_sq"))
+    _PLANE_MAX = tl.constexpr(_FLOAT_PLANES.index("max"))
+    _PLANE_SECOND = tl.constexpr(_FLOAT_PLANES.index("second"))
+    _PLANE_ARGMAX = tl.constexpr(_INDEX_PLANES.index("argmax"))
+    _PLANE_FIRST_NAN = tl.constexpr(_INDEX_PLANES.index("first_nan"))
+
+    @triton.jit
+    def _store_partials(partial_ptr, partial_index_ptr, plane, at, shift, sum_exp, sum_x_exp, sum_sq, chunk_max,
+                        chunk_second, chunk_argmax, first_nan):
+        """Writes the partials of one (row, chunk) at word `at` of every plane (plane = N * n_chunks words)."""
+        tl.store(partial_ptr + _PLANE_SHIFT * plane + at, shift)
+        tl.store(partial_ptr + _PLANE_SUM_EXP * plane + at, sum_exp)
+        tl.store(partial_ptr + _PLANE_SUM_X_EXP * plane + at, sum_x_exp)
+        tl.store(partial_ptr + _PLANE_SUM_SQ * plane + at, sum_sq)
+        tl.store(partial_ptr + _PLANE_MAX * plane + at, chunk_max)
+        tl.store(partial_ptr + _PLANE_SECOND * plane + at, chunk_second)
+        tl.store(partial_index_ptr + _PLANE_ARGMAX * plane + at, chunk_argmax)
+        tl.store(partial_index_ptr + _PLANE_FIRST_NAN * plane + at, first_nan)
+
+    @triton.jit
+    def _load_partials(partial_ptr, partial_index_ptr, plane, at, present):
+        """The partials of the chunks `at` (masked by `present`; absent chunks read as neutral values)."""
+        shift = tl.load(partial_ptr + _PLANE_SHIFT * plane + at, mask=present, other=0.0)
+        sum_exp = tl.load(partial_ptr + _PLANE_SUM_EXP * plane + at, mask=present, other=0.0)
+        sum_x_exp = tl.load(partial_ptr + _PLANE_SUM_X_EXP * plane + at, mask=present, other=0.0)
+        sum_sq = tl.load(partial_ptr + _PLANE_SUM_SQ * plane + at, mask=present, other=0.0)
+        chunk_max = tl.load(partial_ptr + _PLANE_MAX * plane + at, mask=present, other=float("-inf"))
+        chunk_second = tl.load(partial_ptr + _PLANE_SECOND * plane + at, mask=present, other=float("-inf"))
+        chunk_argmax = tl.load(partial_index_ptr + _PLANE_ARGMAX * plane + at, mask=present, other=2147483647)
+        first_nan = tl.load(partial_index_ptr + _PLANE_FIRST_NAN * plane + at, mask=present, other=2147483647)
+        return shift, sum_exp, sum_x_exp, sum_sq, chunk_max, chunk_second, chunk_argmax, first_nan
 
     @triton.jit
     def _finish_row(
@@ -280,15 +327,8 @@ if triton is not None:
         t = tl.sum(sum_x_exp, axis=0)
         q = tl.sum(sum_sq, axis=0)
         if SPLIT:
-            at = row * n_chunks + chunk
-            tl.store(partial_ptr + at, shift)
-            tl.store(partial_ptr + partial_plane + at, s)
-            tl.store(partial_ptr + 2 * partial_plane + at, t)
-            tl.store(partial_ptr + 3 * partial_plane + at, q)
-            tl.store(partial_ptr + 4 * partial_plane + at, chunk_max)
-            tl.store(partial_ptr + 5 * partial_plane + at, chunk_second)
-            tl.store(partial_index_ptr + at, chunk_argmax)
-            tl.store(partial_index_ptr + partial_plane + at, first_nan)
+            _store_partials(partial_ptr, partial_index_ptr, partial_plane, row * n_chunks + chunk, shift, s, t, q,
+                            chunk_max, chunk_second, chunk_argmax, first_nan)
         else:
             _finish_row(row, row_ptr, n_cols, target, ignore_index, shift, s, t, q, chunk_max, chunk_argmax,
                         chunk_second, first_nan, lse_ptr, entropy_ptr, maxprob_ptr, margin_ptr, argmax_ptr,
@@ -312,14 +352,8 @@ if triton is not None:
         chunks = tl.arange(0, CHUNKS)
         present = chunks < n_chunks
         at = row * n_chunks + chunks
-        shift_c = tl.load(partial_ptr + at, mask=present, other=0.0)
-        s_c = tl.load(partial_ptr + partial_plane + at, mask=present, other=0.0)
-        t_c = tl.load(partial_ptr + 2 * partial_plane + at, mask=present, other=0.0)
-        q_c = tl.load(partial_ptr + 3 * partial_plane + at, mask=present, other=0.0)
-        max_c = tl.load(partial_ptr + 4 * partial_plane + at, mask=present, other=float("-inf"))
-        second_c = tl.load(partial_ptr + 5 * partial_plane + at, mask=present, other=float("-inf"))
-        argmax_c = tl.load(partial_index_ptr + at, mask=present, other=2147483647)
-        nan_c = tl.load(partial_index_ptr + partial_plane + at, mask=present, other=2147483647)
+        shift_c, s_c, t_c, q_c, max_c, second_c, argmax_c, nan_c = _load_partials(partial_ptr, partial_index_ptr,
+                                                                                 partial_plane, at, present)
         row_max = tl.max(max_c, axis=0)
         shift = tl.where(tl.abs(row_max) < float("inf"), row_max, 0.0)
         delta = tl.minimum(tl.maximum((shift_c - shift) * LOG2E, -200.0), 0.0)
@@ -410,20 +444,21 @@ def _triton_forward(logits, targets, ignore_index, out=None, *, block=None, chun
     if v > 2**31 - 1 - 2 * block:  # column indices (up to two blocks past the row) are int32 in the kernel
         raise ValueError(f"aql_kernels.softmax_scores: the Triton kernel needs V < 2**31 - {2 * block + 1}, got {v}")
     chunk_blocks, n_chunks = _forward_grid(n, v, _sm_count(logits.device), block, chunk_blocks)
-    out = _empty_outputs(logits, targets is not None) if out is None else out
-    lse, entropy, maxprob, margin, argmax, loss, el2n = out
     has_targets = targets is not None
-    targets_arg = targets if has_targets else argmax  # unused placeholder pointer without targets
+    out = _empty_outputs(logits, has_targets) if out is None else out
+    targets_arg = targets if has_targets else out.argmax  # unused placeholder pointer without targets
     if has_targets and targets.stride(0) != 1:
         targets_arg = targets.contiguous()
     split = n_chunks > 1
     if split:
         # 6 float32 and 2 int32 words per (row, chunk): < 0.5% of the logits' bytes at 4096 x 32000
-        partial = torch.empty((6, n * n_chunks), device=logits.device, dtype=torch.float32)
-        partial_index = torch.empty((2, n * n_chunks), device=logits.device, dtype=torch.int32)
+        partial = torch.empty((len(_FLOAT_PLANES), n * n_chunks), device=logits.device, dtype=torch.float32)
+        partial_index = torch.empty((len(_INDEX_PLANES), n * n_chunks), device=logits.device, dtype=torch.int32)
     else:
-        partial, partial_index = lse, argmax  # unused
-    outputs = (lse, entropy, maxprob, margin, argmax, loss if has_targets else lse, el2n if has_targets else lse)
+        partial, partial_index = out.lse, out.argmax  # unused
+    # the kernels' output pointers, in their parameter order (loss / el2n: placeholders without targets)
+    outputs = (out.lse, out.entropy, out.maxprob, out.margin, out.argmax,
+               out.loss if has_targets else out.lse, out.el2n if has_targets else out.lse)
     with _device_guard(logits):
         _softmax_scores_kernel[(n, n_chunks)](
             logits, row_stride, v, targets_arg, ignore_index, partial, partial_index, n * n_chunks, n_chunks,
@@ -473,10 +508,7 @@ def _native_call(op: str, name: str, *args) -> None:
         function = _NATIVE_FUNCTIONS[name] = _native.CPU.function(name)
     status = function(*args)
     if status != 0:
-        message = _native.CPU.function("aql_last_error")().decode("utf-8", "replace")
-        if status == 2:  # AQL_ERR_TARGET_OUT_OF_RANGE
-            raise ValueError(f"aql_kernels.{op}: {message}")
-        raise _native.NativeError(name, status, message)
+        _native.raise_for_status(name, status, _native.CPU.last_error(), op)
 
 
 def _dtype_code(dtype: torch.dtype) -> int:
@@ -490,18 +522,17 @@ def _native_forward(logits, targets, ignore_index, out=None):
     logits, row_stride = _unit_columns(logits)
     n, v = logits.shape
     out = _empty_outputs(logits, targets is not None) if out is None else out
-    lse, entropy, maxprob, margin, argmax, loss, el2n = out
     if targets is None:
         targets_ptr = loss_ptr = el2n_ptr = None
     else:
         if targets.dtype != torch.int64 or targets.stride(0) != 1:
             targets = targets.to(torch.int64).contiguous()
-        targets_ptr, loss_ptr, el2n_ptr = targets.data_ptr(), loss.data_ptr(), el2n.data_ptr()
+        targets_ptr, loss_ptr, el2n_ptr = targets.data_ptr(), out.loss.data_ptr(), out.el2n.data_ptr()
     _native_call(
         "softmax_scores", "aql_softmax_scores",
         logits.data_ptr(), _dtype_code(logits.dtype), n, v, row_stride, targets_ptr, ignore_index,
-        lse.data_ptr(), entropy.data_ptr(), maxprob.data_ptr(), margin.data_ptr(), argmax.data_ptr(),
-        loss_ptr, el2n_ptr,
+        out.lse.data_ptr(), out.entropy.data_ptr(), out.maxprob.data_ptr(), out.margin.data_ptr(),
+        out.argmax.data_ptr(), loss_ptr, el2n_ptr,
     )
     return out
 
@@ -596,15 +627,13 @@ def softmax_scores_reference(logits: torch.Tensor, targets: torch.Tensor | None 
 
 
 def _reference_forward(logits, targets, ignore_index, out=None):
-    scores = softmax_scores_reference(logits, targets, ignore_index=ignore_index)
-    empty = torch.empty(0, device=logits.device, dtype=torch.float32)
-    loss = scores.loss if scores.loss is not None else empty
-    el2n = scores.el2n if scores.el2n is not None else empty.clone()
-    result = (scores.lse, scores.entropy, scores.maxprob, scores.margin, scores.argmax, loss, el2n)
-    if out is None:
-        return result
-    for destination, value in zip(out, result):
-        destination.copy_(value)
+    with torch.no_grad():  # a launcher: the loss's gradient is _CrossEntropy's, never a recorded graph
+        scores = softmax_scores_reference(logits, targets, ignore_index=ignore_index)
+        if out is None:
+            return scores
+        for destination, value in zip(out, scores):
+            if destination is not None:
+                destination.copy_(value)
     return out
 
 
@@ -623,8 +652,8 @@ def _reference_backward(logits, targets, lse, grad_rows, ignore_index, out):
     return out
 
 
-# Forward launchers: (logits, targets | None, ignore_index, out=None) -> the 7 outputs of
-# aql::softmax_scores, written into `out` when given (the tests poison it first).
+# Forward launchers: (logits, targets | None, ignore_index, out: SoftmaxScores | None = None) ->
+# SoftmaxScores (loss and el2n None without targets), written into `out` when given (the tests poison it).
 _FORWARD = {"reference": _reference_forward, "native": _native_forward, "triton": _triton_forward}
 # Backward launchers: (logits, targets, lse, grad_rows, ignore_index, out) -> out, where out may be
 # the logits themselves (in-place backward).
@@ -646,39 +675,39 @@ def _choose(device: torch.device) -> str:
 # ---------------------------------------------------------------------------------------------------
 # torch.library ops
 # ---------------------------------------------------------------------------------------------------
+# An op returns a fixed list of tensors: the SoftmaxScores fields in their order, loss and el2n empty
+# (distinct [0] tensors) without targets. _op_outputs and _from_op convert at the op boundary.
 
-_Outputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+_OpOutputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _op_outputs(scores: SoftmaxScores, logits: torch.Tensor) -> _OpOutputs:
+    def empty():
+        return torch.empty(0, device=logits.device, dtype=torch.float32)
+
+    return tuple(scores._replace(loss=empty() if scores.loss is None else scores.loss,
+                                 el2n=empty() if scores.el2n is None else scores.el2n))
+
+
+def _from_op(outputs: _OpOutputs, with_targets: bool) -> SoftmaxScores:
+    scores = SoftmaxScores._make(outputs)
+    return scores if with_targets else scores._replace(loss=None, el2n=None)
 
 
 @torch.library.custom_op("aql::softmax_scores", mutates_args=())
-def _softmax_scores_op(logits: torch.Tensor, targets: Optional[torch.Tensor], ignore_index: int) -> _Outputs:
-    """(lse, entropy, maxprob, margin, argmax, loss, el2n); loss and el2n are empty without targets."""
-    return _FORWARD[_choose(logits.device)](logits, targets, ignore_index)
-
-
-def _fake_outputs(logits, targets):
-    n = logits.shape[0]
-    m = n if targets is not None else 0
-    f32 = dict(device=logits.device, dtype=torch.float32)
-    return (logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float32),
-            logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float32),
-            logits.new_empty(n, dtype=torch.int64), torch.empty(m, **f32), torch.empty(m, **f32))
+def _softmax_scores_op(logits: torch.Tensor, targets: Optional[torch.Tensor], ignore_index: int) -> _OpOutputs:
+    """The SoftmaxScores fields in order; loss and el2n are empty without targets."""
+    return _op_outputs(_FORWARD[_choose(logits.device)](logits, targets, ignore_index), logits)
 
 
 @_softmax_scores_op.register_fake
 def _(logits, targets, ignore_index):
-    return _fake_outputs(logits, targets)
-
-
-@torch.library.custom_op("aql::cross_entropy_with_scores", mutates_args=())
-def _cross_entropy_op(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, inplace_backward: bool) -> _Outputs:
-    """The forward of softmax_scores with targets, differentiable through its per-row loss (index 5)."""
-    return _FORWARD[_choose(logits.device)](logits, targets, ignore_index)
-
-
-@_cross_entropy_op.register_fake
-def _(logits, targets, ignore_index, inplace_backward):
-    return _fake_outputs(logits, targets)
+    n = logits.shape[0]
+    m = n if targets is not None else 0
+    return (logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float32),
+            logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float32),
+            logits.new_empty(n, dtype=torch.int64), logits.new_empty(m, dtype=torch.float32),
+            logits.new_empty(m, dtype=torch.float32))
 
 
 @torch.library.custom_op("aql::softmax_scores_backward", mutates_args=())
@@ -697,7 +726,7 @@ def _(logits, targets, lse, grad_rows, ignore_index):
 @torch.library.custom_op("aql::softmax_scores_backward_", mutates_args=("logits",))
 def _backward_inplace_op(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, grad_rows: torch.Tensor,
                          ignore_index: int) -> None:
-    """As aql::softmax_scores_backward, written over the logits (which must have unit column stride)."""
+    """As aql::softmax_scores_backward, written over the logits (unit column stride, rows apart)."""
     _BACKWARD[_choose(logits.device)](logits, targets, lse, grad_rows, ignore_index, logits)
 
 
@@ -706,54 +735,46 @@ def _(logits, targets, lse, grad_rows, ignore_index):
     return None
 
 
-def _setup_context(ctx, inputs, output):
-    logits, targets, ignore_index, inplace_backward = inputs
-    ctx.save_for_backward(logits, targets, output[0])
-    ctx.ignore_index = ignore_index
-    ctx.inplace_backward = inplace_backward
-    ctx.mark_non_differentiable(*output[:5], output[6])
-
-
-def _cross_entropy_backward(ctx, *grads):
-    logits, targets, lse = ctx.saved_tensors
-    grad_rows = grads[5]
-    if grad_rows is None:
-        return None, None, None, None
-    if ctx.inplace_backward:
-        torch.ops.aql.softmax_scores_backward_(logits, targets, lse, grad_rows, ctx.ignore_index)
-        return logits, None, None, None
-    return torch.ops.aql.softmax_scores_backward(logits, targets, lse, grad_rows, ctx.ignore_index), None, None, None
-
-
-_cross_entropy_op.register_autograd(_cross_entropy_backward, setup_context=_setup_context)
-
-
 # ---------------------------------------------------------------------------------------------------
-# Eager path
+# The two routes (eager: the chosen launcher; otherwise the registered ops) and the loss's autograd
 # ---------------------------------------------------------------------------------------------------
-# Dispatching through the torch.library ops costs ~80 us per call on a 2-core CPU (schema parsing,
-# the Python dispatcher, the autograd wrapper); in plain eager mode the public functions call the
-# chosen launcher directly and run the loss's autograd through a torch.autograd.Function. Under
-# torch.compile / export, for tensor subclasses (FakeTensor, FunctionalTensor, ...) and under a
-# TorchDispatchMode (make_fx, FakeTensorMode) they go through the registered ops, so tracing sees them.
 
-_dispatch_stack_depth = getattr(torch._C, "_len_torch_dispatch_stack", None)
-_functorch_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+def _forward(logits: torch.Tensor, targets: torch.Tensor | None, ignore_index: int, eager: bool) -> SoftmaxScores:
+    if eager:
+        return _FORWARD[_choose(logits.device)](logits, targets, ignore_index)
+    return _from_op(torch.ops.aql.softmax_scores(logits, targets, ignore_index), targets is not None)
 
 
-def _eager(logits: torch.Tensor, targets: torch.Tensor | None) -> bool:
-    if torch.compiler.is_compiling() or type(logits) is not torch.Tensor:
-        return False
-    if targets is not None and type(targets) is not torch.Tensor:
-        return False
-    if _dispatch_stack_depth is None or _dispatch_stack_depth() != 0:
-        return False
-    # torch.func transforms wrap plain tensors (vmap, grad): those go through the registered ops
-    return _functorch_wrapped is None or not _functorch_wrapped(logits)
+def _backward(logits, targets, lse, grad_rows, ignore_index: int, inplace: bool, eager: bool) -> torch.Tensor:
+    """The gradient of sum_i grad_rows[i] * loss[i] w.r.t. the logits (written over them when `inplace`)."""
+    if not eager:
+        if inplace:
+            torch.ops.aql.softmax_scores_backward_(logits, targets, lse, grad_rows, ignore_index)
+            return logits
+        return torch.ops.aql.softmax_scores_backward(logits, targets, lse, grad_rows, ignore_index)
+    launcher = _BACKWARD[_choose(logits.device)]
+    if inplace:
+        launcher(logits, targets, lse, grad_rows, ignore_index, logits)
+        # the kernels write through raw pointers: mark the buffer as changed, as the in-place op of the
+        # other route does, so that a later use of a saved copy raises
+        torch.autograd.graph.increment_version(logits)
+        return logits
+    return launcher(logits, targets, lse, grad_rows, ignore_index, torch.empty_like(logits, memory_format=torch.contiguous_format))
+
+
+def _reduce(rows: torch.Tensor, targets: torch.Tensor, ignore_index: int, reduction: str):
+    """(loss, count): the reduced per-row loss as F.cross_entropy reduces it ("mean": over the rows
+    whose target is not ignore_index, NaN when there are none), and that count for "mean" (else None)."""
+    if reduction == "none":
+        return rows, None
+    if reduction == "sum":
+        return rows.sum(), None
+    count = (targets != ignore_index).sum()
+    return rows.sum() / count, count
 
 
 def _rows_gradient(grad_loss: torch.Tensor, reduction: str, n: int, count) -> torch.Tensor:
-    """d loss / d rows[i] as a float32 [N] vector for the backward kernels."""
+    """d loss / d rows[i] as a float32 [N] vector for the backward kernels (the derivative of _reduce)."""
     if reduction == "none":
         return grad_loss
     if reduction == "mean":
@@ -761,46 +782,34 @@ def _rows_gradient(grad_loss: torch.Tensor, reduction: str, n: int, count) -> to
     return grad_loss.float().expand(n).contiguous()
 
 
-class _CrossEntropyFunction(torch.autograd.Function):
-    """Eager autograd of cross_entropy_with_scores: the forward launcher, the loss reduction and the
-    backward launcher in one node (the registered op's autograd plus sum / div would be three)."""
+class _CrossEntropy(torch.autograd.Function):
+    """The autograd of cross_entropy_with_scores, on both routes: the forward (statistics and the
+    reduced loss) and the backward kernel in one node (an op's autograd plus sum / div would be three).
+
+    Outputs: (loss, *SoftmaxScores fields without loss, rows), rows the per-row loss, None when
+    reduction="none" (the loss then *is* the rows). Only the loss is differentiable."""
 
     @staticmethod
-    def forward(ctx, logits, targets, ignore_index, reduction, inplace_backward, implementation):
-        outputs = _FORWARD[implementation](logits, targets, ignore_index)
-        rows = outputs[5]
-        count = None
-        if reduction == "none":
-            loss = rows
-        elif reduction == "sum":
-            loss = rows.sum()
-        else:
-            count = (targets != ignore_index).sum()
-            loss = rows.sum() / count
-        ctx.save_for_backward(logits, targets, outputs[0])
-        ctx.count = count
-        ctx.settings = (ignore_index, reduction, inplace_backward, implementation)
-        # (loss, lse, entropy, maxprob, margin, argmax, el2n[, rows]): with reduction="none" the
-        # loss *is* the rows, which the caller detaches for the scores
-        scores = (*outputs[:5], outputs[6]) if reduction == "none" else (*outputs[:5], outputs[6], rows)
-        ctx.mark_non_differentiable(*scores)
-        return (loss, *scores)
+    def forward(logits, targets, ignore_index, reduction, inplace_backward, eager):
+        scores = _forward(logits, targets, ignore_index, eager)
+        loss, count = _reduce(scores.loss, targets, ignore_index, reduction)
+        rows = None if reduction == "none" else scores.loss
+        return loss, scores.lse, scores.entropy, scores.maxprob, scores.margin, scores.argmax, scores.el2n, rows, count
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    def setup_context(ctx, inputs, output):
+        logits, targets, ignore_index, reduction, inplace_backward, eager = inputs
+        loss, lse, entropy, maxprob, margin, argmax, el2n, rows, count = output
+        ctx.save_for_backward(logits, targets, lse, count)
+        ctx.settings = (ignore_index, reduction, inplace_backward, eager)
+        ctx.mark_non_differentiable(*(t for t in output[1:] if t is not None))
+
+    @staticmethod
     def backward(ctx, grad_loss, *unused):
-        logits, targets, lse = ctx.saved_tensors
-        ignore_index, reduction, inplace_backward, implementation = ctx.settings
-        grad_rows = _rows_gradient(grad_loss, reduction, logits.shape[0], ctx.count)
-        if inplace_backward:
-            _BACKWARD[implementation](logits, targets, lse, grad_rows, ignore_index, logits)
-            # the kernels write through raw pointers: mark the buffer as changed, as the in-place op
-            # of the compiled path does, so that a later use of a saved copy raises
-            torch.autograd.graph.increment_version(logits)
-            grad = logits
-        else:
-            grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
-            _BACKWARD[implementation](logits, targets, lse, grad_rows, ignore_index, grad)
+        logits, targets, lse, count = ctx.saved_tensors
+        ignore_index, reduction, inplace_backward, eager = ctx.settings
+        grad_rows = _rows_gradient(grad_loss, reduction, logits.shape[0], count)
+        grad = _backward(logits, targets, lse, grad_rows, ignore_index, inplace_backward, eager)
         return grad, None, None, None, None, None
 
 
@@ -808,29 +817,28 @@ class _CrossEntropyFunction(torch.autograd.Function):
 # Public functions
 # ---------------------------------------------------------------------------------------------------
 
-def _wrap(outputs, with_targets: bool) -> SoftmaxScores:
-    lse, entropy, maxprob, margin, argmax, loss, el2n = outputs
-    if not with_targets:
-        loss = el2n = None
-    return SoftmaxScores(lse, entropy, maxprob, margin, argmax, loss, el2n)
-
-
 def softmax_scores(logits: torch.Tensor, targets: torch.Tensor | None = None, *, ignore_index: int = -100) -> SoftmaxScores:
     """Fused softmax statistics of each row of ``logits[N, V]`` (float32 / bfloat16 / float16, any
     row stride), computed from one read of the logits. Returns float32 ``[N]`` tensors (argmax
     int64); ``loss`` and ``el2n`` only when targets (int64 / int32 ``[N]``) are given. Dispatches
     by device: CUDA -> Triton, CPU -> the C++ library, else (or when missing) the reference."""
     _validate(logits, targets, ignore_index)
-    if _eager(logits, targets):
-        implementation = _choose(logits.device)
-        if implementation == "reference" and logits.requires_grad:
-            with torch.no_grad():
-                outputs = _FORWARD[implementation](logits, targets, ignore_index)
-        else:
-            outputs = _FORWARD[implementation](logits, targets, ignore_index)
-    else:
-        outputs = torch.ops.aql.softmax_scores(logits, targets, ignore_index)
-    return _wrap(outputs, targets is not None)
+    return _forward(logits, targets, ignore_index, _dispatch.eager(logits, targets))
+
+
+def _check_inplace_backward(op: str, logits: torch.Tensor) -> None:
+    n, v = logits.shape
+    if v > 1 and logits.stride(1) != 1:
+        raise ValueError(f"aql_kernels.{op}: inplace_backward needs logits with unit column stride, got strides {logits.stride()}")
+    if n > 1 and logits.stride(0) < v:
+        # rows that share memory (an expanded or overlapping view): a gradient written over them
+        # would mix rows
+        raise ValueError(f"aql_kernels.{op}: inplace_backward needs logits whose rows do not overlap (row stride >= "
+                         f"V={v}), got strides {logits.stride()}; pass inplace_backward=False or .contiguous() logits")
+    if logits.is_leaf and logits.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"aql_kernels.{op}: inplace_backward cannot write the gradient over a leaf tensor that requires "
+                         "grad (its .grad would be its own buffer, as torch refuses for in-place ops on leaves); pass "
+                         "inplace_backward=False or the output of an operation (e.g. the model head's)")
 
 
 def cross_entropy_with_scores(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100,
@@ -847,7 +855,9 @@ def cross_entropy_with_scores(logits: torch.Tensor, targets: torch.Tensor, *, ig
     second [N, V] allocation; the usual case is the output of a language-model head, which nothing
     else reads after the loss). The logits' values are destroyed by backward and the gradient
     passed upstream *is* that buffer, so use it only when the logits are not needed afterwards;
-    autograd's version counter raises if another saved use of them is unpacked later.
+    autograd's version counter raises if another saved use of them is unpacked later. It needs
+    logits with unit column stride whose rows do not overlap, and that are not a leaf requiring
+    grad (ValueError otherwise).
     """
     op = "cross_entropy_with_scores"
     _validate(logits, targets, ignore_index, op, targets_required=True)
@@ -855,29 +865,17 @@ def cross_entropy_with_scores(logits: torch.Tensor, targets: torch.Tensor, *, ig
         raise ValueError(f"aql_kernels.{op}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"aql_kernels.{op}: inplace_backward must be a bool, got {type(inplace_backward).__name__}")
-    if inplace_backward and logits.shape[1] > 1 and logits.stride(1) != 1:
-        raise ValueError(f"aql_kernels.{op}: inplace_backward needs logits with unit column stride, got strides {logits.stride()}")
-    if _eager(logits, targets):
-        implementation = _choose(logits.device)
-        if torch.is_grad_enabled() and logits.requires_grad:
-            loss, *scores = _CrossEntropyFunction.apply(logits, targets, ignore_index, reduction, inplace_backward,
-                                                         implementation)
-            rows = loss.detach() if reduction == "none" else scores[6]
-            return loss, SoftmaxScores(*scores[:5], rows, scores[5])
-        with torch.no_grad():  # (the reference implementation would otherwise record a graph)
-            outputs = _FORWARD[implementation](logits, targets, ignore_index)
-        rows = outputs[5]
-    else:
-        outputs = torch.ops.aql.cross_entropy_with_scores(logits, targets, ignore_index, inplace_backward)
-        rows = outputs[5]
-        outputs = tuple(t.detach() for t in outputs)
-    if reduction == "none":
-        loss = rows
-    elif reduction == "sum":
-        loss = rows.sum()
-    else:
-        loss = rows.sum() / (targets != ignore_index).sum()
-    return loss, _wrap(outputs, True)
+    if inplace_backward:
+        _check_inplace_backward(op, logits)
+    eager = _dispatch.eager(logits, targets)
+    if torch.is_grad_enabled() and logits.requires_grad:
+        loss, lse, entropy, maxprob, margin, argmax, el2n, rows, _ = _CrossEntropy.apply(
+            logits, targets, ignore_index, reduction, inplace_backward, eager)
+        rows = loss.detach() if rows is None else rows
+        return loss, SoftmaxScores(lse, entropy, maxprob, margin, argmax, rows, el2n)
+    scores = _forward(logits, targets, ignore_index, eager)
+    loss, _ = _reduce(scores.loss, targets, ignore_index, reduction)
+    return loss, scores
 
 
 def _implementation(name: str):
@@ -885,7 +883,7 @@ def _implementation(name: str):
 
     def run(logits: torch.Tensor, targets: torch.Tensor | None = None, *, ignore_index: int = -100) -> SoftmaxScores:
         _validate(logits, targets, ignore_index)
-        return _wrap(forward(logits, targets, ignore_index), targets is not None)
+        return forward(logits, targets, ignore_index)
 
     run.__name__ = f"_softmax_scores_{name}"
     run.__qualname__ = run.__name__

@@ -65,10 +65,12 @@ def _random_targets(n, v, device, *, ignore_some=True):
     return targets.to(device)
 
 
-def _poisoned_outputs(n, with_targets, device):
-    f = lambda m: torch.full((m,), float("nan"), device=device)  # noqa: E731
-    m = n if with_targets else 0
-    return (f(n), f(n), f(n), f(n), torch.full((n,), -7, dtype=torch.int64, device=device), f(m), f(m))
+def _poisoned_outputs(n, with_targets, device) -> SoftmaxScores:
+    def nans():
+        return torch.full((n,), float("nan"), device=device)
+
+    return SoftmaxScores(nans(), nans(), nans(), nans(), torch.full((n,), -7, dtype=torch.int64, device=device),
+                         nans() if with_targets else None, nans() if with_targets else None)
 
 
 def _run(name, logits, targets, ignore_index=IGNORE, poison=True):
@@ -77,7 +79,7 @@ def _run(name, logits, targets, ignore_index=IGNORE, poison=True):
         out = _poisoned_outputs(logits.shape[0], targets is not None, logits.device)
         result = S._FORWARD[name](logits, targets, ignore_index, out=out)
         assert all(a is b for a, b in zip(result, out))
-        return S._wrap(result, targets is not None)
+        return result
     return IMPLEMENTATIONS[name](logits, targets, ignore_index=ignore_index)
 
 
@@ -257,14 +259,23 @@ def test_triton_target_out_of_range_gives_nan_loss():
     _assert_scores_close(got._replace(loss=None, el2n=None), want, *TOLERANCES[torch.float32])
 
 
-def test_public_function_dispatches_to_the_chosen_implementation():
-    logits = _random_logits(6, 300, torch.float32, "cpu")
-    targets = _random_targets(6, 300, "cpu")
-    chosen = _dispatch.choose("softmax_scores", logits.device, native_symbol="aql_softmax_scores")
-    expected = IMPLEMENTATIONS[chosen](logits, targets)
-    got = softmax_scores(logits, targets)
-    for a, b in zip(got, expected):
-        assert torch.equal(a, b)
+@pytest.mark.parametrize("route", ["eager", "registered ops"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).replace("torch.", ""))
+def test_public_functions_match_float64_reference(monkeypatch, route, dtype):
+    # The public functions on odd shapes, through whatever they dispatch to on each route, against the
+    # float64 reference (not against the implementation they call: that would pass with a broken kernel).
+    if route == "registered ops":
+        monkeypatch.setattr(S._dispatch, "eager", lambda *tensors: False)
+    atol, rtol = TOLERANCES[dtype]
+    for n, v in [(6, 300), (1, 1), (37, 5001)]:
+        logits = _random_logits(n, v, dtype, "cpu")
+        targets = _random_targets(n, v, "cpu")
+        _assert_scores_close(softmax_scores(logits, targets), _expected(logits, targets), atol, rtol)
+        _assert_scores_close(softmax_scores(logits), _expected(logits, None), atol, rtol)
+        loss, scores = cross_entropy_with_scores(logits, targets, reduction="sum")
+        _assert_scores_close(scores, _expected(logits, targets), atol, rtol)
+        want = F.cross_entropy(logits.double(), targets, ignore_index=IGNORE, reduction="sum")
+        torch.testing.assert_close(loss.double(), want, atol=atol * n, rtol=rtol)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -304,17 +315,17 @@ def test_triton_split_rows_match_reference(dtype, block, chunk_blocks, v):
     device = _skip_unavailable("triton")
     logits, targets = _split_rows(v, block, dtype, device)
     out = _poisoned_outputs(logits.shape[0], True, device)
-    got = S._wrap(S._triton_forward(logits, targets, IGNORE, out=out, block=block, chunk_blocks=chunk_blocks), True)
+    got = S._triton_forward(logits, targets, IGNORE, out=out, block=block, chunk_blocks=chunk_blocks)
     _assert_scores_close(got, _expected(logits, targets), *TOLERANCES[dtype])
     assert got.argmax[0] == block - 1 and got.margin[0] == 0
     assert got.argmax[2] == 3 and got.margin[2] == 0
     assert got.argmax[3] == 0 and got.margin[3] == 0
     assert got.argmax[5] == v - 2 and got.argmax[6] == 2 * block + 1
     # without targets, and with an ignore_index that is a real column (its row keeps its statistics)
-    plain = S._wrap(S._triton_forward(logits, None, IGNORE, block=block, chunk_blocks=chunk_blocks), False)
+    plain = S._triton_forward(logits, None, IGNORE, block=block, chunk_blocks=chunk_blocks)
     _assert_scores_close(plain, _expected(logits, None), *TOLERANCES[dtype])
     targets = torch.where(targets == IGNORE, 0, targets)
-    column = S._wrap(S._triton_forward(logits, targets, 3, block=block, chunk_blocks=chunk_blocks), True)
+    column = S._triton_forward(logits, targets, 3, block=block, chunk_blocks=chunk_blocks)
     _assert_scores_close(column, _expected(logits, targets, ignore_index=3), *TOLERANCES[dtype])
     assert column.loss[11] == 0 and column.el2n[11] == 0
 
@@ -378,7 +389,7 @@ def test_eager_path_matches_the_registered_ops(monkeypatch, reduction):
         return loss.detach(), scores, x.grad, softmax_scores(base, targets)
 
     eager = run()
-    monkeypatch.setattr(S, "_eager", lambda logits, targets: False)
+    monkeypatch.setattr(S._dispatch, "eager", lambda *tensors: False)
     through_ops = run()
     for a, b in zip(eager[:3], through_ops[:3]):
         if isinstance(a, tuple):
@@ -470,8 +481,6 @@ def test_opcheck():
     lse = S.softmax_scores_reference(logits, targets).lse
     torch.library.opcheck(torch.ops.aql.softmax_scores_backward.default, (logits, targets, lse, torch.randn(5), IGNORE))
     torch.library.opcheck(torch.ops.aql.softmax_scores_backward_.default, (logits.clone(), targets, lse, torch.randn(5), IGNORE))
-    leaf = logits.clone().requires_grad_(True)
-    torch.library.opcheck(torch.ops.aql.cross_entropy_with_scores.default, (leaf, targets, IGNORE, False))
 
 
 def test_torch_compile_fullgraph():
@@ -528,6 +537,58 @@ def test_bad_inputs_raise(label, fn):
             fn(*args)
     with pytest.raises(TypeError, match=r"ignore_index must be an int, got float"):
         fn(good, None, ignore_index=-100.0)
+
+
+@pytest.mark.parametrize("name", ["public", *sorted(IMPLEMENTATIONS)])
+def test_ignore_index_outside_int64_is_refused(name):
+    # it crosses the C ABI and the Triton launcher as an int64: a wider Python int would wrap around
+    fn = softmax_scores if name == "public" else IMPLEMENTATIONS[name]
+    logits, targets = torch.randn(3, 5), torch.tensor([0, 1, 2])
+    for bad in (2**63, -(2**63) - 1, 2**64 - 100):
+        with pytest.raises(ValueError, match=rf"ignore_index must be in \[-9223372036854775808, 9223372036854775807\], got {bad}"):
+            fn(logits, targets, ignore_index=bad)
+    with pytest.raises(ValueError, match=r"cross_entropy_with_scores: ignore_index must be in"):
+        cross_entropy_with_scores(logits, targets, ignore_index=2**63)
+    # the extremes themselves are fine (and ignore nothing here)
+    for edge in (2**63 - 1, -(2**63)):
+        got = fn(logits, targets, ignore_index=edge)
+        _assert_scores_close(got, _expected(logits, targets, ignore_index=edge), *TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("case", ["expanded", "overlapping rows", "leaf"])
+def test_inplace_backward_refuses_logits_it_would_corrupt(case):
+    # Writing the gradient over rows that share memory mixes them (the Triton path gave wrong
+    # gradients, the native one failed only in backward); over a leaf it would make .grad the
+    # parameter's own buffer. Refused at the call, before any work.
+    targets = torch.tensor([1, 2, 3, 0])
+    base = torch.randn(1, 10, requires_grad=True)
+    logits = {
+        "expanded": lambda: (base * 1.0).expand(4, 10),
+        "overlapping rows": lambda: (base.repeat(1, 4) * 1.0).flatten().as_strided((4, 10), (5, 1)),  # row stride 5
+        "leaf": lambda: torch.randn(4, 10, requires_grad=True),
+    }[case]()
+    if case == "leaf":
+        match = r"inplace_backward cannot write the gradient over a leaf"
+    else:
+        match = r"inplace_backward needs logits whose rows do not overlap \(row stride >= V=10\)"
+    with pytest.raises(ValueError, match=rf"aql_kernels.cross_entropy_with_scores: {match}"):
+        cross_entropy_with_scores(logits, targets, inplace_backward=True)
+    # out of place, the same logits give torch's gradient
+    loss, _ = cross_entropy_with_scores(logits, targets)
+    (grad,) = torch.autograd.grad(loss, logits)
+    x64 = logits.detach().double().requires_grad_(True)
+    F.cross_entropy(x64, targets).backward()
+    torch.testing.assert_close(grad.double(), x64.grad, atol=1e-7, rtol=1e-5)
+
+
+def test_inplace_backward_accepts_a_leaf_without_grad_or_under_no_grad():
+    leaf = _random_logits(3, 20, torch.float32, "cpu").requires_grad_(True)
+    targets = torch.tensor([0, 5, 19])
+    with torch.no_grad():  # nothing will be written: no reason to refuse
+        loss, _ = cross_entropy_with_scores(leaf, targets, inplace_backward=True)
+    plain = leaf.detach().clone()
+    loss_plain, _ = cross_entropy_with_scores(plain, targets, inplace_backward=True)
+    torch.testing.assert_close(loss, loss_plain)
 
 
 def test_cross_entropy_bad_inputs_raise():
