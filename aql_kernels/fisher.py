@@ -31,8 +31,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from . import _native
-from ._dispatch import choose
+from . import _dispatch, _native
 from ._validation import FLOAT_DTYPES
 
 try:
@@ -44,7 +43,9 @@ except Exception:  # triton missing or broken: the dispatcher reports it and fal
 __all__ = ["fisher_ema_", "fisher_ema_reference", "IMPLEMENTATIONS"]
 
 _OP = "fisher_ema_"
-_GRAD_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+# Element-type codes of the gradients: the C ABI's (AQL_DTYPE_*), which the Triton table uses too.
+_GRAD_CODES = {torch.float32: int(_native.DType.F32), torch.bfloat16: int(_native.DType.BF16),
+               torch.float16: int(_native.DType.F16)}
 _FLOAT32_MAX = torch.finfo(torch.float32).max
 # Elements per tile: 16 per thread with 8 warps, four 16-byte loads of the state and four of a float32
 # gradient in flight per thread and iteration. ptxas (sm_90a, triton 3.6) gives the kernel 58
@@ -61,6 +62,8 @@ _INTERPRETER_PROGRAMS = 4
 # Triton kernel
 # ---------------------------------------------------------------------------------------------------
 if triton is not None:
+    _CODE_F32 = tl.constexpr(_GRAD_CODES[torch.float32])
+    _CODE_BF16 = tl.constexpr(_GRAD_CODES[torch.bfloat16])
 
     @triton.jit
     def _fisher_ema_tiles(state_pointer, grad_pointer, first, stop, numel, decay, one_minus_decay, scale,
@@ -143,9 +146,9 @@ if triton is not None:
                 grad_f32 = tl.multiple_of(grad_f32, 16)
                 grad_bf16 = tl.multiple_of(grad_bf16, 8)
                 grad_f16 = tl.multiple_of(grad_f16, 8)
-            if code == 0:
+            if code == _CODE_F32:
                 _fisher_ema_tiles(state_pointer, grad_f32, first, last, numel, decay, one_minus_decay, scale, BLOCK)
-            elif code == 1:
+            elif code == _CODE_BF16:
                 _fisher_ema_tiles(state_pointer, grad_bf16, first, last, numel, decay, one_minus_decay, scale, BLOCK)
             else:
                 _fisher_ema_tiles(state_pointer, grad_f16, first, last, numel, decay, one_minus_decay, scale, BLOCK)
@@ -203,8 +206,7 @@ def _build_table(work: "_Work", programs: Optional[int]) -> _Table:
 
 def _fisher_ema_triton_launch(work: "_Work", decay: float, scale: float, *, programs: Optional[int] = None) -> None:
     """One launch for the whole list; `programs` overrides the grid size (tests of the persistent loop)."""
-    key = (work.device, programs, tuple(work.state_addresses), tuple(work.grad_addresses), tuple(work.numels),
-           tuple(work.codes))
+    key = (work.device, programs, work.layout)
     entry = _tables.get(key)
     if entry is None:
         entry = _tables[key] = _build_table(work, programs)
@@ -262,16 +264,76 @@ def _validate(op: str, fisher, grads, decay, scale) -> None:
             raise ValueError(f"{name}: grads[{i}] must be on {device} (like fisher[0]), got {grad.device}")
 
 
-def _check_distinct(op: str, fisher, grads) -> None:
-    """Each state that gets updated appears once: updating one twice in one call has no sequential meaning."""
-    seen = set()
-    for state, grad in zip(fisher, grads):
-        if grad is None or state.numel() == 0:
+_ELEMENT_BYTES = {code: dtype.itemsize for dtype, code in _GRAD_CODES.items()}
+# Address layouts already found free of overlap (_Work.layout): a training loop that passes the
+# same tensors every step checks its list once. Least recently used entries go first.
+_DISJOINT_CACHE_SIZE = 16
+_disjoint: collections.OrderedDict = collections.OrderedDict()
+
+
+def _first_overlap(state_ranges: list, grad_ranges: list):
+    """The first conflict among byte ranges [start, stop) (empty ranges left out): ("states", i, j)
+    when states i and j overlap, ("grad", j, i) when gradient j overlaps state i, else None.
+    Gradients may overlap one another: they are only read."""
+    order = sorted((r for r in range(len(state_ranges)) if state_ranges[r][0] < state_ranges[r][1]),
+                   key=lambda r: state_ranges[r][0])
+    starts = [state_ranges[r][0] for r in order]
+    for a, b in zip(order, order[1:]):
+        if state_ranges[b][0] < state_ranges[a][1]:
+            return "states", min(a, b), max(a, b)
+    for j, (start, stop) in enumerate(grad_ranges):
+        if start >= stop:
             continue
-        address = state.data_ptr()
-        if address in seen:
-            raise ValueError(f"aql_kernels.{op}: the same fisher tensor appears twice in the list (address {address:#x})")
-        seen.add(address)
+        # the state with the highest start below this gradient's stop is the only one that can overlap it
+        at = bisect.bisect_left(starts, stop) - 1
+        if at >= 0 and state_ranges[order[at]][1] > start:
+            return "grad", j, order[at]
+    return None
+
+
+def _raise_overlap(op: str, fisher, grads) -> None:
+    """Names the first overlap in the caller's indices (the error path: the lists are walked again)."""
+    updated = [i for i, (state, grad) in enumerate(zip(fisher, grads)) if grad is not None and state.numel() != 0]
+    state_ranges = [(fisher[i].data_ptr(), fisher[i].data_ptr() + fisher[i].numel() * fisher[i].element_size())
+                    for i in updated]
+    grad_ranges = [(grads[i].data_ptr(), grads[i].data_ptr() + grads[i].numel() * grads[i].element_size())
+                   for i in updated if grads[i].is_contiguous()]
+    grad_index = [i for i in updated if grads[i].is_contiguous()]
+    conflict = _first_overlap(state_ranges, grad_ranges)
+    if conflict is None:
+        return
+    kind, a, b = conflict
+    name = f"aql_kernels.{op}"
+    if kind == "states":
+        i, j = updated[a], updated[b]
+        if state_ranges[a] == state_ranges[b]:
+            raise ValueError(f"{name}: the same fisher tensor appears twice in the list (fisher[{i}] and fisher[{j}], "
+                             f"address {state_ranges[a][0]:#x})")
+        raise ValueError(f"{name}: fisher[{i}] and fisher[{j}] overlap in memory; every fisher tensor must have memory of "
+                         "its own")
+    raise ValueError(f"{name}: grads[{grad_index[a]}] overlaps fisher[{updated[b]}] in memory; a gradient must not share "
+                     "memory with a fisher tensor that the call updates")
+
+
+def _check_disjoint(op: str, work: "_Work", fisher, grads) -> None:
+    """The states that get updated have memory of their own, and no gradient reads memory that one of
+    them occupies (address ranges, not only equal addresses: views of one buffer, or buffers shared
+    with numpy, overlap without being the same tensor). Elementwise, native, Triton and the reference
+    would each read such memory at a different time, so their results would differ. Cached per
+    address layout: the common case is a dictionary lookup."""
+    key = work.layout
+    if key in _disjoint:
+        _disjoint.move_to_end(key)
+        return
+    state_ranges = [(address, address + 4 * numel) for address, numel in zip(work.state_addresses, work.numels)]
+    grad_ranges = [(address, address + _ELEMENT_BYTES[code] * numel)
+                   for address, numel, code in zip(work.grad_addresses, work.numels, work.codes)]
+    if _first_overlap(state_ranges, grad_ranges) is not None:
+        _raise_overlap(op, fisher, grads)
+        raise ValueError(f"aql_kernels.{op}: fisher tensors or gradients overlap in memory")  # (not reached)
+    _disjoint[key] = True
+    if len(_disjoint) > _DISJOINT_CACHE_SIZE:
+        _disjoint.popitem(last=False)
 
 
 class _Work(NamedTuple):
@@ -285,6 +347,14 @@ class _Work(NamedTuple):
     numels: list
     codes: list  # _GRAD_CODES of the gradients
     plain: bool  # every tensor of the call is a torch.Tensor, not a subclass (fake, functional, ...)
+    # (state addresses, gradient addresses, numels, codes) as tuples: the whole address layout of the
+    # call, which keys the overlap verdicts and the device tables
+    layout: tuple
+
+
+def _work(device, states, grads, state_addresses, grad_addresses, numels, codes, plain) -> _Work:
+    layout = (tuple(state_addresses), tuple(grad_addresses), tuple(numels), tuple(codes))
+    return _Work(device, states, grads, state_addresses, grad_addresses, numels, codes, plain, layout)
 
 
 _TENSOR = torch.Tensor
@@ -297,13 +367,15 @@ _shape_of = operator.attrgetter("shape")
 
 
 def _collect(op: str, fisher, grads, decay, scale) -> _Work:
-    """Validates the arguments (like `_validate`) and returns the pairs that have work.
+    """Validates the arguments (like `_validate`, and `_check_disjoint`) and returns the pairs that
+    have work.
 
     A training loop calls this every step on a list of ~150 tensors, so the common case (plain
-    contiguous tensors, distinct states, float decay and scale) is checked with one C-level `map` per
-    property over the whole list: ~0.13 ms for GPT-2 small's 148 pairs on the 2-core CI-class CPU,
-    where a validating walk, a second walk for the pairs and a third for the addresses took ~0.23 ms.
-    Anything else takes `_validate`, which names the first bad argument, and the general walk.
+    contiguous tensors, float decay and scale, an address layout seen before) is checked with one
+    C-level `map` per property over the whole list: ~0.13 ms for GPT-2 small's 148 pairs on the 2-core
+    CI-class CPU, where a validating walk, a second walk for the pairs and a third for the addresses
+    took ~0.23 ms. Anything else takes `_validate`, which names the first bad argument, and the
+    general walk.
     """
     if (type(fisher) in (list, tuple) and type(grads) in (list, tuple) and len(fisher) == len(grads) and len(fisher) > 0
             and type(decay) is float and 0.0 <= decay < 1.0 and type(scale) is float and abs(scale) <= _FLOAT32_MAX):
@@ -318,21 +390,23 @@ def _collect(op: str, fisher, grads, decay, scale) -> _Work:
                     and len(set(map(_device_of, fisher)).union(map(_device_of, gradients))) == 1
                     and all(map(_TENSOR.is_contiguous, fisher)) and all(map(_TENSOR.is_contiguous, gradients))
                     and list(map(_shape_of, states)) == list(map(_shape_of, gradients))):
-                state_addresses = list(map(_TENSOR.data_ptr, states))
-                if len(set(state_addresses)) == len(state_addresses):
-                    return _Work(fisher[0].device, states, gradients, state_addresses,
-                                 list(map(_TENSOR.data_ptr, gradients)), numels, codes, True)
+                work = _work(fisher[0].device, states, gradients, list(map(_TENSOR.data_ptr, states)),
+                             list(map(_TENSOR.data_ptr, gradients)), numels, codes, True)
+                _check_disjoint(op, work, fisher, grads)
+                return work
     _validate(op, fisher, grads, decay, scale)
-    _check_distinct(op, fisher, grads)
     # A non-contiguous gradient is copied to a contiguous one (one extra pass over that tensor).
     pairs = [(state, grad if grad.is_contiguous() else grad.contiguous())
              for state, grad in zip(fisher, grads) if grad is not None and state.numel() != 0]
     states = [state for state, _ in pairs]
     gradients = [grad for _, grad in pairs]
     plain = all(type(t) is _TENSOR for t in itertools.chain(fisher, grads) if t is not None)
-    return _Work(fisher[0].device if len(fisher) else None, states, gradients, [s.data_ptr() for s in states],
+    work = _work(fisher[0].device if len(fisher) else None, states, gradients, [s.data_ptr() for s in states],
                  [g.data_ptr() for g in gradients], [s.numel() for s in states], [_GRAD_CODES[g.dtype] for g in gradients],
                  plain)
+    if plain:  # (fake and functional tensors have no memory to compare)
+        _check_disjoint(op, work, fisher, grads)
+    return work
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -340,8 +414,7 @@ def _collect(op: str, fisher, grads, decay, scale) -> _Work:
 # ---------------------------------------------------------------------------------------------------
 def fisher_ema_reference(fisher: list[torch.Tensor], grads: list[Optional[torch.Tensor]], decay: float, *, scale: float = 1.0) -> None:
     """The spec, with torch's foreach ops (two passes over the state)."""
-    _validate("fisher_ema_reference", fisher, grads, decay, scale)
-    _check_distinct("fisher_ema_reference", fisher, grads)
+    _collect("fisher_ema_reference", fisher, grads, decay, scale)  # the same checks as the kernels
     pairs = [(f, g) for f, g in zip(fisher, grads) if g is not None]
     if not pairs:
         return
@@ -399,48 +472,39 @@ _RUNNERS = {
 # ---------------------------------------------------------------------------------------------------
 def _run(work: _Work, decay: float, scale: float) -> None:
     if work.numels:
-        _RUNNERS[choose(_OP, work.device, native_symbol="aql_fisher_ema")](work, decay, scale)
+        _RUNNERS[_dispatch.choose(_OP, work.device, native_symbol="aql_fisher_ema")](work, decay, scale)
 
 
+@torch.library.custom_op("aql::fisher_ema_", mutates_args=("fisher",))
 def _fisher_ema_op(fisher: list[torch.Tensor], grads: list[Optional[torch.Tensor]], decay: float, scale: float) -> None:
     _run(_collect(_OP, fisher, grads, decay, scale), decay, scale)
 
 
-# Defined with torch.library.Library rather than torch.library.custom_op: the latter's Python wrapper
-# cost ~0.5 ms per call on a list of 148 tensors (GPT-2 small) on the CI-class CPU, against ~0.1 ms
-# here, and on a GPU that host time is as long as the kernel itself.
-_LIBRARY = torch.library.Library("aql", "FRAGMENT")
-_LIBRARY.define("fisher_ema_(Tensor(a!)[] fisher, Tensor?[] grads, float decay, float scale) -> ()")
-_LIBRARY.impl("fisher_ema_", _fisher_ema_op, "CompositeExplicitAutograd")
-
-
-@torch.library.register_fake("aql::fisher_ema_", lib=_LIBRARY)
+@_fisher_ema_op.register_fake
 def _fisher_ema_fake(fisher, grads, decay, scale) -> None:
     return None
-
-
-# Python dispatch modes (fake tensors, functionalization, user modes) must see the op.
-_dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", None)
 
 
 def fisher_ema_(fisher: list[torch.Tensor], grads: list[Optional[torch.Tensor]], decay: float, *, scale: float = 1.0) -> None:
     """In place, for every i with grads[i] not None:
     fisher[i] = decay * fisher[i] + (1 - decay) * (scale * grads[i]) ** 2.
 
-    fisher: float32 contiguous tensors, all on one device; grads: float32 / bfloat16 / float16 tensors
-    (or None) of the same shapes on the same device (a non-contiguous gradient is copied first);
-    0 <= decay < 1; scale finite (e.g. 1 / loss_scale for scaled gradients, or the batch size to turn
-    the gradient of a mean loss into that of a sum). One kernel launch for the whole list on CUDA; no
-    host synchronisation.
+    fisher: float32 contiguous tensors, all on one device, no two sharing memory; grads: float32 /
+    bfloat16 / float16 tensors (or None) of the same shapes on the same device, none sharing memory
+    with a fisher tensor (a non-contiguous gradient is copied first); 0 <= decay < 1; scale finite
+    (e.g. 1 / loss_scale for scaled gradients, or the batch size to turn the gradient of a mean loss
+    into that of a sum). One kernel launch for the whole list on CUDA; no host synchronisation.
     """
     if torch.compiler.is_compiling():
         _validate(_OP, fisher, grads, decay, scale)
         torch.ops.aql.fisher_ema_.default(list(fisher), list(grads), float(decay), float(scale))
         return
     work = _collect(_OP, fisher, grads, decay, scale)
-    if work.plain and _dispatch_modes is not None and _dispatch_modes() == 0:
-        # Eager call on plain tensors: the op's own implementation, without the dispatcher's round trip
-        # of two 148-tensor lists through C++ (~37 us on the CI-class CPU) and a second `_collect`.
+    # Eager call on plain tensors: the op's own implementation, without the dispatcher's round trip of
+    # two 148-tensor lists through C++ (~37 us on the CI-class CPU; ~0.4 ms more with the custom op's
+    # Python wrapper) and a second `_collect`. (The torch.func check looks at the first pair: a
+    # transform wraps every tensor it is given.)
+    if work.plain and _dispatch.eager(*work.states[:1], *work.grads[:1]):
         _run(work, float(decay), float(scale))
     else:
         torch.ops.aql.fisher_ema_.default(list(fisher), list(grads), float(decay), float(scale))
