@@ -8,7 +8,7 @@ and falls back to its pure-torch reference with a one-time warning when an imple
 from ._dispatch import Backend, backends
 from .fisher import fisher_ema_
 from .scores import SoftmaxScores, cross_entropy_with_scores, softmax_scores
-from .select import digit_histogram, topk_indices, topk_mask, topk_threshold
+from .select import digit_histogram, key_to_float, order_keys, topk_indices, topk_mask, topk_threshold
 
 __all__ = [
     "Backend",
@@ -17,6 +17,8 @@ __all__ = [
     "cross_entropy_with_scores",
     "digit_histogram",
     "fisher_ema_",
+    "key_to_float",
+    "order_keys",
     "softmax_scores",
     "topk_indices",
     "topk_mask",

@@ -2,8 +2,9 @@
 
 Order: the first k of a stable descending sort of the float32 scores in which NaN ranks below -inf,
 -0.0 equals +0.0 and ties go to the lowest index. Equivalently, each score becomes an
-order-preserving uint32 key (NaN -> 0, below -inf at 0x007fffff; both zeros -> 0x80000000) and the
-selection is the k largest composites (key, -index).
+order-preserving uint32 key (``order_keys``: NaN -> 0, below -inf at 0x007fffff; both zeros ->
+0x80000000; the C++ and CUDA kernels use the same key, ``float_key`` in ``csrc/select_common.h``) and
+the selection is the k largest composites (key, -index). ``key_to_float`` is its inverse.
 
 Kernels (C ABI in ``csrc/c_api.h``): radix select over the keys, most significant digit first (Alabi
 et al., "Fast k-selection algorithms for GPUs", ACM JEA 2012), with the first digit guessed from a
@@ -36,7 +37,7 @@ from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 
-from . import _native
+from . import _dispatch, _native
 from ._dispatch import choose
 from ._validation import FLOAT_DTYPES, check_int, check_tensor
 
@@ -51,6 +52,8 @@ __all__ = [
     "topk_indices_reference",
     "topk_threshold_reference",
     "digit_histogram_reference",
+    "order_keys",
+    "key_to_float",
     "float_keys",
     "IMPLEMENTATIONS",
 ]
@@ -82,10 +85,17 @@ def _as_float32(scores: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------
-# reference (pure torch, the spec)
+# the order-preserving key (the one rule every selector follows) and the reference (the spec)
 # ---------------------------------------------------------------------------------------------------
-def float_keys(scores: torch.Tensor) -> torch.Tensor:
-    """Order-preserving uint32 keys of the scores (as int64): NaN -> 0, -0.0 -> key of +0.0."""
+def order_keys(scores: torch.Tensor) -> torch.Tensor:
+    """The order-preserving uint32 key of each score, as int64 in [0, 2**32).
+
+    key(a) < key(b) exactly when a ranks below b in the selectors' order: larger float -> larger key;
+    -0.0 and +0.0 -> the same key 0x80000000; every NaN -> 0, below -inf (0x007fffff), so NaN ranks
+    lowest. scores: any float dtype (converted to float32 exactly, as the selectors see them); same
+    shape and device. The C++ and CUDA kernels use this key (``float_key`` in csrc/select_common.h),
+    so keys from here agree with ``digit_histogram`` and ``topk_threshold``. Subtract 2**31 for a
+    signed key whose order is the same (int32 range)."""
     bits = _as_float32(scores).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
     magnitude = bits & 0x7FFFFFFF
     canonical = torch.where(magnitude == 0, torch.zeros_like(bits), bits)
@@ -93,17 +103,22 @@ def float_keys(scores: torch.Tensor) -> torch.Tensor:
     return torch.where(magnitude > 0x7F800000, torch.zeros_like(keys), keys)
 
 
-def _key_to_float(key: torch.Tensor) -> torch.Tensor:
-    """Inverse of float_keys on its image (key 0 -> the canonical quiet NaN, zeros -> +0.0)."""
-    bits = torch.where(key >= 0x80000000, key ^ 0x80000000, key ^ 0xFFFFFFFF)
-    bits = torch.where(key == 0, torch.full_like(bits, 0x7FC00000), bits)
+def key_to_float(keys: torch.Tensor) -> torch.Tensor:
+    """float32 scores of int64 keys in [0, 2**32): the inverse of ``order_keys`` on its image (key 0
+    gives the canonical quiet NaN, 0x80000000 gives +0.0); what ``topk_threshold`` returns for the
+    k-th largest key (``key_to_float`` in csrc/select_common.h)."""
+    bits = torch.where(keys >= 0x80000000, keys ^ 0x80000000, keys ^ 0xFFFFFFFF)
+    bits = torch.where(keys == 0, torch.full_like(bits, 0x7FC00000), bits)
     bits = torch.where(bits >= 0x80000000, bits - (1 << 32), bits)  # as signed int32
     return bits.to(torch.int32).view(torch.float32)
 
 
+float_keys = order_keys  # the earlier name of order_keys
+
+
 def _order_reference(scores: torch.Tensor) -> torch.Tensor:
     # A stable sort keeps equal keys in index order, so the first k are the ones the contract names.
-    return torch.sort(float_keys(scores), descending=True, stable=True).indices
+    return torch.sort(order_keys(scores), descending=True, stable=True).indices
 
 
 def topk_mask_reference(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -125,14 +140,14 @@ def topk_threshold_reference(scores: torch.Tensor, k: int) -> torch.Tensor:
     _validate("topk_threshold_reference", scores, k)
     if k == 0:  # k is an argument, not data: this branch does not look at the scores
         return torch.full((), float("inf"), dtype=torch.float32, device=scores.device)
-    keys = torch.sort(float_keys(scores), descending=True).values
-    return _key_to_float(keys[k - 1 : k]).reshape(())
+    keys = torch.sort(order_keys(scores), descending=True).values
+    return key_to_float(keys[k - 1 : k]).reshape(())
 
 
 def digit_histogram_reference(scores: torch.Tensor, prefix: int, prefix_bits: int, digit_bits: int) -> torch.Tensor:
     """int64 [2**digit_bits]: counts of the next digit_bits of the keys whose top prefix_bits equal prefix."""
     _validate_histogram("digit_histogram_reference", scores, prefix, prefix_bits, digit_bits)
-    keys = float_keys(scores)
+    keys = order_keys(scores)
     buckets = 1 << digit_bits
     digits = ((keys << prefix_bits) & 0xFFFFFFFF) >> (32 - digit_bits)
     if prefix_bits > 0:  # keys outside the prefix go to an extra bucket (no data-dependent shapes)
@@ -222,6 +237,13 @@ def _run(scores: torch.Tensor, k: int, want: str, implementation: Optional[str] 
     return {"mask": mask, "indices": indices, "threshold": threshold}[want]
 
 
+def _histogram(scores: torch.Tensor, prefix: int, prefix_bits: int, digit_bits: int) -> torch.Tensor:
+    implementation = choose(
+        "digit_histogram", scores.device, native_symbol="aql_digit_histogram", gpu="cuda", cuda_symbol="aql_cuda_digit_histogram"
+    )
+    return _HISTOGRAM_RUNNERS[implementation](scores, prefix, prefix_bits, digit_bits)
+
+
 def _digit_histogram_native(scores, prefix, prefix_bits, digit_bits) -> torch.Tensor:
     _require_device("digit_histogram", scores, "cpu", "native")
     values = _as_float32(scores)
@@ -291,10 +313,7 @@ def _topk_threshold_fake(scores, k):
 
 @torch.library.custom_op("aql::digit_histogram", mutates_args=())
 def _digit_histogram_op(scores: torch.Tensor, prefix: int, prefix_bits: int, digit_bits: int) -> torch.Tensor:
-    implementation = choose(
-        "digit_histogram", scores.device, native_symbol="aql_digit_histogram", gpu="cuda", cuda_symbol="aql_cuda_digit_histogram"
-    )
-    return _HISTOGRAM_RUNNERS[implementation](scores, prefix, prefix_bits, digit_bits)
+    return _histogram(scores, prefix, prefix_bits, digit_bits)
 
 
 @_digit_histogram_op.register_fake
@@ -307,12 +326,16 @@ def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     -inf; -0.0 equals +0.0). scores: 1-D float32 / bfloat16 / float16; 0 <= k <= N. Exact, and
     deterministic on every device; no host synchronisation."""
     _validate("topk_mask", scores, k)
+    if _dispatch.eager(scores):  # (the registered op's dispatch is host time only: see _dispatch.eager)
+        return _run(scores, k, "mask")
     return torch.ops.aql.topk_mask(scores, k)
 
 
 def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     """int64 [k]: the indices where topk_mask is True, ascending."""
     _validate("topk_indices", scores, k)
+    if _dispatch.eager(scores):
+        return _run(scores, k, "indices")
     return torch.ops.aql.topk_indices(scores, k)
 
 
@@ -320,17 +343,21 @@ def topk_threshold(scores: torch.Tensor, k: int) -> torch.Tensor:
     """0-dim float32: the k-th largest score, +inf for k == 0 (zeros come back as +0.0, NaN as the
     canonical quiet NaN). The selection is everything above it plus the lowest-indexed equal ones."""
     _validate("topk_threshold", scores, k)
+    if _dispatch.eager(scores):
+        return _run(scores, k, "threshold")
     return torch.ops.aql.topk_threshold(scores, k)
 
 
 def digit_histogram(scores: torch.Tensor, prefix: int, prefix_bits: int, digit_bits: int) -> torch.Tensor:
-    """int64 [2**digit_bits]: out[d] counts the scores whose key (see ``float_keys``) has its top
+    """int64 [2**digit_bits]: out[d] counts the scores whose key (see ``order_keys``) has its top
     prefix_bits equal to prefix and its next digit_bits equal to d. 1 <= digit_bits <= 16,
     0 <= prefix_bits <= 32 - digit_bits, 0 <= prefix < 2**prefix_bits.
 
     The building block of a distributed exact threshold: all-reduce (sum) the histograms of every
     process and walk the digits with ``threshold_from_histograms``."""
     _validate_histogram("digit_histogram", scores, prefix, prefix_bits, digit_bits)
+    if _dispatch.eager(scores):
+        return _histogram(scores, prefix, prefix_bits, digit_bits)
     return torch.ops.aql.digit_histogram(scores, prefix, prefix_bits, digit_bits)
 
 
@@ -398,5 +425,5 @@ def threshold_from_histograms(
         greater += strictly_above
         prefix = (prefix << bits) | digit
         prefix_bits += bits
-    threshold = _key_to_float(torch.tensor([prefix], dtype=torch.int64)).reshape(())
+    threshold = key_to_float(torch.tensor([prefix], dtype=torch.int64)).reshape(())
     return GlobalThreshold(threshold, prefix, greater, remaining)

@@ -5,6 +5,7 @@ numpy; the distributed threshold walk; input errors; torch.library and torch.com
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import shutil
 import subprocess
@@ -177,17 +178,57 @@ def test_reference_matches_numpy_lexsort(distribution, n):
         )
 
 
-def test_float_keys_are_order_preserving():
+def test_order_keys_are_order_preserving():
     values = torch.tensor(
         [float("-inf"), -3.4e38, -1.0, -1.1754944e-38, -1e-45, 0.0, 1e-45, 1.1754944e-38, 1.0, 3.4e38, float("inf")]
     )
-    keys = sel.float_keys(values)
-    assert bool((keys[1:] > keys[:-1]).all())
-    assert int(sel.float_keys(torch.tensor([-0.0]))) == int(sel.float_keys(torch.tensor([0.0]))) == 0x80000000
-    assert int(sel.float_keys(torch.tensor([float("nan")]))) == 0
+    keys = aql_kernels.order_keys(values)
+    assert keys.dtype == torch.int64 and bool((keys[1:] > keys[:-1]).all())
+    assert int(sel.order_keys(torch.tensor([-0.0]))) == int(sel.order_keys(torch.tensor([0.0]))) == 0x80000000
+    assert int(sel.order_keys(torch.tensor([float("nan")]))) == 0
     assert int(keys[0]) > 0  # -inf above NaN
-    roundtrip = sel._key_to_float(keys)
+    roundtrip = aql_kernels.key_to_float(keys)
     assert torch.equal(roundtrip.view(torch.int32), values.view(torch.int32))
+    # every float32 bit pattern of a random sample: the key order is the float order (NaN lowest)
+    bits = torch.randint(-(2**31), 2**31, (100000,), dtype=torch.int64).to(torch.int32)
+    floats = bits.view(torch.float32)
+    keys = sel.order_keys(floats)
+    assert bool(((keys >= 0) & (keys < 2**32)).all())
+    order = torch.argsort(keys, stable=True)
+    ranked = floats[order].double().nan_to_num(nan=-math.inf)
+    assert bool((ranked[1:] >= ranked[:-1]).all())
+    # and the inverse returns the value (zeros as +0.0, NaNs as the canonical NaN)
+    back = sel.key_to_float(keys)
+    same = (back == floats) | (floats.isnan() & back.isnan())
+    assert bool(same.all())
+    assert int(sel.key_to_float(torch.tensor([0])).view(torch.int32)) == 0x7FC00000
+
+
+_KEY_VALUES = [float("nan"), -float("nan"), float("-inf"), -3.4028235e38, -1.0, -1.1754944e-38, -1e-45, -0.0, 0.0,
+               1e-45, 1.1754944e-38, 0.1, 1.0, 3.4028235e38, float("inf")]
+
+
+def test_order_keys_and_key_to_float_match_the_native_library():
+    """The key of order_keys is the C++ kernels' float_key, and key_to_float their key_to_float: the
+    digits of each value's key as native digit_histogram counts them, and native topk_threshold of a
+    single value (the inverse applied to its key)."""
+    require_native()
+    values = torch.tensor(_KEY_VALUES + torch.randn(48).mul(1e3).tolist() + [2.0**-140, -(2.0**-140)])
+    # NaN with payload and sign bits: float_key sends every NaN to 0
+    values = torch.cat([values, torch.tensor([0x7FC00001, 0xFFFFFFFF - 2**32, 0x7F800001], dtype=torch.int32).view(torch.float32)])
+    keys = sel.order_keys(values)
+    for value, key in zip(values, keys.tolist()):
+        one = value.reshape(1)
+        top = sel._digit_histogram_native(one, 0, 0, 16)
+        high = int(top.nonzero()[0, 0])
+        low = int(sel._digit_histogram_native(one, high, 16, 16).nonzero()[0, 0])
+        assert (high << 16) | low == key, (float(value), hex(key), hex((high << 16) | low))
+        native_threshold = sel._run(one, 1, "threshold", "native")
+        assert int(native_threshold.view(torch.int32)) == int(sel.key_to_float(torch.tensor([key])).view(torch.int32)), float(value)
+    # all at once: the top 16 bits of a million random bit patterns
+    floats = torch.randint(-(2**31), 2**31, (1 << 20,), dtype=torch.int64).to(torch.int32).view(torch.float32)
+    expected = torch.bincount(sel.order_keys(floats) >> 16, minlength=1 << 16)
+    assert torch.equal(sel._digit_histogram_native(floats, 0, 0, 16), expected)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -288,7 +329,7 @@ def test_digit_histogram_against_numpy(name, distribution):
     device = require_implementation(name) if name != "reference" else "cpu"
     scores = make_scores(distribution, 30011, device)
     runner = sel._HISTOGRAM_RUNNERS[name]
-    keys = sel.float_keys(scores).cpu()
+    keys = sel.order_keys(scores).cpu()
     # Prefixes that occur in the data (so that counts are not all zero) and some that do not.
     some_key = int(keys[torch.randint(0, keys.numel(), ())])
     cases = [(0, 0, 12), (0, 0, 1), (0, 0, 16), (some_key >> 20, 12, 10), (some_key >> 10, 22, 10), (some_key >> 1, 31, 1),
@@ -310,7 +351,7 @@ def test_threshold_from_four_ranks(distribution):
     def all_reduced(prefix, prefix_bits, digit_bits):
         return sum(aql_kernels.digit_histogram(part, prefix, prefix_bits, digit_bits) for part in ranks)
 
-    keys = sel.float_keys(scores)
+    keys = sel.order_keys(scores)
     for k in ks_for(n) + [int(torch.randint(1, n, ()))]:
         found = sel.threshold_from_histograms(all_reduced, k)
         expected = aql_kernels.topk_threshold(torch.cat(ranks), k)
