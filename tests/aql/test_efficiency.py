@@ -108,3 +108,16 @@ def test_bad_study_configs_are_refused(tmp_path, change, message, capsys):
         efficiency.load_study(config)
     assert main(["experiment", "efficiency", "--config", str(config), "--output-dir", str(tmp_path / "o")]) == 2
     assert message.split()[0] in capsys.readouterr().err
+
+
+def test_the_quick_mode_itself_runs_and_writes_finite_metrics(tmp_path):
+    """`python -m aql experiment efficiency --quick` as a user runs it (about 1-2 minutes on 2 cores)."""
+    out = tmp_path / "quick"
+    assert main(["experiment", "efficiency", "--quick", "--output-dir", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    study = efficiency.load_study(CONFIG, quick=True)
+    assert set(summary["rows"]) == {m.name for m in study.methods}
+    for rows in summary["rows"].values():
+        for cell in rows.values():
+            assert math.isfinite(cell["test_accuracy"]) and math.isfinite(cell["flops"]) and cell["samples_backpropagated"] > 0
+    assert (out / "efficiency.png").is_file()
