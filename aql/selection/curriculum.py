@@ -316,15 +316,17 @@ class CurriculumAQL:
 
     def maybe_advance_stage(self, val_loss) -> bool:
         """Advance when the validation loss fell by ``stage_advance_threshold`` (relative) since the
-        stage's first report; returns whether it advanced. ``val_loss``: a float or a 0-dim tensor."""
+        stage's first report; returns whether it advanced. ``val_loss``: a float or a 0-dim tensor; a
+        non-finite one (NaN, inf) is ignored (no advance, the reference stays; a warning is logged)."""
         where = "selection.CurriculumAQL.maybe_advance_stage"
         if isinstance(val_loss, torch.Tensor):
             if val_loss.numel() != 1:
                 raise ValueError(f"aql.{where}: val_loss must be a scalar, got shape {tuple(val_loss.shape)}")
             val_loss = float(val_loss)
         val_loss = check_number(where, "val_loss", val_loss)
-        if not math.isfinite(val_loss):
-            raise ValueError(f"aql.{where}: val_loss must be finite, got {val_loss}")
+        if not math.isfinite(val_loss):  # a diverged evaluation says nothing about progress: no advance, no new reference
+            logger.warning("curriculum: validation loss %s is not finite; the stage stays %d", val_loss, self.training_stage)
+            return False
         if self.stage_start_loss is None:
             self.stage_start_loss = val_loss
             return False

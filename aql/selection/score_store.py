@@ -46,6 +46,9 @@ class ScoreStore:
     and exploration 0.1 an explored sample weighs ~41, so a few explored samples dominate a weighted
     mean loss, and a gradient that estimates the full-data one undoes the emphasis on the top part.
 
+    A NaN score (e.g. from a diverged batch) is not kept: the sample is marked never-seen again and gets
+    ``unseen_score``, so it is re-scored rather than excluded forever (NaN ranks lowest in the top-k).
+
     Never-seen samples hold ``unseen_score`` (+inf by default) and so fill the top part first; while
     never-seen samples remain outside the top part, the explored slots also go to never-seen samples
     (uniformly among them) before seen ones. Every epoch therefore visits ``k`` new samples until all
@@ -74,6 +77,9 @@ class ScoreStore:
         self.exploration = check_interval(where, "exploration", exploration, 0.0, 1.0, low_open=False, high_open=True)
         self.seed = check_int(where, "seed", seed, low=0)
         self.unseen_score = check_number(where, "unseen_score", unseen_score)
+        if math.isnan(self.unseen_score):
+            raise ValueError(f"aql.{where}: unseen_score must not be NaN (NaN ranks below every score, so never-seen "
+                             "samples would never be selected, and NaN marks a score to redo); got nan")
         try:
             self.device = torch.device(device)
         except (TypeError, RuntimeError) as error:
@@ -141,8 +147,13 @@ class ScoreStore:
         indices = indices.to(self.device, non_blocking=True)
         scores = scores.detach().to(self.device, non_blocking=True)
         self.flush()  # earlier deferred writes first: the later value of a sample wins
-        self._scores.index_copy_(0, indices, scores)
-        self._seen.index_fill_(0, indices, True)
+        self._write(indices, scores)
+
+    def _write(self, indices: torch.Tensor, scores: torch.Tensor) -> None:
+        """Scatter into the table; a NaN score makes its sample never-seen again (re-scored next)."""
+        valid = ~torch.isnan(scores)
+        self._scores.index_copy_(0, indices, torch.where(valid, scores, torch.full_like(scores, self.unseen_score)))
+        self._seen.index_copy_(0, indices, valid)
 
     def flush(self) -> None:
         """Writes the deferred updates (``update(..., deferred=True)``) into the table; a no-op when
@@ -166,8 +177,7 @@ class ScoreStore:
             last = torch.full((self.num_samples,), -1, dtype=torch.int64, device=indices.device)
             last.scatter_reduce_(0, indices, positions, reduce="amax")
             scores = scores.gather(0, last.gather(0, indices))
-        self._scores.index_copy_(0, indices, scores)
-        self._seen.index_fill_(0, indices, True)
+        self._write(indices, scores)
 
     # -- selecting ----------------------------------------------------------------------------------
 
@@ -228,8 +238,9 @@ class ScoreStore:
             raise ValueError(f"aql.{where}: state['scores'] and state['seen'] must have length "
                              f"{self.num_samples}, got {state['scores'].shape[0]} and {state['seen'].shape[0]}")
         self._deferred, self._deferred_rows, self._deferred_distinct = [], 0, True  # the loaded table replaces them
-        self._scores.copy_(state["scores"])
-        self._seen.copy_(state["seen"])
+        valid = ~torch.isnan(state["scores"])  # a table saved before NaN scores were re-scored
+        self._scores.copy_(torch.where(valid, state["scores"], torch.full_like(state["scores"], self.unseen_score)))
+        self._seen.copy_(state["seen"] & valid)
         self.epoch = int(state["epoch"])
         self.seed = int(state.get("seed", self.seed))
         self.unseen_score = float(state.get("unseen_score", self.unseen_score))

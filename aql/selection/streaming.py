@@ -272,6 +272,10 @@ class StreamingAQL:
             raise ValueError(f"aql.{where}: targets must have B={batch_size} rows like data, "
                              f"got shape {tuple(targets.shape)}")
         if scores is None:
+            if self.uncertainty is None or not callable(getattr(self.uncertainty, "estimate_uncertainty", None)):
+                raise ValueError(f"aql.{where}: scores is None and this StreamingAQL has no uncertainty_estimator with "
+                                 f"estimate_uncertainty (got {type(self.uncertainty).__name__}); pass scores=, or construct it "
+                                 "with an estimator")
             with torch.no_grad():
                 scores = self.uncertainty.estimate_uncertainty(data)
             name = "uncertainty_estimator.estimate_uncertainty(data)"

@@ -125,7 +125,9 @@ def test_score_store_top_part_matches_float64_reference():
         store.update(chunk, values[chunk])
     subset = store.next_subset()
     top = subset.indices[subset.weights == 1.0].numpy()
-    assert np.array_equal(top, reference_top(values.numpy(), store.num_top))
+    # a NaN score marks its sample never-seen again: it ranks as unseen_score (+inf), i.e. first
+    rescored = np.where(np.isnan(values.numpy()), np.inf, values.numpy())
+    assert np.array_equal(top, reference_top(rescored, store.num_top))
 
 
 def test_score_store_exploration_disjoint_uniform_and_random():
@@ -303,6 +305,7 @@ def test_score_store_deferred_writes_match_eager_updates():
         if step in (12, 25):  # a read in the middle flushes; later writes defer again
             assert torch.equal(deferred.seen, eager.seen)
     assert len(deferred._deferred) > 5  # several pending calls, so the multi-call path is exercised
+    table = np.where(np.isnan(table), np.inf, table)  # a NaN score is stored as unseen_score, to be redone
     np.testing.assert_array_equal(deferred.scores.numpy(), table.astype(np.float32))
     assert torch.equal(deferred.seen, eager.seen) and not deferred._deferred
     for _ in range(3):
@@ -831,10 +834,17 @@ def test_curriculum_stage_transitions_by_validation_loss(caplog):
 
 def test_curriculum_rejects_bad_val_loss():
     curriculum = CurriculumAQL(nn.Identity())
-    with pytest.raises(ValueError, match=r"CurriculumAQL.maybe_advance_stage: val_loss must be finite, got nan"):
-        curriculum.maybe_advance_stage(float("nan"))
     with pytest.raises(TypeError, match=r"val_loss must be a float, got str"):
         curriculum.maybe_advance_stage("1.0")
+
+
+def test_curriculum_ignores_a_non_finite_val_loss():
+    # a diverged evaluation neither crashes the run nor becomes the stage's reference loss
+    curriculum = CurriculumAQL(nn.Identity(), stage_advance_threshold=0.1)
+    assert curriculum.maybe_advance_stage(float("nan")) is False and curriculum.stage_start_loss is None
+    assert curriculum.maybe_advance_stage(1.0) is False
+    assert curriculum.maybe_advance_stage(torch.tensor(float("inf"))) is False and curriculum.stage_start_loss == 1.0
+    assert curriculum.maybe_advance_stage(0.85) is True and curriculum.training_stage == 1
 
 
 def test_curriculum_state_dict_round_trip():
@@ -1112,3 +1122,35 @@ def test_score_store_flush_writes_deferred_updates():
     assert store._deferred
     store.flush()
     assert not store._deferred and store._scores[2:4].tolist() == [1.0, 2.0] and store._seen[2:4].all()
+
+
+# ------------------------------------------------------------------------------- NaN scores and arguments
+def test_score_store_rescores_a_sample_whose_score_is_nan():
+    """A NaN score (a diverged batch) makes the sample never-seen again: it is selected first next
+    epoch instead of ranking last forever."""
+    store = ScoreStore(10, query_budget=0.3, exploration=0.0)
+    store.update(torch.arange(10), torch.arange(10, dtype=torch.float32))  # all seen; top 3 would be 7, 8, 9
+    store.update(torch.tensor([2]), torch.tensor([float("nan")]))
+    store.update(torch.tensor([4]), torch.tensor([float("nan")]), deferred=True)
+    assert store.seen.tolist() == [i not in (2, 4) for i in range(10)]
+    assert not torch.isnan(store.scores).any()
+    assert store.next_subset().indices.tolist() == [2, 4, 9]
+    # a table saved with NaN in it (by an older version) loads the same way
+    state = store.state_dict()
+    state["scores"][5] = float("nan")
+    store.load_state_dict(state)
+    assert not bool(store.seen[5]) and store.scores[5] == math.inf
+
+
+def test_score_store_refuses_a_nan_unseen_score():
+    with pytest.raises(ValueError, match=r"ScoreStore: unseen_score must not be NaN"):
+        ScoreStore(10, unseen_score=float("nan"))
+
+
+def test_streaming_without_estimator_or_scores_is_a_clear_error():
+    selector = StreamingAQL(nn.Identity(), None, query_budget=0.5)
+    with pytest.raises(ValueError, match=r"StreamingAQL.process_batch: scores is None and this StreamingAQL has no "
+                                         r"uncertainty_estimator"):
+        selector.process_batch(torch.zeros(4, 3), torch.zeros(4, dtype=torch.long))
+    kept = selector.process_batch(torch.zeros(4, 3), torch.zeros(4, dtype=torch.long), torch.arange(4, dtype=torch.float32))
+    assert kept.data.shape[0] >= 1
