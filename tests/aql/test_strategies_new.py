@@ -242,24 +242,23 @@ def test_ranked_unseen_first_in_a_seeded_random_order_then_top_scores():
 def test_ranked_nan_scores_are_rescored_and_old_scores_age():
     n = 50
     strategy = RankedSelection(n, query_budget=0.2, seed=0, balanced=False, ageing=0.5)
-    all_rows = torch.arange(n)
-    scores, _ = _scores(n, torch.Generator().manual_seed(0))
+    template, _ = _scores(n, torch.Generator().manual_seed(0))
     loss = torch.linspace(1.0, 2.0, n)
     loss[:5] = float("nan")
-    strategy.after_step(all_rows, scores._replace(loss=loss))  # epoch 0 writes all
+    strategy.after_step(torch.arange(n), template._replace(loss=loss))  # epoch 0 writes every sample
     strategy.end_epoch({})
-    picked = set(strategy.epoch_plan(1).indices.tolist())
-    assert set(range(5)) <= picked  # NaN -> never seen -> first
-    # ageing: rows 40-49 were written at epoch 0 (score ~1.8-2.0 * 0.5**2), rows 10-19 rewritten at
-    # epoch 2 with 1.2: the fresh ones win although their raw score is lower
+    assert set(range(5)) <= set(strategy.epoch_plan(1).indices.tolist())  # NaN -> never seen -> first
     strategy.end_epoch({})
+    # epoch 2: rows 10-14 rewritten with 1.2; rows 40-49 still hold ~1.8-2.0 from epoch 0, aged by
+    # 0.5 ** 2 to ~0.45-0.5: the fresh rows outrank them although their raw score is lower
+    fresh = torch.arange(10, 15)
+    few, _ = _scores(5, torch.Generator().manual_seed(1))
     strategy.epoch = 2
-    fresh = torch.arange(10, 20)
-    strategy.after_step(fresh, scores._replace(loss=torch.full((50,), 1.2))[0:0] if False else _scores(10, torch.Generator())[0]._replace(loss=torch.full((10,), 1.2)))
-    plan = set(strategy.epoch_plan(2).indices.tolist()) if 2 not in strategy._plans else None
-    strategy._plans = {}
-    plan = set(strategy.epoch_plan(2).indices.tolist())
-    assert set(range(10, 15)) <= plan
+    strategy.after_step(fresh, few._replace(loss=torch.full((5,), 1.2)))
+    assert set(fresh.tolist()) <= set(strategy.epoch_plan(2).indices.tolist())
+    no_ageing = RankedSelection(n, query_budget=0.2, seed=0, balanced=False, ageing=1.0)
+    no_ageing.load_state_dict({**strategy.state_dict(), "plans": {}})
+    assert not set(fresh.tolist()) & set(no_ageing.epoch_plan(2).indices.tolist())  # without ageing the old high scores win
 
 
 def test_ranked_state_round_trip():
