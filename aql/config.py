@@ -7,7 +7,8 @@ file only names what it changes; `configs/aql_v2_config.yaml` is the template it
 Rules (each violation is a `ConfigError` naming the key, the value and what is allowed):
 unknown sections or keys, values of the wrong type, `aql_v2.query_budget` outside (0, 1], decays outside
 [0, 1), unknown choices (`aql_v2.uncertainty_method`, `aql_v2.selection_strategy`, `aql_v2.score`, ...),
-`aql_v2.strategy_options` keys that are no option of the chosen strategy.
+`aql_v2.strategy_options` keys that are no option of the chosen strategy, a key or section repeated in
+the YAML file (named with its line), seeds outside [0, 2**32 - 1].
 `aql_v2.selection_strategy` takes the name of any registered strategy (`aql.strategies.STRATEGIES`;
 `SELECTION_STRATEGIES` here is read from that registry, so a new strategy needs no edit of this file).
 PyYAML reads `3e-4` as a string (YAML 1.1 wants a dot in a float), so float fields accept numeric strings.
@@ -58,6 +59,9 @@ SCORERS = ("model", "estimator")
 DATASETS = ("mnist1d", "wikitext103", "text_files")
 TOKENIZERS = ("auto", "gpt2", "byte")
 PRECISIONS = ("auto", "bf16", "fp32")
+#: the largest seed: numpy's generator takes [0, 2**32 - 1], and the per-epoch orders seed torch
+#: generators with seed * 1000003 + epoch, which must stay below 2**64
+MAX_SEED = 2**32 - 1
 
 
 def _selection_strategies() -> tuple[str, ...]:
@@ -107,6 +111,9 @@ class TrainingConfig:
     eval_batch_size: int = 512
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
     cpu_threads: int = 0  # torch.set_num_threads for CLI runs; 0 = torch's default
+    # An optimizer step whose loss or gradient is not finite is skipped (no parameter, Fisher or score
+    # update) and counted (nonfinite_steps in the metrics); this many skipped in a row stop the run
+    max_nonfinite_steps: int = 10
 
 
 @dataclass
@@ -166,6 +173,7 @@ class LoggingConfig:
     wandb_project: Optional[str] = "efficient-llm-training"  # null = no wandb
     wandb_tags: list[str] = field(default_factory=lambda: ["aql-v2", "wikitext-103"])
     output_dir: str = "runs/aql"  # metrics.jsonl and checkpoint.pt go here
+    keep_checkpoints: int = 2  # checkpoint.pt and the previous ones (checkpoint.1.pt, ...): resume falls back to them
     progress_bar: bool = True
     test_every_epoch: bool = False  # also evaluate the test split after every epoch (learning curves)
 
@@ -319,6 +327,7 @@ def _validate(config: Config) -> None:
     _at_least("training.eval_batch_size", t.eval_batch_size, 1)
     _choice("training.precision", t.precision, PRECISIONS)
     _at_least("training.cpu_threads", t.cpu_threads, 0)
+    _at_least("training.max_nonfinite_steps", t.max_nonfinite_steps, 1)
 
     _choice("aql_v2.uncertainty_method", a.uncertainty_method, UNCERTAINTY_METHODS)
     _range("aql_v2.fisher_ema_decay", a.fisher_ema_decay, 0.0, 1.0, high_open=True)
@@ -354,11 +363,13 @@ def _validate(config: Config) -> None:
     _at_least("logging.log_every", lg.log_every, 1)
     _at_least("logging.eval_every", lg.eval_every, 0)
     _at_least("logging.save_every", lg.save_every, 0)
+    _at_least("logging.keep_checkpoints", lg.keep_checkpoints, 1)
     if lg.wandb_project == "":
         raise ConfigError("logging.wandb_project: '' is not a project name; use null for no wandb")
 
     _choice("data.name", d.name, DATASETS)
     _at_least("data.num_samples", d.num_samples, 20)
+    _range("data.data_seed", d.data_seed, 0, MAX_SEED)
     _range("data.train_split", d.train_split, 0.0, 1.0, low_open=True, high_open=True)
     _range("data.val_fraction", d.val_fraction, 0.0, 1.0, high_open=True)
     _at_least("data.seq_len", d.seq_len, 1)
@@ -375,6 +386,7 @@ def _validate(config: Config) -> None:
     if m.type == "gpt2" and d.seq_len > m.n_positions:
         raise ConfigError(f"data.seq_len: {d.seq_len} exceeds model.n_positions ({m.n_positions})")
 
+    _range("seed", config.seed, 0, MAX_SEED)
     if config.device != "auto" and config.device != "cpu" and not (
         config.device == "cuda" or (config.device.startswith("cuda:") and config.device[5:].isdigit())
     ):
@@ -449,6 +461,27 @@ def _apply_override(raw: dict, text: str) -> None:
     current[key] = value
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key repeated in one mapping (a second `training:` section,
+    a key given twice) is an error naming the key and both lines instead of the last one winning."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            self.flatten_mapping(node)
+            first: dict = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    hash(key)
+                except TypeError:
+                    continue  # the base class reports an unhashable key
+                if key in first:
+                    raise ConfigError(f"{self.name}: duplicate key {key!r} at line {key_node.start_mark.line + 1} "
+                                      f"(first at line {first[key] + 1}); each section and key may appear once")
+                first[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | Path | None = None, overrides=()) -> Config:
     """Reads a YAML config (None: all defaults), applies `section.key=value` overrides, validates."""
     raw: dict = {}
@@ -458,7 +491,7 @@ def load_config(path: str | Path | None = None, overrides=()) -> Config:
             raise FileNotFoundError(f"aql.config.load_config: no config file at {path}")
         with path.open("r", encoding="utf-8") as handle:
             try:
-                raw = yaml.safe_load(handle)
+                raw = yaml.load(handle, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
             except yaml.YAMLError as error:
                 raise ConfigError(f"{path}: not valid YAML: {error}") from None
         if raw is None:

@@ -182,3 +182,26 @@ def test_strategy_options_from_the_command_line():
                                 "aql_v2.strategy_options.budget_feedback=false"])
     assert config.aql_v2.strategy_options == {"batch_tolerance": 0.5, "budget_feedback": False}
     assert load_config(DEMO).aql_v2.strategy_options == {}
+
+
+@pytest.mark.parametrize("text, key, line, first", [
+    ("training:\n  epochs: 3\nlogging:\n  log_every: 2\ntraining:\n  batch_size: 8\n", "training", 5, 1),
+    ("training:\n  epochs: 3\n  batch_size: 4\n  epochs: 5\n", "epochs", 4, 2),
+])
+def test_duplicate_yaml_keys_are_an_error_naming_key_and_line(text, key, line, first, tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"dup.yaml: duplicate key '{key}' at line {line} \(first at line {first}\)"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("seed=-1", r"seed: -1 is outside \[0, 4294967295\]"),
+    ("seed=4294967296", r"seed: 4294967296 is outside"),
+    ("data.data_seed=-3", r"data.data_seed: -3 is outside"),
+    ("training.max_nonfinite_steps=0", r"training.max_nonfinite_steps: 0 must be >= 1"),
+    ("logging.keep_checkpoints=0", r"logging.keep_checkpoints: 0 must be >= 1"),
+])
+def test_reliability_keys_are_validated(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
