@@ -1,6 +1,7 @@
 """`python -m aql {train,info,demo,experiment,bench}`.
 
-- `train --config FILE [--set section.key=value ...] [--resume] [--output-dir DIR]`: one training run.
+- `train --config FILE [--set section.key=value ...] [--resume | --overwrite] [--output-dir DIR]`: one training
+  run; a folder that already holds a run needs --resume (continue it) or --overwrite (start over).
 - `info`: backends (what aql_kernels runs on here and why not), versions, devices.
 - `demo [--output-dir DIR]`: MNIST-1D, four runs with the same seed, model and schedule shape: all data
   every epoch (baseline), AQL (stale scores, budget 0.2), a random 20% each epoch (the control with
@@ -78,8 +79,9 @@ def info_text() -> str:
     return "\n\n".join([backends_table(), _table(versions, ("package", "version")), _table(devices, ("device", "detail"))])
 
 
-def run_training(config, *, output_dir=None, resume: bool = False, quiet: bool = False) -> dict:
-    """Builds data and model from `config`, trains, returns the trainer's fit() result."""
+def run_training(config, *, output_dir=None, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> dict:
+    """Builds data and model from `config`, trains, returns the trainer's fit() result. `resume` /
+    `overwrite`: what to do with a run already in the output folder (see `AQLv2Trainer.fit`)."""
     from .config import ConfigError
     from .data import build_datasets, load_tokenizer
     from .models import build_model
@@ -102,7 +104,7 @@ def run_training(config, *, output_dir=None, resume: bool = False, quiet: bool =
     if not quiet:
         print(f"aql: {config.aql_v2.selection_strategy} on {train!r}, {trainer.total_steps} optimizer steps planned, "
               f"device {trainer.device}, output {trainer.output_dir}", flush=True)
-    return trainer.fit(resume=resume)
+    return trainer.fit(resume=resume, overwrite=overwrite)
 
 
 def _print_result(result: dict) -> None:
@@ -144,7 +146,7 @@ def run_demo(output_dir: str | os.PathLike = "runs/demo", *, overrides=(), confi
         start = time.perf_counter()
         print(f"== {name}: {what}; selection_strategy={config.aql_v2.selection_strategy}, {config.training.epochs} epochs, "
               f"seed {config.seed}", flush=True)
-        result = run_training(config, output_dir=run_dir, quiet=True)
+        result = run_training(config, output_dir=run_dir, quiet=True, overwrite=True)
         result["wall_time"] = time.perf_counter() - start
         result["step_time_us"] = 1e6 * (result["train_time"] - result["overhead_time"]) / max(1, result["steps"])
         runs[name] = result
@@ -245,7 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override one config value (YAML scalar), repeatable: --set training.batch_size=64")
     train.add_argument("--output-dir", default=None, help="where metrics.jsonl and checkpoint.pt go (default logging.output_dir)")
-    train.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoint.pt when it exists")
+    once = train.add_mutually_exclusive_group()
+    once.add_argument("--resume", action="store_true", help="continue the run in the output folder from its newest checkpoint "
+                                                            "that verifies (a fresh start when there is none)")
+    once.add_argument("--overwrite", action="store_true", help="delete the run already in the output folder (checkpoints, "
+                                                               "metrics.jsonl) and start over")
     commands.add_parser("info", help="backends, versions, devices")
     demo = commands.add_parser("demo", help="MNIST-1D: all data, AQL (stale, budget 0.2), a random 20%% per epoch and "
                                               "all data for the same sample count, with a plot")
@@ -278,8 +284,15 @@ def main(argv=None) -> int:
         if args.command == "info":
             print(info_text())
         elif args.command == "train":
+            from .training.checkpoint import CheckpointError
+            from .training.trainer import NonFiniteError
+
             config = load_config(args.config, args.overrides)
-            result = run_training(config, output_dir=args.output_dir, resume=args.resume)
+            try:
+                result = run_training(config, output_dir=args.output_dir, resume=args.resume, overwrite=args.overwrite)
+            except (CheckpointError, NonFiniteError) as error:  # one line: the file or the step, and what is wrong
+                print(f"error: {error}", file=sys.stderr)
+                return 2
             _print_result(result)
         elif args.command == "demo":
             run_demo(args.output_dir, overrides=args.overrides)

@@ -151,7 +151,9 @@ class SelectionStrategy:
 
     def after_step(self, indices: torch.Tensor, scores) -> None:
         """The training forward's per-sample `aql_kernels.SoftmaxScores` (one row per sample of
-        `indices`). Must not synchronise with the device."""
+        `indices`). Must not synchronise with the device. A loop calls it only for micro-batches of an
+        optimizer step that it applied: a step skipped for a non-finite loss or gradient calls it for
+        none of its samples (the trainer calls it after the step, on CUDA one optimizer step later)."""
 
     def end_epoch(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
         """Called after each epoch with its metrics (`val_loss` when the loop has validation data);

@@ -36,13 +36,46 @@ The per-step path is lean: the documented fast paths `update_from_grads(check=Fa
 store's `update(deferred=True)` skip the argument checks of their public twins (the trainer
 guarantees the types), and nothing in it synchronises with the device.
 
-Checkpoints (`<output_dir>/checkpoint.pt`, written to a temporary file then `os.replace`d) hold the
-model, optimizer, scheduler, estimator and strategy states, the RNG states (torch, CUDA, numpy,
-python), the step, the epoch and the position inside the epoch (batches consumed, kept samples not yet
-trained), so a resumed run makes the same selections and reaches the same parameters as an
-uninterrupted one. A checkpoint is written every `save_every` steps, at every epoch end, and on Ctrl-C
-(SIGINT is deferred to the end of the running step, then the checkpoint is written and
-KeyboardInterrupt raised; a second Ctrl-C interrupts at once).
+Non-finite steps. Each optimizer step computes, on the device, one flag: the step's loss or the
+global gradient norm (the norm that clipping uses anyway) is not finite. A flagged step is skipped
+whole: no parameter or optimizer-state update, no Fisher update, no `after_step` (the strategies'
+score writes), its loss stays out of the means; the LR schedule and the data position advance (its
+batches are consumed). Skipped steps are counted (`nonfinite_steps` in the train, epoch and fit
+records), each warns (RuntimeWarning), and `training.max_nonfinite_steps` in a row stop the run with a
+`NonFiniteError`; a checkpoint is never written from non-finite parameters. How the flag is acted on
+without a per-step synchronisation:
+- CPU: the flag is a CPU tensor and CPU ops are synchronous, so reading it waits for nothing; the step
+  is skipped in Python (the optimizer, Fisher and strategy are simply not called).
+- CUDA: the flag is never read per step. AdamW is the fused kernel, which takes the flag as
+  `found_inf` (as `torch.amp.GradScaler` passes it) and skips the update of the parameters, the
+  moments and the step counts on the device; the Fisher EMA is restored from a copy with `torch.where`
+  where the flag is set; loss means are masked. The flag is copied to pinned memory with an event and
+  read one optimizer step later, when it has long been computed (the queue still holds the next step's
+  work, so nothing drains): only then are the step's `after_step` calls delivered (or dropped), and the
+  count and the in-a-row limit updated. A strategy therefore sees `after_step` one step late on CUDA.
+
+Checkpoints (`<output_dir>/checkpoint.pt`, see `aql.training.checkpoint`: a checksummed file written
+atomically, loaded with `torch.load(weights_only=True)`) hold the model, optimizer, scheduler,
+estimator and strategy states, the RNG states (torch, CUDA, numpy, python), the step, the epoch and
+the position inside the epoch (batches consumed, kept samples not yet trained), so a resumed run makes
+the same selections and reaches the same parameters as an uninterrupted one. The last
+`logging.keep_checkpoints` are kept (`checkpoint.1.pt`, ...); resuming falls back to the newest one
+that verifies. A checkpoint is written every `save_every` steps, at every epoch end, and on SIGINT,
+SIGTERM or SIGHUP (deferred to the end of the running step, then the checkpoint is written and
+KeyboardInterrupt raised; a second signal interrupts at once).
+
+Runs (`fit(resume=..., overwrite=...)`): a fresh trainer refuses an output folder that already holds a
+run (a checkpoint or metrics.jsonl) unless told to resume it or to overwrite it. Resuming compares the
+saved config with this one: keys that would make a different run (`RESUME_BREAKING`: model, data,
+seed, the selection settings, batch size and accumulation) are refused with the list of differences;
+the others (epochs, max_steps, learning rate and the rest of `training`, `logging`, device) are
+applied and reported. The LR schedule is a function of the step and the current config: on resume the
+warmup-cosine is re-planned over the new total, i.e. from the resumed step on the LR is what a run
+planned with the new settings from the start would use there (a finished 12-epoch run given
+`training.epochs=13` continues at the small LR that a 13-epoch cosine has after 12 epochs and decays
+to zero at the new end; a new `training.learning_rate` scales the whole schedule). Records in
+metrics.jsonl after the resumed step (and the old `fit` summary) are dropped, so a resumed run writes
+none twice.
 """
 
 from __future__ import annotations
@@ -65,15 +98,26 @@ from torch import nn
 
 from aql_kernels import cross_entropy_with_scores, softmax_scores
 
-from ..config import Config
+from ..config import Config, ConfigError
 from ..strategies import STRATEGIES, SelectionStrategy, StrategyContext
 from ..strategies.base import split_selection
 from .batches import EpochLoader, PendingSamples, gather, per_sample_scores, split_batch
-from .checkpoint import CHECKPOINT_FORMAT, atomic_torch_save, rng_states, set_rng_states
+from .checkpoint import (CHECKPOINT_FORMAT, CheckpointError, checkpoint_files, read_checkpoint, remove_stale_temporaries,
+                         rng_states, set_rng_states, write_checkpoint)
 from .clock import OverheadClock, overhead_percent
 from .schedule import WarmupCosine
 
-__all__ = ["AQLv2Trainer", "resolve_device"]
+__all__ = ["AQLv2Trainer", "resolve_device", "NonFiniteError", "RESUME_BREAKING", "config_differences"]
+
+#: config keys (dotted, or a prefix ending in ".") whose change makes a different run: resume refuses them
+RESUME_BREAKING = ("model.", "data.", "seed", "aql_v2.", "training.batch_size", "training.gradient_accumulation")
+#: exceptions to RESUME_BREAKING: where the data is cached, and reporting or no-op keys
+_RESUME_HARMLESS = ("data.cache_dir", "aql_v2.target_overhead", "aql_v2.enable_caching", "aql_v2.parallelize_uncertainty")
+
+
+class NonFiniteError(RuntimeError):
+    """Training stopped on non-finite values (too many skipped steps in a row, or parameters that are
+    not finite when a checkpoint is due)."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -81,8 +125,37 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"aql.trainer: device {name!r} requested but torch.cuda.is_available() is False; use device=cpu or auto")
+        raise ConfigError(f"device: {name!r} requested but torch.cuda.is_available() is False (no usable GPU here); "
+                          "use device=cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device: {name!r} requested but there are {torch.cuda.device_count()} CUDA devices")
     return device
+
+
+def _flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and prefix == "":  # sections; mappings inside a section (strategy_options) are one value
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def config_differences(saved: dict, current: dict) -> tuple[dict[str, tuple], dict[str, tuple]]:
+    """(breaking, applied): the keys where two `Config.to_dict()`s differ, as {key: (saved, current)},
+    split by `RESUME_BREAKING`."""
+    old, new = _flatten(saved), _flatten(current)
+    breaking, applied = {}, {}
+    for key in sorted(old.keys() | new.keys()):
+        before, after = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if before == after:
+            continue
+        refused = key not in _RESUME_HARMLESS and any(key == rule or (rule.endswith(".") and key.startswith(rule))
+                                                      for rule in RESUME_BREAKING)
+        (breaking if refused else applied)[key] = (before, after)
+    return breaking, applied
 
 
 class AQLv2Trainer:
@@ -118,6 +191,7 @@ class AQLv2Trainer:
         self.output_dir = Path(output_dir if output_dir is not None else config.logging.output_dir)
         self.callbacks = list(callbacks)
         self.ignore_index = ignore_index
+        self._check_data_fits_model(train_data)
         t = config.training
         use_bf16 = t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
@@ -133,8 +207,13 @@ class AQLv2Trainer:
         for parameter in self.model.parameters():
             if parameter.requires_grad:
                 (decay if parameter.dim() >= 2 else no_decay).append(parameter)
+        # in the model's order: the gradient norm sums per-tensor norms in this order (clip_grad_norm_'s)
+        self._parameters = [p for p in self.model.parameters() if p.requires_grad]
         groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=t.learning_rate)
+        # CUDA: non-finite steps are skipped on the device (the fused AdamW's found_inf); CPU: in Python
+        self._skip_on_device = self._device_skips_steps()
+        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=t.learning_rate,
+                                           fused=True if self._skip_on_device else None)
         micro = math.ceil(self.strategy.samples_per_epoch / t.batch_size)
         self.steps_per_epoch = max(1, math.ceil(micro / t.gradient_accumulation))
         total = self.steps_per_epoch * t.epochs
@@ -142,6 +221,11 @@ class AQLv2Trainer:
             total = min(total, t.max_steps)
         self.total_steps = max(1, total)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, WarmupCosine(t.warmup_steps, self.total_steps))
+        self.nonfinite_steps = 0  # optimizer steps skipped for a non-finite loss or gradient (whole run)
+        self._nonfinite_in_a_row = 0
+        self._unresolved: list[tuple] = []  # CUDA: (flag on the host, event, step, after_step calls) not yet read
+        self._step_scores: list[tuple] = []  # this step's (indices, per-sample scores) for after_step
+        self._step_losses: list[torch.Tensor] = []  # this step's micro-batch losses
 
         self.step = 0
         self.epoch = 0
@@ -159,6 +243,35 @@ class AQLv2Trainer:
         self._wandb_module = self._import_wandb() if config.logging.wandb_project else None
 
     # ------------------------------------------------------------------------------------------ setup
+    def _device_skips_steps(self) -> bool:
+        """Whether non-finite steps are skipped on the device without reading the flag per step (CUDA),
+        rather than in Python (CPU, where reading a CPU tensor waits for nothing)."""
+        return self.device.type == "cuda"
+
+    def _check_data_fits_model(self, data) -> None:
+        """Label range and input length against the model config, named by config key (once, at set-up)."""
+        m = self.config.model
+        targets = getattr(data, "targets", None)
+        inputs = getattr(data, "inputs", None)
+        if not isinstance(targets, torch.Tensor) or targets.numel() == 0:
+            return
+        if m.type == "mnist1d_cnn":
+            largest = int(targets.max())
+            if largest >= m.num_classes:
+                raise ConfigError(f"model.num_classes: {m.num_classes} is too small for the training labels (largest label "
+                                  f"{largest}, so at least {largest + 1} classes)")
+            if isinstance(inputs, torch.Tensor) and inputs.dim() == 2 and inputs.shape[1] != m.input_length:
+                raise ConfigError(f"model.input_length: {m.input_length} does not fit the data, whose samples have "
+                                  f"{inputs.shape[1]} values")
+        elif m.type == "gpt2":
+            valid = targets[targets != self.ignore_index] if targets.dtype != torch.bool else targets
+            if valid.numel() and int(valid.max()) >= m.vocab_size:
+                raise ConfigError(f"model.vocab_size: {m.vocab_size} is too small for the data's token ids (largest "
+                                  f"{int(valid.max())})")
+            if isinstance(inputs, torch.Tensor) and inputs.dim() == 2 and inputs.shape[1] > m.n_positions:
+                raise ConfigError(f"model.n_positions: {m.n_positions} is shorter than the data's sequences "
+                                  f"({inputs.shape[1]} tokens)")
+
     def _build_estimator(self):
         from .. import uncertainty
 
@@ -201,6 +314,8 @@ class AQLv2Trainer:
         self._epoch_looked_at = 0
         self._interval_loss_sum = torch.zeros((), dtype=torch.float64)
         self._interval_loss_count = torch.zeros((), dtype=torch.float64)
+        self._epoch_nonfinite = 0
+        self._interval_nonfinite = 0
 
     def _move_epoch_state(self) -> None:
         for name in ("_epoch_loss_sum", "_epoch_loss_count", "_epoch_tokens", "_interval_loss_sum", "_interval_loss_count"):
@@ -235,19 +350,16 @@ class AQLv2Trainer:
         loss = (per_token * row_weight).sum() / row_weight.sum().clamp_min(1e-12)
         (loss * scale).backward()
 
-        detached = loss.detach().double()
-        self._interval_loss_sum += detached
-        self._interval_loss_count += 1
-        self._epoch_loss_sum += detached
-        self._epoch_loss_count += 1
+        self._step_losses.append(loss.detach().double())
         self._epoch_samples += batch
         self._step_rows += targets.shape[0]
         self._epoch_tokens += valid.sum().long()
         if self._feeds_steps and index is not None:
+            # handed to after_step once the optimizer step is known to be finite (see _optimizer_step)
             token = self._clock.begin()
             if index.device != self._tensor_device or index.dtype != torch.int64 or index.dim() != 1 or index.shape[0] != batch:
                 index = self._check_index(index, batch)
-            self.strategy.after_step(index, per_sample_scores(scores, batch, valid))
+            self._step_scores.append((index, per_sample_scores(scores, batch, valid)))
             self._clock.end(token)
         self._last_batch = (x, y)
 
@@ -261,27 +373,124 @@ class AQLv2Trainer:
         return index.to(self.device, torch.int64, non_blocking=True)
 
     def _optimizer_step(self, micro_batches: int) -> None:
-        a, t = self.config.aql_v2, self.config.training
-        if micro_batches != t.gradient_accumulation:  # a short last group: rescale to a mean over what came
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            if grads:
-                torch._foreach_mul_(grads, t.gradient_accumulation / micro_batches)
-        if self.uncertainty is not None and self.step % a.fisher_update_freq == 0:
-            token = self._clock.begin()
-            if a.uncertainty_method == "laplace":
-                # the loss of this step is a mean over its rows (tokens for language models), unscaled,
-                # and backward ran since the last zero_grad: the estimator's per-step path
-                self.uncertainty.update_from_grads(max(1, self._step_rows), check=False)
-            elif a.uncertainty_method == "ensemble":
-                self.uncertainty.train_ensemble(*self._last_batch)
-            self._clock.end(token)
-        if t.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
+        t = self.config.training
+        grads = [p.grad for p in self._parameters if p.grad is not None]
+        if micro_batches != t.gradient_accumulation and grads:  # a short last group: rescale to a mean over what came
+            torch._foreach_mul_(grads, t.gradient_accumulation / micro_batches)
+        # one flag on the device: the step's loss or the global gradient norm (clipping's) is not finite
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
+        losses = self._step_losses
+        loss_sum = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
+        nonfinite = ~torch.isfinite(norm + loss_sum)
+        if self._skip_on_device:
+            self._masked_step(nonfinite, norm)
+        elif bool(nonfinite):  # a CPU tensor: the read waits for nothing
+            self._skipped_step(self.step)
+        else:
+            self._apply_step(norm)
+        with warnings.catch_warnings():  # a skipped first step: torch warns that the schedule stepped first
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._step_rows = 0
+        self._step_losses = []
+        self._step_scores = []
         self.step += 1
+
+    def _update_fisher(self) -> bool:
+        a = self.config.aql_v2
+        if self.uncertainty is None or self.step % a.fisher_update_freq != 0:
+            return False
+        token = self._clock.begin()
+        if a.uncertainty_method == "laplace":
+            # the loss of this step is a mean over its rows (tokens for language models), unscaled,
+            # and backward ran since the last zero_grad: the estimator's per-step path
+            self.uncertainty.update_from_grads(max(1, self._step_rows), check=False)
+        elif a.uncertainty_method == "ensemble":
+            self.uncertainty.train_ensemble(*self._last_batch)
+        self._clock.end(token)
+        return True
+
+    def _deliver_scores(self, calls) -> None:
+        if calls:
+            token = self._clock.begin()
+            for index, scores in calls:
+                self.strategy.after_step(index, scores)
+            self._clock.end(token)
+
+    def _apply_step(self, norm: torch.Tensor) -> None:
+        """A finite step: Fisher, clipping, AdamW, the strategy's after_step, the loss means."""
+        self._update_fisher()
+        if self.config.training.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(self._parameters, self.config.training.grad_clip, norm)
+        self.optimizer.step()
+        self._deliver_scores(self._step_scores)
+        for loss in self._step_losses:
+            self._interval_loss_sum += loss
+            self._interval_loss_count += 1
+            self._epoch_loss_sum += loss
+            self._epoch_loss_count += 1
+        self._nonfinite_in_a_row = 0
+
+    def _skipped_step(self, step: int) -> None:
+        """Bookkeeping of a step skipped for a non-finite loss or gradient; raises at the in-a-row limit."""
+        self.nonfinite_steps += 1
+        self._epoch_nonfinite += 1
+        self._interval_nonfinite += 1
+        self._nonfinite_in_a_row += 1
+        limit = self.config.training.max_nonfinite_steps
+        if self._nonfinite_in_a_row >= limit:
+            raise NonFiniteError(f"aql.trainer: {self._nonfinite_in_a_row} optimizer steps in a row (up to step {step + 1}) had a "
+                                 f"non-finite loss or gradient (training.max_nonfinite_steps={limit}); stopped. The parameters are "
+                                 f"those of the last finite step; the last checkpoint ({self.checkpoint_path}) stands. Lower "
+                                 "training.learning_rate or look for bad inputs")
+        warnings.warn(f"aql.trainer: step {step + 1}: non-finite loss or gradient; the step was skipped (no parameter, Fisher "
+                      f"or score update); {self.nonfinite_steps} skipped so far, {self._nonfinite_in_a_row} in a row "
+                      f"(training.max_nonfinite_steps={limit})", RuntimeWarning, stacklevel=2)
+
+    def _masked_step(self, nonfinite: torch.Tensor, norm: torch.Tensor) -> None:
+        """The step with the flag left on the device (CUDA; see the module docstring)."""
+        fisher = getattr(self.uncertainty, "fisher", None) if self.config.aql_v2.uncertainty_method == "laplace" else None
+        backup = [f.clone() for f in fisher] if fisher is not None and self.step % self.config.aql_v2.fisher_update_freq == 0 else None
+        if self._update_fisher() and backup is not None:
+            for f, old in zip(fisher, backup):
+                torch.where(nonfinite, old, f, out=f)
+        if self.config.training.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(self._parameters, self.config.training.grad_clip, norm)
+        self.optimizer.found_inf = nonfinite.float()  # the fused AdamW skips the whole update where it is 1
+        try:
+            self.optimizer.step()
+        finally:
+            del self.optimizer.found_inf
+        finite = ~nonfinite
+        for loss in self._step_losses:
+            kept = torch.where(finite, loss, torch.zeros_like(loss))
+            self._interval_loss_sum += kept
+            self._interval_loss_count += finite
+            self._epoch_loss_sum += kept
+            self._epoch_loss_count += finite
+        if nonfinite.device.type == "cuda":
+            flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+            flag.copy_(nonfinite, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            flag, event = nonfinite.clone(), None
+        self._resolve(keep_last=0)  # the previous step's flag: computed long ago
+        self._unresolved.append((flag, event, self.step, self._step_scores))
+
+    def _resolve(self, keep_last: int = 0) -> None:
+        """Reads the flags of masked steps (all but the newest `keep_last`), delivers their after_step
+        calls or counts them as skipped."""
+        while len(self._unresolved) > keep_last:
+            flag, event, step, calls = self._unresolved.pop(0)
+            if event is not None:
+                event.synchronize()
+            if bool(flag):
+                self._skipped_step(step)
+            else:
+                self._deliver_scores(calls)
+                self._nonfinite_in_a_row = 0
 
     # ---------------------------------------------------------------------------------- selection
     def _counted(self, data_loader) -> Iterator:
@@ -375,9 +584,11 @@ class AQLv2Trainer:
             self.save_checkpoint()
         if self._stop_requested:
             self.save_checkpoint()
-            raise KeyboardInterrupt(f"aql.trainer: interrupted; checkpoint written at step {self.step} to {self.checkpoint_path}")
+            raise KeyboardInterrupt(f"aql.trainer: interrupted ({self._stop_requested}); checkpoint written at step {self.step} "
+                                    f"to {self.checkpoint_path}")
 
     def _log_interval(self) -> None:
+        self._resolve()
         aql_time, total = self._clock.lap()
         self._epoch_aql_time += aql_time
         self._epoch_total_time += total
@@ -389,14 +600,17 @@ class AQLv2Trainer:
             "overhead_time": aql_time, "overhead_pct": overhead_percent(aql_time, total), "interval_time": total,
             "samples_backpropagated": self.total_samples + self._epoch_samples,
             "tokens_backpropagated": self.total_tokens + int(self._epoch_tokens),
+            "nonfinite_steps": self._interval_nonfinite,
         }
         self._interval_loss_sum.zero_()
         self._interval_loss_count.zero_()
+        self._interval_nonfinite = 0
         self._write_record(record)
         if self._progress is not None:
             self._progress.set_postfix(loss=f"{record['train_loss']:.4f}", overhead=f"{record['overhead_pct']:.2f}%")
 
     def _end_epoch(self) -> dict[str, Any]:
+        self._resolve()
         aql_time, total = self._clock.lap()
         self._epoch_aql_time += aql_time
         self._epoch_total_time += total
@@ -412,6 +626,7 @@ class AQLv2Trainer:
             "tokens_backpropagated": tokens,
             "total_samples_backpropagated": self.total_samples,
             "total_tokens_backpropagated": self.total_tokens,
+            "nonfinite_steps": self._epoch_nonfinite,
             "lr": self.scheduler.get_last_lr()[0],
         }
         if self.val_data is not None:
@@ -487,14 +702,18 @@ class AQLv2Trainer:
         return EpochLoader(self.train_data, self.strategy, plan, self.config.training.batch_size, skip=self._consumed,
                            device=self.device)
 
-    def fit(self, epochs: int | None = None, *, resume: bool = False) -> dict[str, Any]:
+    def fit(self, epochs: int | None = None, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
         """Trains `config.training.epochs` epochs (or until max_steps); evaluates test at the end.
 
-        resume=True continues from `<output_dir>/checkpoint.pt` when it exists.
+        resume=True continues from the newest checkpoint of `<output_dir>` that verifies (checkpoint.pt,
+        else checkpoint.1.pt, ...; a fresh start when there is none); overwrite=True deletes the
+        checkpoints and metrics.jsonl of a run already there. A fresh trainer whose output folder holds a
+        run and that is given neither raises `CheckpointError` (see the module docstring).
         """
         epochs = self.config.training.epochs if epochs is None else epochs
-        if resume and self.checkpoint_path.is_file():
-            self.load_checkpoint(self.checkpoint_path)
+        self._prepare_output(resume=resume, overwrite=overwrite)
+        if resume:
+            self._resume()
         max_steps = self.config.training.max_steps
         self._start_logging()
         previous_handler = self._install_sigint()
@@ -514,6 +733,7 @@ class AQLv2Trainer:
         finally:
             self._restore_sigint(previous_handler)
             self._stop_requested = False
+        self._resolve()
         result = self.summary()
         if result["overhead_pct"] > result["target_overhead_pct"]:
             warnings.warn(f"aql.trainer: the AQL overhead of this run, {result['overhead_pct']:.2f}% of the training time, exceeds "
@@ -538,6 +758,7 @@ class AQLv2Trainer:
             "val_loss": self.history[-1]["val_loss"] if self.history else float("nan"),
             "data_selected": (sum(m["data_selected"] for m in self.history) / len(self.history)) if self.history else 0.0,
             "overhead_time": aql, "overhead_pct": overhead_percent(aql, total), "train_time": total,
+            "nonfinite_steps": self.nonfinite_steps,
             "target_overhead_pct": 100.0 * self.config.aql_v2.target_overhead,
             "history": list(self.history),
         }
@@ -557,22 +778,28 @@ class AQLv2Trainer:
             self._progress.close()
             self._progress = None
 
+    #: the signals that stop a run at the end of the running step, with a checkpoint (SIGINT: Ctrl-C;
+    #: SIGTERM: kill, schedulers, containers stopping; SIGHUP: the terminal closed)
+    STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
     def _install_sigint(self):
+        """Defers SIGINT, SIGTERM and SIGHUP to the end of the running step; returns the previous handlers."""
         if threading.current_thread() is not threading.main_thread():
             return None
 
         def request_stop(signum, frame):
-            if self._stop_requested:  # second Ctrl-C: stop now
-                raise KeyboardInterrupt
-            self._stop_requested = True
-            print("\naql: finishing the current step, writing a checkpoint, then stopping (Ctrl-C again to stop at once)", flush=True)
+            if self._stop_requested:  # the second signal: stop now
+                raise KeyboardInterrupt(f"aql.trainer: {signal.Signals(signum).name} again; stopped inside a step")
+            self._stop_requested = signal.Signals(signum).name
+            print(f"\naql: {self._stop_requested}: finishing the current step, writing a checkpoint, then stopping "
+                  "(send it again to stop at once)", flush=True)
 
-        return signal.signal(signal.SIGINT, request_stop)
+        return {number: signal.signal(number, request_stop) for number in self.STOP_SIGNALS}
 
     @staticmethod
     def _restore_sigint(previous) -> None:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+        for number, handler in (previous or {}).items():
+            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
 
     # --------------------------------------------------------------------------------------- logging
     @property
@@ -615,7 +842,8 @@ class AQLv2Trainer:
             "step": self.step,
             "epoch": self.epoch,
             "config": self.config.to_dict(),
-            "totals": {"samples": self.total_samples, "tokens": self.total_tokens},
+            "totals": {"samples": self.total_samples, "tokens": self.total_tokens, "nonfinite_steps": self.nonfinite_steps,
+                       "nonfinite_in_a_row": self._nonfinite_in_a_row},
             "history": self.history,
             "metrics": self.metrics,
             "position": {
@@ -624,6 +852,7 @@ class AQLv2Trainer:
                 "loss_sum": float(self._epoch_loss_sum), "loss_count": float(self._epoch_loss_count),
                 "samples": self._epoch_samples, "tokens": int(self._epoch_tokens),
                 "aql_time": self._epoch_aql_time, "total_time": self._epoch_total_time, "looked_at": self._epoch_looked_at,
+                "nonfinite": self._epoch_nonfinite,
             },
         }
 
@@ -637,13 +866,17 @@ class AQLv2Trainer:
                              "resume it with the aql version that wrote it")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        # the schedule's shape (total steps, warmup) is this config's, not the checkpoint's: see the module docstring
+        self.scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(self.optimizer.param_groups)})
+        self._apply_optimizer_settings()
         if self.uncertainty is not None and state["uncertainty"] is not None:
             self.uncertainty.load_state_dict(state["uncertainty"])
         self.strategy.load_state_dict(state["selection"])
         set_rng_states(state["rng"])
         self.step, self.epoch = state["step"], state["epoch"]
         self.total_samples, self.total_tokens = state["totals"]["samples"], state["totals"]["tokens"]
+        self.nonfinite_steps = int(state["totals"].get("nonfinite_steps", 0))
+        self._nonfinite_in_a_row = int(state["totals"].get("nonfinite_in_a_row", 0))
         self.history = list(state["history"])
         self.metrics = {k: list(v) for k, v in state["metrics"].items()}
         position = state["position"]
@@ -656,16 +889,132 @@ class AQLv2Trainer:
         self._epoch_tokens = torch.tensor(position["tokens"], dtype=torch.int64)
         self._epoch_aql_time, self._epoch_total_time = position["aql_time"], position["total_time"]
         self._epoch_looked_at = position["looked_at"]
+        self._epoch_nonfinite = int(position.get("nonfinite", 0))
+
+    def _apply_optimizer_settings(self) -> None:
+        """This config's learning rate, weight decay and kernel choice on the loaded optimizer and
+        schedule (optimizer.load_state_dict restores the saved ones), and the LR of the current step."""
+        t = self.config.training
+        schedule = WarmupCosine(t.warmup_steps, self.total_steps)
+        self.scheduler.lr_lambdas = [schedule] * len(self.optimizer.param_groups)
+        self.scheduler.base_lrs = [t.learning_rate] * len(self.optimizer.param_groups)
+        for group in self.optimizer.param_groups:
+            group["weight_decay"] = t.weight_decay if group["params"][0].dim() >= 2 else 0.0  # the groups of __init__
+            group["initial_lr"] = t.learning_rate
+            group["fused"] = True if self._skip_on_device else None
+            group["foreach"] = None
+        self.scheduler._last_lr = [base * schedule(self.scheduler.last_epoch) for base in self.scheduler.base_lrs]
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler._last_lr):
+            group["lr"] = lr
 
     def save_checkpoint(self, path: str | os.PathLike | None = None) -> Path:
-        """Writes the full training state atomically (temporary file, then os.replace)."""
+        """Writes the full training state (checksummed, atomically; see `aql.training.checkpoint`), keeping
+        the last `logging.keep_checkpoints` when `path` is the run's checkpoint. Refuses (NonFiniteError)
+        to write parameters that are not finite: the last good checkpoint stands."""
+        self._resolve()
         path = Path(path) if path is not None else self.checkpoint_path
-        atomic_torch_save(self.state_dict(), path)
-        return path
+        finite = torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all() if self._parameters else True
+        if not bool(finite):
+            raise NonFiniteError(f"aql.trainer: the parameters hold non-finite values at step {self.step}; not writing {path} "
+                                 "(the last checkpoint stands)")
+        keep = self.config.logging.keep_checkpoints if path == self.checkpoint_path else 1
+        return write_checkpoint(self.state_dict(), path, keep=keep)
 
     def load_checkpoint(self, path: str | os.PathLike | None = None) -> None:
+        """Loads a checkpoint written by `save_checkpoint` (verified, weights_only; `CheckpointError`
+        when the file is not usable; `CheckpointError` listing the keys when its config would make a
+        different run)."""
         path = Path(path) if path is not None else self.checkpoint_path
-        if not path.is_file():
-            raise FileNotFoundError(f"aql.trainer.AQLv2Trainer.load_checkpoint: no checkpoint at {path}")
-        # weights_only=False: the RNG states are numpy / python objects. Only load checkpoints you wrote.
-        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+        state = read_checkpoint(path)
+        self._check_resumable(state, path)
+        self.load_state_dict(state)
+
+    def _check_resumable(self, state: dict, path: Path) -> dict[str, tuple]:
+        """Refuses a checkpoint whose config differs in `RESUME_BREAKING` keys; returns the other differences."""
+        saved = state.get("config")
+        if not isinstance(saved, dict):
+            raise CheckpointError(f"checkpoint {path}: holds no config")
+        breaking, applied = config_differences(saved, self.config.to_dict())
+        if breaking:
+            listed = "; ".join(f"{key}: {before!r} -> {after!r}" for key, before, after in
+                               ((k, *v) for k, v in breaking.items()))
+            raise CheckpointError(f"checkpoint {path}: cannot resume with this config, these keys would make a different run: "
+                                  f"{listed}. Restore them, or start a new run (--overwrite or another --output-dir)")
+        return applied
+
+    # ------------------------------------------------------------------------------------- run folder
+    def _prepare_output(self, *, resume: bool, overwrite: bool) -> None:
+        """Start-up checks of the output folder: refuse what would fail only after training (a dangling
+        checkpoint link, a folder in its place), delete temporaries of killed writes, refuse to start a
+        fresh run over an existing one unless resume or overwrite."""
+        if resume and overwrite:
+            raise ValueError("aql.trainer.AQLv2Trainer.fit: resume and overwrite exclude each other; pass one")
+        if self.output_dir.exists() and not self.output_dir.is_dir():
+            raise CheckpointError(f"output folder {self.output_dir}: exists and is not a folder")
+        for path in (self.checkpoint_path, self.metrics_path):
+            if path.is_symlink() and not path.exists():
+                raise CheckpointError(f"{path}: a dangling symbolic link (to {os.readlink(path)}); remove it or point it at a file")
+            if path.is_dir():
+                raise CheckpointError(f"{path}: a directory where the run writes a file; remove it or choose another output folder")
+        for removed in remove_stale_temporaries(self.checkpoint_path):
+            print(f"aql: removed {removed}, the temporary file of a checkpoint write that did not finish", flush=True)
+        fresh = self.step == 0 and self.epoch == 0 and not self.history
+        existing = checkpoint_files(self.checkpoint_path)
+        if self.metrics_path.is_file() and self.metrics_path.stat().st_size:
+            existing.append(self.metrics_path)
+        if not existing or not fresh:
+            return
+        if overwrite:
+            for path in existing:
+                path.unlink()
+            return
+        if not resume:
+            names = ", ".join(p.name for p in existing)
+            raise CheckpointError(f"output folder {self.output_dir}: already holds a run ({names}); resume it (--resume, "
+                                  "fit(resume=True)) or replace it (--overwrite, fit(overwrite=True)), or choose another folder")
+
+    def _resume(self) -> None:
+        """Loads the newest checkpoint that verifies (saying which ones did not), applies and reports the
+        config changes, and drops the metrics records written after it."""
+        failures = []
+        for path in checkpoint_files(self.checkpoint_path):
+            try:
+                state = read_checkpoint(path)
+            except CheckpointError as error:
+                failures.append(str(error))
+                continue
+            applied = self._check_resumable(state, path)
+            self.load_state_dict(state)
+            break
+        else:
+            if failures:
+                raise CheckpointError(f"output folder {self.output_dir}: no usable checkpoint: " + "; ".join(failures))
+            self._truncate_metrics(0)
+            return
+        for failure in failures:
+            print(f"aql: {failure}", flush=True)
+        if failures:
+            print(f"aql: resuming from {path}, the newest checkpoint that verifies (step {self.step})", flush=True)
+        changes = {key: [before, after] for key, (before, after) in applied.items()}
+        if changes:
+            listed = "; ".join(f"{key}: {before!r} -> {after!r}" for key, (before, after) in changes.items())
+            print(f"aql: resuming {path} at step {self.step} with config changes: {listed}", flush=True)
+        self._truncate_metrics(self.step)
+        self._write_record({"event": "resume", "step": self.step, "epoch": self.epoch, "checkpoint": str(path),
+                            "skipped_checkpoints": failures, "changes": changes})
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drops metrics.jsonl records after `step` and the old `fit` summaries (written again at the end)."""
+        if not self.metrics_path.is_file():
+            return
+        kept = []
+        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by a kill
+            if isinstance(record, dict) and record.get("event") != "fit" and record.get("step", 0) <= step:
+                kept.append(line)
+        temporary = self.metrics_path.with_name(f".{self.metrics_path.name}.tmp{os.getpid()}")
+        temporary.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(temporary, self.metrics_path)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from aql.cli import backends_table, info_text, main
+from aql.training.checkpoint import read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = str(ROOT / "configs" / "mnist1d_demo.yaml")
@@ -59,12 +60,12 @@ def test_tiny_train_through_set(tmp_path, capsys):
     final = records[-1]
     assert final["event"] == "fit" and final["strategy"] == "stale" and final["epochs"] == 2
     assert final["samples_backpropagated"] == 2 * round(0.2 * 216)  # 300 -> 240 train -> 216 after val
-    state = torch.load(out_dir / "checkpoint.pt", weights_only=False)
+    state = read_checkpoint(out_dir / "checkpoint.pt")
     assert state["epoch"] == 2 and state["config"]["training"]["batch_size"] == 32
     # --resume on a finished run trains nothing more
     assert main(["train", "--config", DEMO, *tiny(tmp_path, "--set", "aql_v2.selection_strategy=stale",
                                                     "--set", f"logging.output_dir={out_dir}"), "--resume"]) == 0
-    assert torch.load(out_dir / "checkpoint.pt", weights_only=False)["step"] == state["step"]
+    assert read_checkpoint(out_dir / "checkpoint.pt")["step"] == state["step"]
 
 
 @pytest.mark.parametrize("override, message", [
@@ -101,3 +102,40 @@ def test_tiny_demo_writes_the_plot(tmp_path, capsys):
     assert summary["random"]["overhead_pct"] == 0.0
     assert summary["baseline_short"]["samples_backpropagated"] == 1 * 216  # round(5 * 0.2) epochs of all data
     assert summary["baseline"]["overhead_pct"] == 0.0 and summary["aql"]["overhead_pct"] > 0.0
+
+
+def test_train_refuses_a_folder_with_a_run_and_reports_a_damaged_checkpoint_in_one_line(tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    args = ["train", "--config", DEMO, *tiny(tmp_path, "--set", "aql_v2.selection_strategy=stale",
+                                             "--set", f"logging.output_dir={out_dir}", "--set", "training.epochs=1")]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(args) == 2  # neither --resume nor --overwrite
+    err = capsys.readouterr().err
+    assert err.startswith("error: output folder") and "already holds a run" in err and err.count("\n") == 1
+    assert main([*args, "--overwrite"]) == 0
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["event"] for r in records].count("fit") == 1
+    capsys.readouterr()
+    checkpoint = out_dir / "checkpoint.pt"
+    data = bytearray(checkpoint.read_bytes())
+    data[-2000:-1996] = bytes(b ^ 0xFF for b in data[-2000:-1996])  # 4 flipped bytes in the weights
+    checkpoint.write_bytes(bytes(data))
+    assert main([*args, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: output folder {out_dir}: no usable checkpoint: checkpoint {checkpoint}: checksum mismatch " \
+                  f"{err.split('checksum mismatch ', 1)[1]}" and err.count("\n") == 1 and "Traceback" not in err
+    with pytest.raises(SystemExit):  # argparse: not allowed together
+        main([*args, "--resume", "--overwrite"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("seed=-1", "error: seed: -1 is outside [0, 4294967295]"),
+    ("model.num_classes=5", "error: model.num_classes: 5 is too small for the training labels"),
+    pytest.param("device=cuda", "error: device: 'cuda' requested but torch.cuda.is_available() is False",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")),
+])
+def test_run_time_config_errors_are_one_line(override, message, tmp_path, capsys):
+    code = main(["train", "--config", DEMO, *tiny(tmp_path, "--set", f"logging.output_dir={tmp_path / 'run'}", "--set", override)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(message) and err.count("\n") == 1, err

@@ -18,6 +18,7 @@ from aql.config import config_from_dict
 from aql.data import ByteTokenizer, IndexedTensorDataset, mnist1d_datasets, sequence_dataset
 from aql.models import GPT2LM, MNIST1DCNN, build_model
 from aql.trainer import AQLv2Trainer, OverheadClock, WarmupCosine, overhead_percent, seed_everything
+from aql.training.checkpoint import read_checkpoint
 
 STRATEGIES = ("none", "random", "stale", "streaming", "curriculum")
 
@@ -200,7 +201,7 @@ def test_keyboard_interrupt_from_a_callback_writes_a_checkpoint(mnist, tmp_path)
     trainer = make_trainer(make_config(tmp_path), mnist, callbacks=[stop])
     with pytest.raises(KeyboardInterrupt):
         trainer.fit()
-    state = torch.load(trainer.checkpoint_path, weights_only=False)
+    state = read_checkpoint(trainer.checkpoint_path)
     assert state["step"] == 3 and state["epoch"] == 0 and state["position"]["consumed"] == 3
     for key in ("model", "optimizer", "scheduler", "uncertainty", "selection", "rng"):
         assert state[key] is not None, key
@@ -369,7 +370,7 @@ def test_bad_arguments(mnist, tmp_path):
         trainer.train_epoch([torch.zeros(2, 40)])
     with pytest.raises(ValueError, match="selection_strategy 'stale'"):
         other = make_trainer(make_config(tmp_path / "o", aql_v2={"selection_strategy": "none"}), mnist)
-        other.load_state_dict(torch.load(trainer.save_checkpoint(tmp_path / "x.pt"), weights_only=False))
+        other.load_state_dict(read_checkpoint(trainer.save_checkpoint(tmp_path / "x.pt")))
 
 
 def test_models():
