@@ -2,7 +2,7 @@
 
 - `trainer`: `AQLv2Trainer` (the loop; selection is the strategy's, see `aql.strategies`), `resolve_device`;
 - `batches`: one epoch's plan as batches, the buffer that regroups kept candidates, per-sample statistics;
-- `checkpoint`: RNG states, seeding, atomic writes, the checkpoint format version;
+- `checkpoint`: RNG states, seeding, the checksummed checkpoint file (atomic writes, the last K kept, weights_only loads);
 - `clock`: `OverheadClock` and `overhead_percent`;
 - `schedule`: `WarmupCosine`.
 
