@@ -7,12 +7,15 @@ draw, completed to exactly the budget by p (the drawn rows first, then the rest,
 `balanced`, inside per-class quotas). Reward: the drop of the loss on a fixed holdout batch over the
 training step taken on the kept rows (one no-grad forward of `holdout_batch` rows per step, counted
 in `extra_forwards`), the design document's "improvement per data point selected" measured without
-a second backward. The policy takes one REINFORCE step per training step (`MetaLearnedSelector.reinforce`).
+a second backward. Reading that loss is a host synchronisation per step (the policy's baseline is a
+Python float); where the trainer delivers `after_step` a step late (CUDA), the reward pairs with the
+right selection (a queue) but measures the loss one step later. The policy takes one REINFORCE step per training step (`MetaLearnedSelector.reinforce`).
 Experimental, like the selector it wraps.
 """
 
 from __future__ import annotations
 
+import collections
 import math
 import warnings
 from collections.abc import Mapping
@@ -77,7 +80,9 @@ class MetaSelection(SelectionStrategy):
             self.selector = MetaLearnedSelector(model, n_features=5, hidden=hidden, lr=policy_lr, seed=seed)
         self._generator = torch.Generator(device=self.device).manual_seed(self.seed + 15485863)
         self.epoch, self._seen, self._kept = 0, 0, 0
-        self._pending = None  # (features, mask) of the last selection, rewarded in after_step
+        # (features, mask) of selections not yet rewarded, oldest first: the trainer may deliver a
+        # step's after_step one step late (CUDA, where it reads the non-finite flag without a sync)
+        self._pending: collections.deque = collections.deque()
         self._holdout_loss = None
         self.extra_forwards = 0
 
@@ -108,16 +113,16 @@ class MetaSelection(SelectionStrategy):
         mask[positions] = True
         if self._holdout_loss is None:
             self._holdout_loss = self._holdout_value()
-        self._pending = (features, mask)
+        self._pending.append((features, mask))
         return positions
 
     def after_step(self, indices: torch.Tensor, scores) -> None:
-        if self._pending is None:
+        if not self._pending:
             return
         after = self._holdout_value()
-        features, mask = self._pending
+        features, mask = self._pending.popleft()
         self.selector.reinforce(features, mask, (self._holdout_loss - after) * 1e3 / max(1, int(indices.shape[0])))
-        self._holdout_loss, self._pending = after, None
+        self._holdout_loss = after
 
     def end_epoch(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
         out = {"policy_episodes": self.selector.episodes_trained}
@@ -135,7 +140,7 @@ class MetaSelection(SelectionStrategy):
         self._generator.set_state(state["generator"])
         self.selector.load_state_dict(state["selector"])
         self._holdout_loss, self.extra_forwards = state["holdout_loss"], int(state["extra_forwards"])
-        self._pending = None
+        self._pending.clear()
 
     @classmethod
     def from_config(cls, config, context: StrategyContext) -> MetaSelection:
