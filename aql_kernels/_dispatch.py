@@ -108,7 +108,7 @@ def choose(op: str, device: torch.device, *, native_symbol: str, gpu: str = "tri
 # ---------------------------------------------------------------------------------------------------
 # Dispatching through a torch.library op costs tens of microseconds of host time per call (schema
 # parsing, the Python dispatcher, autograd wrappers): ~80 us for softmax_scores on the 2-core CI-class
-# CPU, and ~0.4 ms for fisher_ema_'s 148-tensor lists. In plain eager mode the public functions call
+# CPU, and ~0.15 ms more for fisher_ema_'s 148-tensor lists. In plain eager mode the public functions call
 # the chosen implementation directly. Everything else goes through the registered ops so that it sees
 # them: torch.compile / export (Dynamo), a TorchDispatchMode (FakeTensorMode, make_fx,
 # functionalization, user modes), tensor subclasses (FakeTensor, FunctionalTensor, ...) and torch.func
