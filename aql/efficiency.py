@@ -475,33 +475,46 @@ def format_report(study: StudyConfig, summary: Mapping[str, Any]) -> str:
 
 
 def plot_efficiency(study: StudyConfig, summary: Mapping[str, Any], path: str | os.PathLike) -> Path:
-    """Test accuracy against samples back-propagated (log x), one line per method, the all-data target
-    as a horizontal band."""
+    """Test accuracy against samples back-propagated (log x), one line per method (controls dashed),
+    the all-data run as a star and a band (mean +- std); left the whole range, right a zoom on the
+    top (points below it are left out there)."""
     from .plots import pyplot, save_png
 
     plt = pyplot()
-    figure, axis = plt.subplots(figsize=(8, 5))
+    figure, axes = plt.subplots(1, 2, figsize=(15, 6), gridspec_kw={"width_ratios": [1, 1.25]})
     target = summary.get("target")
-    if target is not None:
-        axis.axhspan(target["test_accuracy"] - target["test_accuracy_std"], target["test_accuracy"] + target["test_accuracy_std"],
-                     color="0.85", label=f"all data ({target['samples_backpropagated']:,.0f} samples)")
-        axis.axhline(target["test_accuracy"], color="0.4", lw=1)
-    for method in study.methods:
-        row = summary["rows"].get(method.name)
-        if not row or method.name == "all_data":
-            continue
-        budgets = sorted(row, key=float)
-        xs = [row[b]["samples_backpropagated"] for b in budgets]
-        ys = [row[b]["test_accuracy"] for b in budgets]
-        es = [row[b]["test_accuracy_std"] for b in budgets]
-        control = method.name in ("random", "all_data_short")
-        axis.errorbar(xs, ys, yerr=es, marker="o", ms=4, capsize=2, lw=1.5, ls="--" if control else "-", label=method.name)
-    axis.set_xscale("log")
-    axis.set_xlabel("samples back-propagated (log scale)")
-    axis.set_ylabel("test accuracy (mean ± std over seeds)")
-    axis.set_title("MNIST-1D: accuracy against samples back-propagated")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=7, loc="lower right")
+    colours = plt.get_cmap("tab20").colors
+    markers = "osD^vP*Xh<>p"
+    methods = [m for m in study.methods if m.name != "all_data" and summary["rows"].get(m.name)]
+    for panel, axis in enumerate(axes):
+        if target is not None:
+            low, high = target["test_accuracy"] - target["test_accuracy_std"], target["test_accuracy"] + target["test_accuracy_std"]
+            axis.axhspan(low, high, color="0.85", zorder=0)
+            axis.axhline(target["test_accuracy"], color="0.3", lw=1, zorder=1)
+            axis.plot([target["samples_backpropagated"]], [target["test_accuracy"]], marker="*", ms=14, color="black", ls="none",
+                      label=f"all data, {study.epochs} epochs: {target['test_accuracy']:.4f} ± {target['test_accuracy_std']:.4f}")
+        for i, method in enumerate(methods):
+            row = summary["rows"][method.name]
+            budgets = sorted(row, key=float)
+            xs = [row[b]["samples_backpropagated"] for b in budgets]
+            ys = [row[b]["test_accuracy"] for b in budgets]
+            es = [row[b]["test_accuracy_std"] for b in budgets]
+            control = method.name in ("random", "all_data_short")
+            axis.errorbar(xs, ys, yerr=es, marker=markers[i % len(markers)], ms=5, capsize=2, lw=2.2 if control else 1.3,
+                          ls="--" if control else "-", color="black" if method.name == "random" else
+                          ("0.45" if method.name == "all_data_short" else colours[i % len(colours)]),
+                          label=method.name + (" (control)" if control else ""))
+        axis.set_xscale("log")
+        axis.set_xlabel("samples back-propagated (log scale)")
+        axis.grid(alpha=0.3, which="both")
+        if panel == 1 and target is not None:
+            axis.set_ylim(target["test_accuracy"] - 0.06, target["test_accuracy"] + 0.01)
+            axis.set_title("zoom on the top (lower points left out)")
+        else:
+            axis.set_ylabel("test accuracy (mean ± std over seeds)")
+            axis.set_title("every method, whole range")
+    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    figure.suptitle(f"MNIST-1D: test accuracy against samples back-propagated (budgets {', '.join(str(b) for b in study.budgets)})")
     return save_png(figure, path)
 
 
