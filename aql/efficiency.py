@@ -535,6 +535,23 @@ def format_experiment2(study: StudyConfig, summary: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_costs(study: StudyConfig, summary: Mapping[str, Any], budget: float) -> str:
+    """What each method spent at `budget`: samples back-propagated, scoring forwards, FLOPs and wall
+    time relative to the all-data run, the chosen learning rate, and the selection's own time as a
+    share of the rest of the run (the strategy's select / after_step / end_epoch calls)."""
+    target = summary.get("target")
+    lines = [f"| method (budget {budget}) | samples back-propagated | scoring forwards | FLOPs vs all data | wall time vs all data "
+             "| learning rate | selection time |", "|---|---|---|---|---|---|---|"]
+    for method in study.methods:
+        cell = summary["rows"].get(method.name, {}).get(str(float(budget)))
+        if cell is None or target is None:
+            continue
+        lines.append(f"| {method.name} | {cell['samples_backpropagated']:,.0f} | {cell['scoring_forwards']:,.0f} | "
+                     f"{cell['flops'] / target['flops']:.2f}x | {cell['wall_s'] / target['wall_s']:.2f}x | {cell['learning_rate']:g} | "
+                     f"{cell['selection_pct']:.2f}% |")
+    return "\n".join(lines)
+
+
 def write_outputs(study: StudyConfig, records: list[dict], output_dir: str | os.PathLike) -> dict[str, Any]:
     """summary.json, report.md (the tables) and efficiency.png in `output_dir`; returns the summary."""
     output_dir = Path(output_dir)
@@ -543,6 +560,8 @@ def write_outputs(study: StudyConfig, records: list[dict], output_dir: str | os.
     temporary.write_text(json.dumps(summary, indent=1, default=float) + "\n", encoding="utf-8")
     os.replace(temporary, output_dir / "summary.json")
     report = "## Test accuracy by budget (mean ± std over seeds)\n\n" + format_report(study, summary) + "\n"
+    for budget in study.budgets:
+        report += f"\n## Cost at budget {budget}\n\n" + format_costs(study, summary, budget) + "\n"
     if study.experiment2:
         report += "\n## Experiment 2: curriculum\n\n" + format_experiment2(study, summary) + "\n"
     (output_dir / "report.md").write_text(report, encoding="utf-8")
