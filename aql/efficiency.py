@@ -43,7 +43,7 @@ from .models import MNIST1DCNN
 from .strategies.base import StrategyContext, split_selection
 
 __all__ = ["StudyConfig", "Method", "load_study", "train_run", "run_study", "summarise", "format_report", "plot_efficiency",
-           "flops_per_sample", "write_outputs", "run_efficiency_experiment", "StudyError"]
+           "flops_per_sample", "write_outputs", "plot_efficiency_by_method", "run_efficiency_experiment", "StudyError"]
 
 
 class StudyError(ValueError):
@@ -518,6 +518,57 @@ def plot_efficiency(study: StudyConfig, summary: Mapping[str, Any], path: str | 
     return save_png(figure, path)
 
 
+def plot_efficiency_by_method(study: StudyConfig, summary: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """One small panel per method: the method (solid), the two controls (dashed: random, all data
+    for budget x epochs) and the all-data band, test accuracy against samples back-propagated (log x)."""
+    from .plots import pyplot, save_png
+
+    plt = pyplot()
+    controls = [m for m in ("random", "all_data_short") if summary["rows"].get(m)]
+    methods = [m.name for m in study.methods if m.name not in ("all_data", *controls) and summary["rows"].get(m.name)]
+    columns = 4
+    rows = max(1, math.ceil(len(methods) / columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), sharex=True, sharey=True, squeeze=False)
+    target = summary.get("target")
+
+    def line(axis, name, **style):
+        row = summary["rows"][name]
+        budgets = sorted(row, key=float)
+        axis.errorbar([row[b]["samples_backpropagated"] for b in budgets], [row[b]["test_accuracy"] for b in budgets],
+                      yerr=[row[b]["test_accuracy_std"] for b in budgets], capsize=2, ms=4, **style)
+
+    for index, axis in enumerate(axes.flat):
+        if index >= len(methods):
+            axis.axis("off")
+            continue
+        if target is not None:
+            axis.axhspan(target["test_accuracy"] - target["test_accuracy_std"], target["test_accuracy"] + target["test_accuracy_std"],
+                         color="0.8", zorder=0)
+            axis.axhline(target["test_accuracy"], color="0.3", lw=0.8)
+        for name, colour in zip(controls, ("black", "0.5")):
+            line(axis, name, marker="s", ls="--", lw=1.2, color=colour, label=name)
+        line(axis, methods[index], marker="o", lw=2, color="tab:blue", label=methods[index])
+        axis.set_title(methods[index], fontsize=9)
+        axis.set_xscale("log")
+        axis.grid(alpha=0.3, which="both")
+        if target is not None:
+            axis.set_ylim(target["test_accuracy"] - 0.08, target["test_accuracy"] + 0.01)
+    ticks = sorted({round(cell["samples_backpropagated"]) for name in controls for cell in summary["rows"][name].values()})
+    for axis in axes.flat:
+        if ticks:
+            axis.set_xticks(ticks, [f"{t / 1000:g}k" for t in ticks])
+            axis.xaxis.set_minor_formatter(plt.NullFormatter())
+    for axis in axes[-1]:
+        axis.set_xlabel("samples back-propagated")
+    for axis in axes[:, 0]:
+        axis.set_ylabel("test accuracy")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    figure.legend(handles[:len(controls)], labels[:len(controls)], loc="upper right", fontsize=8)
+    figure.suptitle("Each method (blue) against the controls (dashed) and the all-data band (grey); points below the frame "
+                    "are left out", fontsize=10)
+    return save_png(figure, path)
+
+
 def format_experiment2(study: StudyConfig, summary: Mapping[str, Any]) -> str:
     """Experiment 2's table: validation accuracy after the first 10% of training, final test accuracy
     and samples to the all-data accuracy, for AQL only / curriculum only / AQL + curriculum."""
@@ -567,6 +618,7 @@ def write_outputs(study: StudyConfig, records: list[dict], output_dir: str | os.
     (output_dir / "report.md").write_text(report, encoding="utf-8")
     if summary["rows"]:
         plot_efficiency(study, summary, output_dir / "efficiency.png")
+        plot_efficiency_by_method(study, summary, output_dir / "efficiency_by_method.png")
     return summary
 
 
