@@ -25,21 +25,22 @@ __all__ = ["StreamingAQL", "StreamingBatch", "StreamingDecision"]
 _KEY_SHIFT = 16
 _NUM_BINS = 1 << (32 - _KEY_SHIFT)
 _BIN_OFFSET = _NUM_BINS // 2
-_KEY_NEG_INF = -2139095041  # order_key(-inf) = 0xFF800000 ^ 0x7FFFFFFF, as a signed int32
-_KEY_POS_INF = 2139095040  # order_key(+inf) = 0x7F800000
+# The kernels' key (aql_kernels.order_keys, an unsigned 32-bit order as int64) shifted by 2**31 so
+# that the bins are signed around zero. NaN is mapped to -inf first: it shares -inf's bin (the kernels'
+# own key puts NaN one below -inf; both rank below every score).
+_KEY_OFFSET = 1 << 31
+_KEY_NEG_INF, _KEY_POS_INF = (int(k) - _KEY_OFFSET for k in aql_kernels.order_keys(torch.tensor([-math.inf, math.inf])))
 
 
 def _order_keys(scores: torch.Tensor) -> torch.Tensor:
     """int64 keys with key(a) < key(b) <=> a < b for float32 scores; -0.0 counts as +0.0 and NaN as
     -inf (NaN ranks lowest, as in aql_kernels.topk_mask)."""
-    x = torch.where(torch.isnan(scores), torch.full_like(scores, -math.inf), scores) + 0.0  # -0.0 + 0.0 = +0.0
-    bits = x.view(torch.int32).to(torch.int64)
-    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    x = torch.where(torch.isnan(scores), torch.full_like(scores, -math.inf), scores)
+    return aql_kernels.order_keys(x) - _KEY_OFFSET
 
 
 def _key_to_float(key: torch.Tensor) -> torch.Tensor:
-    bits = torch.where(key < 0, key ^ 0x7FFFFFFF, key)
-    return bits.to(torch.int32).view(torch.float32)
+    return aql_kernels.key_to_float(key.to(torch.int64) + _KEY_OFFSET)
 
 
 class StreamingBatch(NamedTuple):
