@@ -1,14 +1,16 @@
 """Experiments of the design document, runnable from `python -m aql experiment <name>`.
 
 `uncertainty` (the design document's Experiment 1, on MNIST-1D): trains a small MLP
-(40 -> 256 -> 256 -> 10, ReLU, dropout 0.1 after each hidden layer) with AdamW on the train split while a
-`LaplacianUncertainty` keeps its Fisher from the training gradients (`update_from_grads` after every
-backward) and an `EnsembleUncertainty` distils its students from the model for a few steps per batch.
+(40 -> 256 -> 256 -> 10, ReLU, dropout 0.1 after each hidden layer) with AdamW on the train split while
+several `LaplacianUncertainty` (the default and each option, `LAPLACE_VARIANTS`) keep their statistics
+from the training step (`update_from_grads` after every backward: gradients of the head, inputs and
+outputs of the training forward) and an `EnsembleUncertainty` distils its students from the model for a
+few steps per batch.
 It then scores the test split and two out-of-distribution sets built from it -- every test input with
 its 40 positions shuffled (a permutation drawn per sample) and Gaussian noise with the test inputs'
 mean and standard deviation -- with each method:
 
-- Laplace `estimate`: the last-layer epistemic score and the predictive entropy (one forward pass);
+- each Laplace variant's `estimate_uncertainty` (one forward pass) and the plain predictive entropy;
 - 10-pass MC dropout: BALD (mutual information) and the predictive entropy;
 - the distilled ensemble: the variance of the students' probabilities.
 
@@ -108,6 +110,17 @@ def relative_cost(run: Callable[[], object], forward: Callable[[], object], *, r
     return statistics.median(timed(run, repeats) / timed(forward, repeats) for _ in range(rounds))
 
 
+# (name in the results, LaplacianUncertainty options): the default first, then the options it was chosen over
+LAPLACE_VARIANTS = (
+    ("laplace_epistemic", {}),
+    ("laplace_mahalanobis_head", {"layers": "head"}),
+    ("laplace_mahalanobis_all", {"layers": "all"}),
+    ("laplace_kfac", {"method": "kfac"}),
+    ("laplace_diagonal", {"method": "diagonal"}),
+    ("laplace_prior", {"method": "prior"}),
+)
+
+
 def run_uncertainty_experiment(output_dir: str | os.PathLike = "runs/experiment_uncertainty", *, samples: int = 10000,
                                epochs: int = 20, seed: int = 0, batch_size: int = 128, learning_rate: float = 1e-3,
                                distill_steps: int = 2, mc_samples: int = 10, n_ensemble: int = 3,
@@ -136,7 +149,8 @@ def run_uncertainty_experiment(output_dir: str | os.PathLike = "runs/experiment_
     seed_everything(seed)
     model = uncertainty_mlp(0.1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=1e-2)
-    laplace = LaplacianUncertainty(model, dataset_size=len(train))
+    laplaces = {name: LaplacianUncertainty(model, dataset_size=len(train), **options) for name, options in LAPLACE_VARIANTS}
+    entropy = LaplacianUncertainty(model, dataset_size=len(train), score="entropy")
     ensemble = EnsembleUncertainty(model, n_ensemble=n_ensemble)
     say(f"experiment uncertainty: MNIST-1D {len(train)} train / {len(test)} test, MLP 40-256-256-10 (dropout 0.1), "
         f"{epochs} epochs, seed {seed}", )
@@ -152,7 +166,8 @@ def run_uncertainty_experiment(output_dir: str | os.PathLike = "runs/experiment_
             loss = F.cross_entropy(model(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            laplace.update_from_grads(batch_size=x.shape[0])
+            for laplace in laplaces.values():
+                laplace.update_from_grads(batch_size=x.shape[0], check=False)
             optimizer.step()
             for _ in range(distill_steps):
                 ensemble.train_ensemble(x)
@@ -170,8 +185,7 @@ def run_uncertainty_experiment(output_dir: str | os.PathLike = "runs/experiment_
     mc_dropout = MCDropoutUncertainty(model, n_samples=mc_samples)
 
     def laplace_scores(x):
-        result = laplace.estimate(x)
-        return {"laplace_epistemic": result.epistemic, "laplace_entropy": result.entropy}
+        return {"entropy": entropy.estimate_uncertainty(x), **{name: e.estimate_uncertainty(x) for name, e in laplaces.items()}}
 
     def mc_scores(x):
         result = mc_dropout.estimate(x)
@@ -188,11 +202,13 @@ def run_uncertainty_experiment(output_dir: str | os.PathLike = "runs/experiment_
         with torch.no_grad():
             return model(x_test)
 
-    # Which call each score costs: the Laplace epistemic score needs `estimate` (the forward plus the
-    # O(d) variance term); the entropy alone is `estimate_uncertainty`.
+    # Which call each score costs: every Laplace score is its estimator's `estimate_uncertainty` (one
+    # forward and the score's matmuls); the entropy is `estimate_uncertainty` with score="entropy".
+    options = dict(LAPLACE_VARIANTS)
     calls = {
-        "laplace_epistemic": ("LaplacianUncertainty.estimate", lambda: laplace.estimate(x_test)),
-        "laplace_entropy": ("LaplacianUncertainty.estimate_uncertainty", lambda: laplace.estimate_uncertainty(x_test)),
+        **{name: (f"LaplacianUncertainty({', '.join(f'{k}={v!r}' for k, v in options[name].items())}).estimate_uncertainty",
+                  (lambda e: lambda: e.estimate_uncertainty(x_test))(e)) for name, e in laplaces.items()},
+        "entropy": ("LaplacianUncertainty(score='entropy').estimate_uncertainty", lambda: entropy.estimate_uncertainty(x_test)),
         "mc_dropout_bald": (f"MCDropoutUncertainty.estimate_uncertainty ({mc_samples} passes)", lambda: mc_dropout.estimate_uncertainty(x_test)),
         "ensemble_variance": (f"EnsembleUncertainty.estimate_uncertainty ({n_ensemble} students)", lambda: ensemble.estimate_uncertainty(x_test)),
     }
@@ -204,7 +220,7 @@ def run_uncertainty_experiment(output_dir: str | os.PathLike = "runs/experiment_
     call_names["mc_dropout_entropy"] = call_names["mc_dropout_bald"]
 
     methods = {}
-    for method in ("laplace_epistemic", "laplace_entropy", "mc_dropout_bald", "mc_dropout_entropy", "ensemble_variance"):
+    for method in (*laplaces, "entropy", "mc_dropout_bald", "mc_dropout_entropy", "ensemble_variance"):
         by_set = {name: auroc(scores["test"][method], scores[name][method]) for name in ood}
         methods[method] = {
             "auroc_shuffled": by_set["shuffled"],
@@ -226,6 +242,7 @@ def run_uncertainty_experiment(output_dir: str | os.PathLike = "runs/experiment_
         "methods": methods,
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
+        "laplace_options": {name: options for name, options in LAPLACE_VARIANTS},
         "reference_points_measured_elsewhere": [{"method": m, "auroc": a, "relative_cost": c} for m, a, c in REFERENCE_POINTS],
     }
     output_dir.mkdir(parents=True, exist_ok=True)

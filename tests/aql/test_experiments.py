@@ -12,7 +12,8 @@ import torch
 from aql import cli
 from aql.experiments import auroc, ood_inputs, run_uncertainty_experiment
 
-METHODS = ("laplace_epistemic", "laplace_entropy", "mc_dropout_bald", "mc_dropout_entropy", "ensemble_variance")
+METHODS = ("laplace_epistemic", "laplace_mahalanobis_head", "laplace_mahalanobis_all", "laplace_kfac", "laplace_diagonal",
+           "laplace_prior", "entropy", "mc_dropout_bald", "mc_dropout_entropy", "ensemble_variance")
 
 
 def pairwise_auroc(negatives, positives) -> float:

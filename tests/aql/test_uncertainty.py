@@ -78,8 +78,9 @@ def test_auroc_helper_on_known_cases():
 
 
 # ---- Laplace ----------------------------------------------------------------------------------------
-def _fit_laplace(model, x, y, updates=20, batch=64, decay=0.9):
-    estimator = LaplacianUncertainty(model, ema_decay=decay, prior_precision=1.0)
+def _fit_laplace(model, x, y, updates=20, batch=64, decay=0.9, **options):
+    options = {"method": "diagonal", "params": "all", **options}
+    estimator = LaplacianUncertainty(model, ema_decay=decay, prior_precision=1.0, **options)
     for _ in range(updates):
         index = torch.randint(0, x.shape[0], (batch,))
         estimator.update_fisher(x[index], y[index])
@@ -96,7 +97,7 @@ def test_the_fisher_not_the_prior_separates_points_off_the_data():
     x = torch.cat([x2, torch.zeros(x2.shape[0], 2)], dim=1)
     model = nn.Linear(4, 3)
     fitted = _fit_laplace(model, x, y)
-    prior_only = LaplacianUncertainty(model, ema_decay=0.9, prior_precision=1.0)
+    prior_only = LaplacianUncertainty(model, ema_decay=0.9, prior_precision=1.0, method="diagonal")
     inside2, _ = blobs(100)
     inside = torch.cat([inside2, torch.zeros(300, 2)], dim=1)
     outside = torch.cat([torch.zeros(300, 2), inside2], dim=1)
@@ -111,7 +112,7 @@ def test_entropy_peaks_at_the_decision_boundary():
     centres = torch.tensor([[-2.0, 0.0], [2.0, 0.0]])  # the Bayes boundary is x = 0
     x, y = blobs(300, std=0.8, centres=centres)
     model = train(mlp(classes=2), x, y)
-    estimator = LaplacianUncertainty(model)
+    estimator = LaplacianUncertainty(model, score="entropy")
     line = torch.stack([torch.linspace(-3, 3, 601), torch.zeros(601)], dim=1)
     entropy = estimator.estimate_uncertainty(line)
     peak = line[entropy.argmax(), 0].item()
@@ -128,7 +129,7 @@ def _reference_ema(fisher64, grads, decay, scale):
 def test_update_fisher_equals_a_foreach_ema_and_leaves_grad_alone():
     x, y = blobs(50)
     model = mlp()
-    estimator = LaplacianUncertainty(model, ema_decay=0.8)
+    estimator = LaplacianUncertainty(model, ema_decay=0.8, params="all")
     params = [p for p in model.parameters()]
     sentinels = [torch.full_like(p, 7.0) for p in params]
     for p, s in zip(params, sentinels):
@@ -152,7 +153,7 @@ def test_update_fisher_equals_a_foreach_ema_and_leaves_grad_alone():
 def test_update_from_grads_reads_grad_and_counts_accumulated_rows():
     x, y = blobs(40)
     model = mlp()
-    estimator = LaplacianUncertainty(model, ema_decay=0.5)
+    estimator = LaplacianUncertainty(model, ema_decay=0.5, params="all")
     params = list(model.parameters())
     expected = [torch.zeros(p.shape, dtype=torch.float64) for p in params]
     for step in range(3):
@@ -187,7 +188,8 @@ def test_per_step_update_path_matches_the_public_one_and_follows_a_dtype_change(
     # Fisher must be the same, and a changed parameter layout must still reach fisher_ema_'s checks.
     x, y = blobs(30)
     model = mlp()
-    lean, public = LaplacianUncertainty(model, ema_decay=0.8), LaplacianUncertainty(model, ema_decay=0.8)
+    lean, public = (LaplacianUncertainty(model, ema_decay=0.8, params="all"),
+                    LaplacianUncertainty(model, ema_decay=0.8, params="all"))
     params = list(model.parameters())
     expected = [torch.zeros(p.shape, dtype=torch.float64) for p in params]
     for step in range(4):
@@ -224,7 +226,7 @@ def test_epistemic_matches_the_float64_formula_with_bias():
     model = train(mlp(width=16), x, y, steps=50)
     estimator = _fit_laplace(model, x, y, updates=4, batch=32, decay=0.7)
     estimator.prior_precision = 0.5
-    estimator._variance_sums = None  # the prior changed: drop the cached sums
+    estimator._cache = None  # the prior changed: drop the cached factors
     data = torch.cat([blobs(10)[0], far_points(10)])
     result = estimator.estimate(data)
     with torch.no_grad():
@@ -243,7 +245,7 @@ def test_epistemic_matches_the_float64_formula_with_bias():
 
 def test_epistemic_before_any_update_is_the_prior():
     model = mlp(width=8)
-    estimator = LaplacianUncertainty(model, prior_precision=2.0)
+    estimator = LaplacianUncertainty(model, prior_precision=2.0, method="diagonal")
     data = torch.randn(5, 2)
     with torch.no_grad():
         h = model[:-1](data).double()
@@ -254,8 +256,8 @@ def test_epistemic_before_any_update_is_the_prior():
 def test_laplace_state_dict_round_trip():
     x, y = blobs(30)
     model = train(mlp(), x, y, steps=30)
-    estimator = _fit_laplace(model, x, y, updates=3, batch=16)
-    restored = LaplacianUncertainty(model, ema_decay=0.9)
+    estimator = _fit_laplace(model, x, y, updates=3, batch=16, method="mahalanobis", params="head", layers="all")
+    restored = LaplacianUncertainty(model, ema_decay=0.9, layers="all")
     restored.load_state_dict(estimator.state_dict())
     data = far_points(7)
     torch.testing.assert_close(restored.estimate(data).epistemic, estimator.estimate(data).epistemic)
@@ -428,8 +430,8 @@ def test_bad_call_arguments():
         laplace.update_fisher(torch.randn(4, 2), torch.zeros(3, dtype=torch.long))
     with pytest.raises(TypeError, match=r"targets must be int64 or int32 class indices, got torch.float32"):
         laplace.update_fisher(torch.randn(4, 2), torch.zeros(4))
-    with pytest.raises(ValueError, match=r"fisher\[0\] must have shape \(32, 2\), got \(3,\)"):
-        laplace.load_state_dict({"fisher": [torch.zeros(3)] * 6, "updates": 1, "samples_seen": 1})
+    with pytest.raises(ValueError, match=r"fisher\[0\] must have shape \(3, 32\), got \(3,\)"):
+        laplace.load_state_dict({"fisher": [torch.zeros(3)] * 2, "updates": 1, "samples_seen": 1})
     with pytest.raises(ValueError, match=r"state lacks \['samples_seen', 'updates'\]"):
         laplace.load_state_dict({"fisher": []})
     ensemble = EnsembleUncertainty(model, n_ensemble=2)
