@@ -270,6 +270,176 @@ def test_default_head_is_the_last_linear_and_a_head_can_be_given():
     assert LaplacianUncertainty(model, head=model[2]).head is model[2]
 
 
+# ---- the statistics of the training forward and the scores read from them ---------------------------
+def _train_with_statistics(model, estimators, x, y, steps=60, batch=64, lr=1e-2):
+    """A plain training loop: each estimator reads the step's own forward and gradients."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(steps):
+        index = torch.randint(0, x.shape[0], (batch,))
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x[index]), y[index]).backward()
+        for estimator in estimators:
+            estimator.update_from_grads()
+        optimizer.step()
+    return model
+
+
+def test_the_default_score_beats_the_prior_alone_where_the_norm_cannot_tell():
+    # Training inputs span the first two dimensions; the out-of-distribution points are the same points
+    # moved to the last two (same norms). The prior alone (identity curvature: the squared feature
+    # norm) is blind here (AUROC 0.5); the statistics of the training forward know that the data never
+    # move along the last two dimensions.
+    torch.manual_seed(0)
+    x2, y = blobs(200)
+    x = torch.cat([x2, torch.zeros(x2.shape[0], 2)], dim=1)
+    model = nn.Linear(4, 3)
+    shipped, kfac = LaplacianUncertainty(model), LaplacianUncertainty(model, method="kfac")
+    prior_only = LaplacianUncertainty(model, method="prior")
+    _train_with_statistics(model, [shipped, kfac, prior_only], x, y)
+    inside2, _ = blobs(100)
+    inside = torch.cat([inside2, torch.zeros(300, 2)], dim=1)
+    outside = torch.cat([torch.zeros(300, 2), inside2], dim=1)
+    assert auroc(prior_only.estimate_uncertainty(outside), prior_only.estimate_uncertainty(inside)) == pytest.approx(0.5, abs=1e-3)
+    for estimator, wanted in ((shipped, 0.95), (kfac, 0.85)):  # measured: 1.000 and 0.923
+        scores = estimator.estimate_uncertainty(inside)
+        assert scores.dtype == torch.float32 and scores.shape == (300,)
+        value = auroc(estimator.estimate_uncertainty(outside), scores)
+        assert value > wanted, f"{estimator.method}: AUROC off-data vs inside {value:.3f}"
+
+
+def _exact_statistics(model, layer, x):
+    """float64 A = E[h~ h~^T], E[p h~^T] of `layer`'s input and G = E[diag p - p p^T] of the model's output."""
+    seen = []
+    handle = layer.register_forward_hook(lambda m, i, o: seen.append(i[0].detach()))
+    with torch.no_grad():
+        p = torch.softmax(model(x).double(), 1)
+    handle.remove()
+    h1 = torch.cat([seen[0].double(), torch.ones(x.shape[0], 1, dtype=torch.float64)], 1)
+    rows = x.shape[0]
+    return h1.T @ h1 / rows, p.T @ h1 / rows, torch.diag(p.mean(0)) - p.T @ p / rows
+
+
+@pytest.mark.parametrize("rank", [None, 5])
+def test_density_score_equals_a_float64_brute_force(rank):
+    torch.manual_seed(1)
+    x, y = blobs(80)
+    model = train(mlp(width=12), x, y, steps=40)
+    # feature_decay=0: the statistics are those of the last update's batch exactly
+    estimator = LaplacianUncertainty(model, layers="all", rank=rank, feature_decay=0.0, shrinkage=1e-2)
+    estimator.update_fisher(x, y)
+    data = torch.cat([blobs(5)[0], far_points(6)])
+    total = torch.zeros(data.shape[0], dtype=torch.float64)
+    for layer in (model[0], model[2], model[4]):
+        moment, sums, _ = _exact_statistics(model, layer, x)
+        d = layer.in_features
+        mass = sums[:, d]
+        means = sums[:, :d] / mass[:, None]
+        covariance = moment[:d, :d] - (means.T * mass) @ means
+        lam, u = torch.linalg.eigh(covariance)
+        lam, u = lam.flip(0).clamp_min(0), u.flip(1)
+        w = 1 / (lam + 1e-2 * lam.mean())
+        if rank is not None and rank < d:
+            w = torch.cat([w[:rank], w[rank:].mean().expand(d - rank)])  # the documented isotropic rest
+        precision = u @ torch.diag(w) @ u.T
+        seen = []
+        handle = layer.register_forward_hook(lambda m, i, o: seen.append(i[0].detach().double()))
+        with torch.no_grad():
+            model(data)
+        handle.remove()
+        centred = seen[0][:, None, :] - means[None]  # [N, K, d]
+        distances = torch.einsum("nkd,de,nke->nk", centred, precision, centred).min(1).values
+        total += distances / d
+    # float32 against float64: the truncated form adds and subtracts terms weighted by the large tail
+    # weight (1e-3 relative measured); a wrong sign or weight is off by O(1)
+    tolerance = 2e-4 if rank is None else 5e-3
+    torch.testing.assert_close(estimator.estimate_uncertainty(data).double(), total, rtol=tolerance, atol=1e-4)
+
+
+def test_kfac_variance_equals_the_kronecker_posterior_in_float64():
+    torch.manual_seed(2)
+    x, y = blobs(40)
+    model = train(mlp(width=6), x, y, steps=40)
+    estimator = LaplacianUncertainty(model, method="kfac", rank=None, feature_decay=0.0, prior_precision=0.7,
+                                     dataset_size=500)
+    estimator.update_fisher(x, y)
+    head = model[-1]
+    moment, _, curvature = _exact_statistics(model, head, x)
+    torch.testing.assert_close(estimator.feature_moments[-1].double(), moment, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(estimator.output_curvature.double(), curvature, rtol=1e-5, atol=1e-6)
+    # the Gaussian posterior over the head's [K, d+1] weights (bias as the last column), row-major:
+    # precision = n G (x) A + tau I, and f = W~ h~ has Cov f = (I (x) h~^T) Sigma (I (x) h~)
+    precision = 500 * torch.kron(curvature, moment) + 0.7 * torch.eye(3 * 7, dtype=torch.float64)
+    sigma = torch.linalg.inv(precision)
+    data = torch.cat([blobs(4)[0], far_points(4)])
+    with torch.no_grad():
+        h = model[:-1](data).double()
+    h1 = torch.cat([h, torch.ones(h.shape[0], 1, dtype=torch.float64)], 1)
+    jacobians = torch.stack([torch.kron(torch.eye(3, dtype=torch.float64), row[None]) for row in h1])  # [N, K, K(d+1)]
+    expected = torch.einsum("nka,ab,nkb->n", jacobians, sigma, jacobians)
+    torch.testing.assert_close(estimator.estimate_uncertainty(data).double(), expected, rtol=1e-4, atol=1e-6)
+    # the fitted prior is MacKay's fixed point tau = gamma(tau) / |theta|^2 of the same curvature
+    estimator.prior_precision = "auto"
+    estimator._cache = None
+    tau = estimator.prior().double()
+    eigenvalues = 500 * torch.kron(torch.linalg.eigvalsh(curvature).clamp_min(0), torch.linalg.eigvalsh(moment).clamp_min(0))
+    theta = head.weight.detach().double().square().sum() + head.bias.detach().double().square().sum()
+    torch.testing.assert_close(tau, (eigenvalues / (eigenvalues + tau)).sum() / theta, rtol=1e-3, atol=0)
+
+
+def test_statistics_of_a_dropout_forward_are_those_of_the_evaluation_forward():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 3))
+    x = torch.randn(20000, 2)
+    estimator = LaplacianUncertainty(model, layers="head", feature_decay=0.0)
+    model.train()
+    F.cross_entropy(model(x), torch.zeros(20000, dtype=torch.long)).backward()
+    estimator.update_from_grads()
+    model.eval()
+    moment, _, _ = _exact_statistics(model, model[-1], x)
+    # without the correction the diagonal comes out 1 / (1 - 0.5) = 2x too large
+    torch.testing.assert_close(estimator.feature_moments[-1].double().diagonal(), moment.diagonal(), rtol=0.03, atol=1e-3)
+
+
+def test_a_non_finite_step_leaves_the_statistics_alone():
+    model = mlp(width=8)
+    estimator = LaplacianUncertainty(model, layers="all")
+    x, y = blobs(10)
+    F.cross_entropy(model(x), y).backward()
+    estimator.update_from_grads()
+    before = [t.clone() for t in (*estimator.feature_moments, *estimator.class_sums, estimator.output_curvature)]
+    model.zero_grad(set_to_none=True)
+    bad = x.clone()
+    bad[3, 0] = float("nan")
+    F.cross_entropy(model(bad), y).backward()
+    estimator.update_from_grads()
+    after = (*estimator.feature_moments, *estimator.class_sums, estimator.output_curvature)
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert torch.isfinite(estimator.estimate_uncertainty(x)).all()
+
+
+def test_head_params_keep_the_fisher_of_the_head_only_and_outputs_with_logits_are_read():
+    class Output:
+        def __init__(self, logits):
+            self.logits = logits
+
+    class Wrapped(nn.Module):  # a Hugging Face style model: returns an object with .logits
+        def __init__(self):
+            super().__init__()
+            self.body = mlp(width=8)
+
+        def forward(self, x):
+            return Output(self.body(x))
+
+    model = Wrapped()
+    estimator = LaplacianUncertainty(model)
+    assert [f.shape for f in estimator.fisher] == [(3, 8), (3,)]
+    assert LaplacianUncertainty(model, params="all").fisher[0].shape == (8, 2)
+    x, y = blobs(10)
+    estimator.update_fisher(x, y)
+    result = estimator.estimate(x)
+    assert result.epistemic.shape == (30,) and torch.isfinite(result.epistemic).all()
+
+
 # ---- MC dropout -------------------------------------------------------------------------------------
 def _dropout_model():
     return nn.Sequential(nn.Linear(2, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 32), nn.ReLU(),
@@ -396,6 +566,14 @@ def test_unsupported_models_ask_for_a_factory():
         (lambda: LaplacianUncertainty(mlp(), head=nn.ReLU()), TypeError, r"head must be an nn.Linear, got ReLU"),
         (lambda: LaplacianUncertainty(nn.Sequential(nn.ReLU())), ValueError, r"model has no nn.Linear to use as the head"),
         (lambda: LaplacianUncertainty(mlp(), dataset_size=0), ValueError, r"dataset_size must be >= 1, got 0"),
+        (lambda: LaplacianUncertainty(mlp(), method="laplace"), ValueError, r"method must be one of \('mahalanobis', 'kfac', 'diagonal', 'prior'\), got 'laplace'"),
+        (lambda: LaplacianUncertainty(mlp(), params="body"), ValueError, r"params must be 'head' or 'all', got 'body'"),
+        (lambda: LaplacianUncertainty(mlp(), score="bald"), ValueError, r"score must be 'epistemic' or 'entropy', got 'bald'"),
+        (lambda: LaplacianUncertainty(mlp(), rank=0), ValueError, r"rank must be >= 1, got 0"),
+        (lambda: LaplacianUncertainty(mlp(), prior_precision="fit"), ValueError, r"prior_precision must be a positive float or 'auto', got 'fit'"),
+        (lambda: LaplacianUncertainty(mlp(), layers=[nn.ReLU()]), ValueError, r"layers must be 'first', 'all', 'head' or a non-empty list"),
+        (lambda: LaplacianUncertainty(mlp(), layers=[nn.Linear(2, 2)]), ValueError, r"layers must be submodules of model"),
+        (lambda: LaplacianUncertainty(mlp(), feature_decay=1.0), ValueError, r"feature_decay must be in \[0.0, 1.0\), got 1.0"),
         (lambda: MCDropoutUncertainty(mlp()), ValueError, r"model has no dropout module"),
         (lambda: MCDropoutUncertainty(mlp(dropout=0.1), n_samples=0), ValueError, r"n_samples must be >= 1, got 0"),
         (lambda: MCDropoutUncertainty(mlp(dropout=0.1), chunk_size=2.5), TypeError, r"chunk_size must be an int, got float 2.5"),
