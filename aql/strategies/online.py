@@ -46,6 +46,11 @@ __all__ = ["OnlineSelection"]
 class OnlineSelection(SelectionStrategy):
     """Candidate batches scored by a no-grad forward; see the module docstring for the knobs.
 
+    Defaults (score el2n, pick sample, balanced, no importance weights, smoothing 0.5): the variant
+    with the best validation accuracy averaged over the study's budgets 0.1-0.5 (the
+    `online_balanced_sample_el2n` row of results/experiments/efficiency; top-k variants led at single
+    budgets but one seed of the top-loss rule diverged at its tuned learning rate).
+
     labels: int64 [N] training labels (needed by `balanced`); irreducible: float32 [N] stored
     irreducible losses (needed by `score="reducible"`, e.g. from `aql.strategies.irreducible_losses`).
     """
@@ -59,7 +64,7 @@ class OnlineSelection(SelectionStrategy):
                         }
 
     def __init__(self, num_samples: int, *, query_budget: float = 0.2, seed: int = 0, device: torch.device | str = "cpu",
-                 score: str = "loss", pick: str = "top", balanced: bool = True, smoothing: float = 0.5,
+                 score: str = "el2n", pick: str = "sample", balanced: bool = True, smoothing: float = 0.5,
                  importance_weights: bool = False, max_weight: float = 4.0, warmup_epochs: float = 0.0,
                  curriculum_start: float | None = None, curriculum_epochs: float = 10.0, order: str = "score",
                  labels: torch.Tensor | None = None, num_classes: int | None = None, irreducible: torch.Tensor | None = None):

@@ -148,7 +148,7 @@ def test_online_budget_exact_and_deterministic(options):
 
 def test_online_top_is_the_exact_top_of_the_scores():
     n = 640
-    strategy = OnlineSelection(n, query_budget=0.25, seed=0, balanced=False)
+    strategy = OnlineSelection(n, query_budget=0.25, seed=0, score="loss", pick="top", balanced=False)
     g = torch.Generator().manual_seed(6)
     plan = strategy.epoch_plan(0)
     indices, _ = next(strategy.batches(plan, 160))
@@ -162,7 +162,7 @@ def test_online_top_is_the_exact_top_of_the_scores():
 def test_online_balanced_never_collapses_onto_classes():
     n = 1000
     labels = torch.arange(n) % 10
-    strategy = OnlineSelection(n, query_budget=0.2, seed=0, labels=labels, balanced=True)
+    strategy = OnlineSelection(n, query_budget=0.2, seed=0, labels=labels, score="loss", pick="top", balanced=True)
     plan = strategy.epoch_plan(0)
     for indices, _ in strategy.batches(plan, 20):
         # the loss is high only for class 0: a plain top-loss rule would keep class 0 alone
