@@ -37,7 +37,8 @@ from torch import nn
 from ._checks import check_int
 
 __all__ = ["auroc", "uncertainty_mlp", "ood_inputs", "relative_cost", "run_uncertainty_experiment",
-           "format_uncertainty_table", "plot_uncertainty", "EXPERIMENTS"]
+           "format_uncertainty_table", "plot_uncertainty", "summarize_uncertainty_runs", "format_uncertainty_summary",
+           "LAPLACE_VARIANTS", "EXPERIMENTS"]
 
 # Numbers measured elsewhere (DESIGN.md), printed beside ours for orientation, never as ours.
 REFERENCE_POINTS = (
@@ -255,6 +256,40 @@ def run_uncertainty_experiment(output_dir: str | os.PathLike = "runs/experiment_
     say(format_uncertainty_table(result))
     say(f"\nresults: {json_path}\nplot:    {result['plot']}\nwall time {result['wall_time_s']:.1f} s")
     return result
+
+
+def summarize_uncertainty_runs(results: list[dict]) -> dict:
+    """Mean and sample standard deviation over runs (e.g. seeds) of each method's AUROCs and relative
+    cost: {"seeds": [...], "methods": {name: {metric: {"mean", "std", "values"}}}, "test_accuracy": ...}.
+    Every run must report the same methods."""
+    where = "aql.experiments.summarize_uncertainty_runs"
+    if not isinstance(results, (list, tuple)) or not results:
+        raise ValueError(f"{where}: results must be a non-empty list of run_uncertainty_experiment results, got {results!r}")
+    names = list(results[0]["methods"])
+    for result in results[1:]:
+        if list(result["methods"]) != names:
+            raise ValueError(f"{where}: every run must report the methods {names}, got {list(result['methods'])}")
+
+    def stats(values: list[float]) -> dict:
+        return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "values": values}
+
+    metrics = ("auroc_shuffled", "auroc_noise", "auroc_mean", "relative_cost")
+    return {
+        "seeds": [r["settings"]["seed"] for r in results],
+        "test_accuracy": stats([r["test_accuracy"] for r in results]),
+        "methods": {name: {**{m: stats([r["methods"][name][m] for r in results]) for m in metrics},
+                           "call": results[0]["methods"][name]["call"]} for name in names},
+    }
+
+
+def format_uncertainty_summary(summary: dict) -> str:
+    """Markdown table (mean +- std over the runs) of `summarize_uncertainty_runs`."""
+    lines = ["| method | AUROC shuffled | AUROC noise | AUROC mean | cost (x forward) | call |", "|---|---|---|---|---|---|"]
+    for name, m in summary["methods"].items():
+        cells = [f"{m[k]['mean']:.3f} ± {m[k]['std']:.3f}" for k in ("auroc_shuffled", "auroc_noise", "auroc_mean")]
+        cells.append(f"{m['relative_cost']['mean']:.2f} ± {m['relative_cost']['std']:.2f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | `{m['call']}` |")
+    return "\n".join(lines)
 
 
 def format_uncertainty_table(result: dict) -> str:

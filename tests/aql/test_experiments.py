@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from aql import cli
-from aql.experiments import auroc, ood_inputs, run_uncertainty_experiment
+from aql.experiments import (auroc, format_uncertainty_summary, ood_inputs, run_uncertainty_experiment,
+                             summarize_uncertainty_runs)
 
 METHODS = ("laplace_epistemic", "laplace_mahalanobis_head", "laplace_mahalanobis_all", "laplace_kfac", "laplace_diagonal",
            "laplace_prior", "entropy", "mc_dropout_bald", "mc_dropout_entropy", "ensemble_variance")
@@ -81,6 +82,9 @@ def test_uncertainty_experiment_tiny_run_writes_json_and_png(tmp_path, capsys):
     # (measured ~30x against ~1.3x); a cost that is not time(method) / time(forward) breaks this
     assert methods["mc_dropout_bald"]["relative_cost"] > 3 * methods["laplace_epistemic"]["relative_cost"]
     assert methods["laplace_epistemic"]["relative_cost"] > 0.5
+    # the default epistemic score reads the statistics of the training forward: it beats the prior alone
+    # (the squared feature norm) even after one epoch (measured 1.00 against 0.50)
+    assert methods["laplace_epistemic"]["auroc_mean"] > methods["laplace_prior"]["auroc_mean"] + 0.2
     assert written["settings"]["samples"] == 600 and written["settings"]["epochs"] == 1
     assert result["methods"] == written["methods"]
     assert "experiment_uncertainty.json" in out and "experiment_uncertainty.png" in out
@@ -134,3 +138,24 @@ def test_bench_without_pytest_benchmark_is_a_clear_error(monkeypatch):
     monkeypatch.setattr("subprocess.run", lambda *a, **k: pytest.fail("the benchmark suites must not run"))
     with pytest.raises(cli.BenchError, match="pytest-benchmark is not installed"):
         cli.run_bench()
+
+
+def test_summary_of_runs_is_the_mean_and_sample_std_per_method():
+    def run(seed, values):
+        return {"settings": {"seed": seed}, "test_accuracy": 0.5 + seed,
+                "methods": {name: {"auroc_shuffled": v, "auroc_noise": v / 2, "auroc_mean": 3 * v / 4, "relative_cost": 1 + v,
+                                   "call": f"{name}()"} for name, v in values.items()}}
+
+    summary = summarize_uncertainty_runs([run(0, {"a": 0.6, "b": 0.9}), run(1, {"a": 0.8, "b": 0.7}), run(2, {"a": 1.0, "b": 0.8})])
+    assert summary["seeds"] == [0, 1, 2]
+    a = summary["methods"]["a"]
+    assert a["auroc_shuffled"]["mean"] == pytest.approx(0.8, abs=1e-12)
+    assert a["auroc_shuffled"]["std"] == pytest.approx(0.2, abs=1e-12)  # sample std of 0.6, 0.8, 1.0
+    assert a["relative_cost"]["values"] == [1.6, 1.8, 2.0] and a["call"] == "a()"
+    assert summary["methods"]["b"]["auroc_noise"]["mean"] == pytest.approx(0.4, abs=1e-12)
+    table = format_uncertainty_summary(summary)
+    assert "| a | 0.800 ± 0.200 | 0.400 ± 0.100 | 0.600 ± 0.150 | 1.80 ± 0.20 | `a()` |" in table
+    with pytest.raises(ValueError, match=r"every run must report the methods \['a', 'b'\], got \['a'\]"):
+        summarize_uncertainty_runs([run(0, {"a": 0.6, "b": 0.9}), run(1, {"a": 0.8})])
+    with pytest.raises(ValueError, match="results must be a non-empty list"):
+        summarize_uncertainty_runs([])
