@@ -428,7 +428,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(value_text) if value_text.strip() else None
     except yaml.YAMLError as error:
         raise ConfigError(f"override {text!r}: the value is not a YAML scalar or list: {error}") from None
-    if isinstance(value, dict):
+    if isinstance(value, dict) and value:  # `{}` empties a mapping (aql_v2.strategy_options={})
         raise ConfigError(f"override {text!r}: set one key at a time, not a mapping")
     return path, value
 

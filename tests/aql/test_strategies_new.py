@@ -394,3 +394,18 @@ def test_strategy_options_are_checked_when_the_config_loads(tmp_path):
         make_config(tmp_path, aql_v2={"selection_strategy": "online", "strategy_options": {"labels": [1, 2]}})
     with pytest.raises(ConfigError, match="aql_v2.strategy_options.colour"):
         make_config(tmp_path, aql_v2={"selection_strategy": "ranked", "strategy_options": {"colour": 1}})
+
+
+def test_an_empty_mapping_override_clears_strategy_options(tmp_path):
+    from aql.config import ConfigError, load_config
+
+    from pathlib import Path
+
+    demo = Path(__file__).resolve().parents[2] / "configs" / "mnist1d_demo.yaml"
+    assert load_config(demo).aql_v2.strategy_options  # the demo's online options
+    cleared = load_config(demo, ["aql_v2.selection_strategy=none", "aql_v2.strategy_options={}"])
+    assert cleared.aql_v2.strategy_options == {} and cleared.aql_v2.selection_strategy == "none"
+    with pytest.raises(ConfigError, match="set one key at a time"):
+        load_config(demo, ["aql_v2.strategy_options={score: loss}"])
+    with pytest.raises(ConfigError, match="aql_v2.strategy_options.score"):
+        load_config(demo, ["aql_v2.selection_strategy=none"])  # online's options are no options of none
