@@ -67,7 +67,7 @@ class LaplacianUncertainty(UncertaintyEstimator):
 
     The hooks keep references (not copies) to the layers' inputs and the head's output of every
     forward with autograd on since the last update; `update_from_grads` / `update_fisher` fold them into
-    the EMAs (one [B, d+1]^T [B, d+1] product per watched layer and update) and drop them. A step whose
+    the EMAs (one [B, d+1]^T [B, d+1] product per update and layer the method reads) and drop them. A step whose
     statistics are not finite leaves the EMAs unchanged (a `torch.where`, no host synchronisation), so a
     skipped non-finite step does not poison them. EMAs are bias-corrected by ``1 - decay ** updates``.
 
@@ -183,9 +183,18 @@ class LaplacianUncertainty(UncertaintyEstimator):
             self._input_dropout.append(before if isinstance(before, nn.Dropout) else None)
         # statistics (float32), per layer l of `layers` (the head last): A_l = E[h~ h~^T] [d+1, d+1] and
         # E[p h~] [K, d+1]; and the head's G = E[diag p - p p^T] [K, K]
-        self.feature_moments = [torch.zeros(m.in_features + 1, m.in_features + 1, device=device) for m in self.layers]
-        self.class_sums = [torch.zeros(k, m.in_features + 1, device=device) for m in self.layers]
-        self.output_curvature = torch.zeros(k, k, device=device)
+        # Only what the method reads is kept (the others are empty tensors): the density's layers for
+        # "mahalanobis", the head's A and G for "kfac", nothing for "diagonal" and "prior". A K x K
+        # G for a 50k-token vocabulary would be 10 GB; the product per step is the training overhead.
+        head_index = len(self.layers) - 1
+        self._kept = [(method == "mahalanobis" and i in self._density) or (method == "kfac" and i == head_index)
+                      for i in range(len(self.layers))]
+        self._keeps_any = any(self._kept)
+        self.feature_moments = [torch.zeros((m.in_features + 1, m.in_features + 1) if kept else (0,), device=device)
+                                for m, kept in zip(self.layers, self._kept)]
+        self.class_sums = [torch.zeros((k, m.in_features + 1) if kept and method == "mahalanobis" else (0,), device=device)
+                           for m, kept in zip(self.layers, self._kept)]
+        self.output_curvature = torch.zeros((k, k) if method == "kfac" else (0,), device=device)
         # (device, dtype) of the first parameter at the last successful Fisher update (None before it)
         self._checked_layout: tuple[torch.device, torch.dtype] | None = None
         self.updates = 0
@@ -228,14 +237,16 @@ class LaplacianUncertainty(UncertaintyEstimator):
     # ---- hook ---------------------------------------------------------------------------------------
     def _layer_hook(self, index: int):
         is_head = index == len(self.layers) - 1
+        kept, keeps_any = self._kept[index], self._keeps_any
 
         def hook(module, inputs, output) -> None:
             features = inputs[0]
             if self._capture:
                 self._features[index] = features.detach()
             elif self._own_forward is not None:
-                self._own_forward[0][index].append(features.detach())
-                if is_head:
+                if kept:
+                    self._own_forward[0][index].append(features.detach())
+                if is_head and keeps_any:
                     self._own_forward[1].append(output.detach())
             elif self._counting and torch.is_grad_enabled():
                 if self.head.weight.grad is None:
@@ -244,10 +255,12 @@ class LaplacianUncertainty(UncertaintyEstimator):
                     if is_head:
                         self._rows_since_update = 0
                         self._pending_outputs.clear()
-                self._pending[index].append(features.detach())
+                if kept:
+                    self._pending[index].append(features.detach())
                 if is_head:
                     self._rows_since_update += features.numel() // max(features.shape[-1], 1)
-                    self._pending_outputs.append(output.detach())
+                    if keeps_any:
+                        self._pending_outputs.append(output.detach())
 
         return hook
 
@@ -284,8 +297,13 @@ class LaplacianUncertainty(UncertaintyEstimator):
             logits = torch.cat([o.reshape(-1, o.shape[-1]) for o in outputs]).float()
             rows = logits.shape[0]
             p = torch.softmax(logits, dim=1)
-            news = [torch.diag(p.mean(0)) - p.T @ p / rows]
-            for layer, dropout, pending in zip(self.layers, self._input_dropout, inputs):
+            states, news = [], []
+            if self.method == "kfac":
+                states.append(self.output_curvature)
+                news.append(torch.diag(p.mean(0)) - p.T @ p / rows)
+            for i, (layer, dropout, pending) in enumerate(zip(self.layers, self._input_dropout, inputs)):
+                if not self._kept[i]:
+                    continue
                 d = layer.in_features
                 h = torch.cat([f.reshape(-1, d) for f in pending]).float() if pending else p.new_zeros(0, d)
                 if h.shape[0] != rows:
@@ -297,11 +315,12 @@ class LaplacianUncertainty(UncertaintyEstimator):
                     # inverted dropout keeps E[h] and the off-diagonal of E[h h^T] but scales its diagonal
                     # by 1 / (1 - p): undone, so that the statistics are those of the evaluation forward
                     moment.diagonal()[:d].mul_(1.0 - dropout.p)
-                news += [moment, p.T @ h1 / rows]
+                states.append(self.feature_moments[i])
+                news.append(moment)
+                if self.method == "mahalanobis":
+                    states.append(self.class_sums[i])
+                    news.append(p.T @ h1 / rows)
             finite = torch.stack([torch.isfinite(n).all() for n in news]).all()
-            states = [self.output_curvature]
-            for moment, sums in zip(self.feature_moments, self.class_sums):
-                states += [moment, sums]
             decay = self.feature_decay
             for state, new in zip(states, news):
                 torch.where(finite, state * decay + (1 - decay) * new, state, out=state)
