@@ -102,6 +102,10 @@ class LaplacianUncertainty(UncertaintyEstimator):
     weight (exact when rank >= the width). A batch then costs one [N, d] x [d, rank + K] product per
     layer on top of the forward. `rank=None` keeps every direction.
 
+    class_conditional (None: True when the head has at most 1024 outputs): per-class means for the
+    density, or one Gaussian (False). A vocabulary-sized head would make the [K, d+1] class sums and the
+    [rows, K]^T [rows, d+1] product per step as costly as the head itself.
+
     prior_precision: a positive float, or "auto" (default): fitted by maximising the Laplace marginal
     likelihood of the head (MacKay's fixed point ``tau = gamma / |theta|^2``, ``gamma`` the effective
     number of parameters of the "kfac" or "diagonal" curvature, theta the head's current weights).
@@ -126,7 +130,7 @@ class LaplacianUncertainty(UncertaintyEstimator):
     def __init__(self, model: nn.Module, head: nn.Module | None = None, ema_decay: float = 0.95,
                  prior_precision: float | str = "auto", *, dataset_size: int | None = None, method: str = "mahalanobis",
                  params: str = "head", layers: str | list = "first", score: str = "epistemic", rank: int | None = 64,
-                 shrinkage: float = 1e-3, feature_decay: float = 0.99):
+                 shrinkage: float = 1e-3, feature_decay: float = 0.99, class_conditional: bool | None = None):
         where = self._where("__init__")
         self.model = self._check_model("__init__", "model", model)
         if head is None:
@@ -192,7 +196,13 @@ class LaplacianUncertainty(UncertaintyEstimator):
         self._keeps_any = any(self._kept)
         self.feature_moments = [torch.zeros((m.in_features + 1, m.in_features + 1) if kept else (0,), device=device)
                                 for m, kept in zip(self.layers, self._kept)]
-        self.class_sums = [torch.zeros((k, m.in_features + 1) if kept and method == "mahalanobis" else (0,), device=device)
+        if class_conditional is None:
+            class_conditional = k <= 1024
+        elif not isinstance(class_conditional, bool):
+            raise self._fail("__init__", f"class_conditional must be a bool or None, got {type(class_conditional).__name__}", TypeError)
+        self.class_conditional = class_conditional
+        groups = k if class_conditional else 1
+        self.class_sums = [torch.zeros((groups, m.in_features + 1) if kept and method == "mahalanobis" else (0,), device=device)
                            for m, kept in zip(self.layers, self._kept)]
         self.output_curvature = torch.zeros((k, k) if method == "kfac" else (0,), device=device)
         # (device, dtype) of the first parameter at the last successful Fisher update (None before it)
@@ -301,7 +311,8 @@ class LaplacianUncertainty(UncertaintyEstimator):
             logits = outputs[0] if len(outputs) == 1 else torch.cat([o.reshape(-1, o.shape[-1]) for o in outputs])
             logits = logits.reshape(-1, logits.shape[-1]).float()
             rows = logits.shape[0]
-            p = torch.softmax(logits, dim=1)
+            # class weights of the density: the model's probabilities, or one group (class_conditional=False)
+            p = torch.softmax(logits, dim=1) if self.class_conditional or self.method == "kfac" else logits.new_ones(rows, 1)
             weight = (1.0 - decay) / rows
             states, candidates = [], []
             if self.method == "kfac":
@@ -484,7 +495,10 @@ class LaplacianUncertainty(UncertaintyEstimator):
                                    for i in self._density]
                 tau = torch.zeros((), device=device)
             else:  # prior
-                tau = self.prior(torch.zeros(1, device=device))
+                # no data term: the marginal likelihood drives tau to 0, so "auto" means 1 (the ranking
+                # of the score does not depend on tau)
+                tau = (torch.ones((), device=device) if isinstance(self.prior_precision, str)
+                       else self.prior(torch.zeros(1, device=device)))
             cache["prior"] = tau.float() if isinstance(tau, torch.Tensor) else tau
         self._cache = cache
         return cache

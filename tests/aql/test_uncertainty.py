@@ -417,6 +417,26 @@ def test_a_non_finite_step_leaves_the_statistics_alone():
     assert torch.isfinite(estimator.estimate_uncertainty(x)).all()
 
 
+def test_without_classes_the_density_is_one_gaussian():
+    torch.manual_seed(4)
+    x, y = blobs(60)
+    model = train(mlp(width=6), x, y, steps=30)
+    estimator = LaplacianUncertainty(model, layers="head", rank=None, feature_decay=0.0, class_conditional=False,
+                                     shrinkage=1e-2)
+    assert LaplacianUncertainty(model).class_conditional  # 3 classes: per-class means by default
+    estimator.update_fisher(x, y)
+    assert estimator.class_sums[0].shape == (1, 7)
+    with torch.no_grad():
+        h = model[:-1](x).double()
+        data = torch.cat([blobs(3)[0], far_points(3)])
+        g = model[:-1](data).double()
+    mean = h.mean(0)
+    covariance = (h - mean).T @ (h - mean) / h.shape[0]
+    precision = torch.linalg.inv(covariance + 1e-2 * torch.linalg.eigvalsh(covariance).clamp_min(0).mean() * torch.eye(6, dtype=torch.float64))
+    expected = torch.einsum("nd,de,ne->n", g - mean, precision, g - mean) / 6
+    torch.testing.assert_close(estimator.estimate_uncertainty(data).double(), expected, rtol=2e-4, atol=1e-4)
+
+
 def test_head_params_keep_the_fisher_of_the_head_only_and_outputs_with_logits_are_read():
     class Output:
         def __init__(self, logits):
@@ -574,6 +594,7 @@ def test_unsupported_models_ask_for_a_factory():
         (lambda: LaplacianUncertainty(mlp(), layers=[nn.ReLU()]), ValueError, r"layers must be 'first', 'all', 'head' or a non-empty list"),
         (lambda: LaplacianUncertainty(mlp(), layers=[nn.Linear(2, 2)]), ValueError, r"layers must be submodules of model"),
         (lambda: LaplacianUncertainty(mlp(), feature_decay=1.0), ValueError, r"feature_decay must be in \[0.0, 1.0\), got 1.0"),
+        (lambda: LaplacianUncertainty(mlp(), class_conditional=1), TypeError, r"class_conditional must be a bool or None, got int"),
         (lambda: MCDropoutUncertainty(mlp()), ValueError, r"model has no dropout module"),
         (lambda: MCDropoutUncertainty(mlp(dropout=0.1), n_samples=0), ValueError, r"n_samples must be >= 1, got 0"),
         (lambda: MCDropoutUncertainty(mlp(dropout=0.1), chunk_size=2.5), TypeError, r"chunk_size must be an int, got float 2.5"),
