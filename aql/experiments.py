@@ -85,11 +85,15 @@ def uncertainty_mlp(dropout: float = 0.1) -> nn.Module:
 
 def ood_inputs(x: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
     """{"shuffled": each row's positions permuted (one permutation per row), "noise": Gaussian with the
-    mean and standard deviation of all of x's values}, each the shape of x."""
+    mean and standard deviation of all of x's values}, each the shape of x; the experiment's metric
+    (`auroc_mean`) is over these two. Then three sets that keep more of the data's structure, reported
+    beside it: "reversed" (positions in reverse order), "mixup" (the mean of each row and another row
+    drawn at random), "scaled" (3 x)."""
     permutations = torch.argsort(torch.rand(x.shape, generator=generator, device=x.device), dim=1)
     shuffled = torch.gather(x, 1, permutations)
     noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) * x.std() + x.mean()
-    return {"shuffled": shuffled, "noise": noise}
+    partners = torch.randperm(x.shape[0], generator=generator, device=x.device)
+    return {"shuffled": shuffled, "noise": noise, "reversed": x.flip(1), "mixup": 0.5 * (x + x[partners]), "scaled": 3.0 * x}
 
 
 def relative_cost(run: Callable[[], object], forward: Callable[[], object], *, rounds: int = 21, min_block_s: float = 0.01) -> float:
@@ -227,13 +231,15 @@ def run_uncertainty_experiment(output_dir: str | os.PathLike = "runs/experiment_
             "auroc_shuffled": by_set["shuffled"],
             "auroc_noise": by_set["noise"],
             "auroc_mean": (by_set["shuffled"] + by_set["noise"]) / 2,
+            **{f"auroc_{name}": value for name, value in by_set.items() if name not in ("shuffled", "noise")},
             "relative_cost": costs[method],
             "call": call_names[method],
         }
 
     result = {
         "experiment": "uncertainty",
-        "dataset": f"MNIST-1D ({len(train)} train, {len(test)} test; OOD: {len(test)} shuffled, {len(test)} noise)",
+        "dataset": f"MNIST-1D ({len(train)} train, {len(test)} test; OOD: {len(test)} each of shuffled, noise (the metric), "
+                   "reversed, mixup, scaled (reported beside it))",
         "model": "MLP 40-256-256-10, ReLU, dropout 0.1",
         "settings": {"samples": samples, "epochs": epochs, "seed": seed, "batch_size": batch_size, "learning_rate": learning_rate,
                      "distill_steps_per_batch": distill_steps, "mc_samples": mc_samples, "n_ensemble": n_ensemble,
@@ -273,7 +279,7 @@ def summarize_uncertainty_runs(results: list[dict]) -> dict:
     def stats(values: list[float]) -> dict:
         return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "values": values}
 
-    metrics = ("auroc_shuffled", "auroc_noise", "auroc_mean", "relative_cost")
+    metrics = [k for k in results[0]["methods"][names[0]] if k.startswith("auroc_")] + ["relative_cost"]
     return {
         "seeds": [r["settings"]["seed"] for r in results],
         "test_accuracy": stats([r["test_accuracy"] for r in results]),
@@ -284,9 +290,13 @@ def summarize_uncertainty_runs(results: list[dict]) -> dict:
 
 def format_uncertainty_summary(summary: dict) -> str:
     """Markdown table (mean +- std over the runs) of `summarize_uncertainty_runs`."""
-    lines = ["| method | AUROC shuffled | AUROC noise | AUROC mean | cost (x forward) | call |", "|---|---|---|---|---|---|"]
+    first = next(iter(summary["methods"].values()))
+    keys = ["auroc_shuffled", "auroc_noise", "auroc_mean"]
+    keys += [k for k in first if k.startswith("auroc_") and k not in keys]
+    header = " | ".join("AUROC " + k[len("auroc_"):] for k in keys)
+    lines = [f"| method | {header} | cost (x forward) | call |", "|---|" + "---|" * (len(keys) + 2)]
     for name, m in summary["methods"].items():
-        cells = [f"{m[k]['mean']:.3f} ± {m[k]['std']:.3f}" for k in ("auroc_shuffled", "auroc_noise", "auroc_mean")]
+        cells = [f"{m[k]['mean']:.3f} ± {m[k]['std']:.3f}" for k in keys]
         cells.append(f"{m['relative_cost']['mean']:.2f} ± {m['relative_cost']['std']:.2f}")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | `{m['call']}` |")
     return "\n".join(lines)
