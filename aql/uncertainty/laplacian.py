@@ -565,14 +565,13 @@ class LaplacianUncertainty(UncertaintyEstimator):
             self._capture = False
             self._features = [None] * len(self.layers)
         logits = self._logits(method, getattr(output, "logits", output))
-        if any(f is None for f in features):
+        read = self._density if self.method == "mahalanobis" else [len(self.layers) - 1]  # what the score reads
+        if any(features[i] is None for i in read):
             raise self._fail(method, "a layer of `layers` (or the head) was not called during the forward pass")
-        features = [f.reshape(-1, f.shape[-1]) for f in features]
-        if any(f.shape[0] != logits.shape[0] for f in features):
-            raise self._fail(method, f"the layers saw {[f.shape[0] for f in features]} rows but the model returned "
+        features = [f.reshape(-1, f.shape[-1]) if i in read else None for i, f in enumerate(features)]
+        if any(features[i].shape[0] != logits.shape[0] for i in read):
+            raise self._fail(method, f"the layers saw {[features[i].shape[0] for i in read]} rows but the model returned "
                              f"{logits.shape[0]} logits rows")
-        if self.method != "mahalanobis":
-            features = features[-1:]
         return logits, features
 
     def estimate_uncertainty(self, data: torch.Tensor) -> torch.Tensor:
