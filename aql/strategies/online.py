@@ -34,16 +34,17 @@ from typing import Any
 import torch
 
 import aql_kernels
-from aql._checks import check_int, check_interval, check_tensor
+from aql._checks import check_int, check_interval
 
 from . import _keys
-from .base import EpochPlan, SelectionStrategy, StrategyContext, register_strategy
+from ._scored import ScoredStrategy
+from .base import EpochPlan, register_strategy
 
 __all__ = ["OnlineSelection"]
 
 
 @register_strategy
-class OnlineSelection(SelectionStrategy):
+class OnlineSelection(ScoredStrategy):
     """Candidate batches scored by a no-grad forward; see the module docstring for the knobs.
 
     Defaults (score el2n, pick sample, balanced, no importance weights, smoothing 0.5): the variant
@@ -57,11 +58,6 @@ class OnlineSelection(SelectionStrategy):
 
     name = "online"
     scores_candidates = True
-    config_arguments = {**SelectionStrategy.config_arguments,
-                        "labels": "the training data's targets",
-                        "num_classes": "the training data's targets",
-                        "irreducible": "a model trained on the validation split (score: reducible)",
-                        }
 
     def __init__(self, num_samples: int, *, query_budget: float = 0.2, seed: int = 0, device: torch.device | str = "cpu",
                  score: str = "el2n", pick: str = "sample", balanced: bool = True, smoothing: float = 0.5,
@@ -70,44 +66,21 @@ class OnlineSelection(SelectionStrategy):
                  labels: torch.Tensor | None = None, num_classes: int | None = None, irreducible: torch.Tensor | None = None):
         super().__init__(num_samples, query_budget=query_budget, seed=seed, device=device)
         where = f"strategies.{type(self).__name__}"
-        if score not in _keys.SCORE_NAMES:
-            raise ValueError(f"aql.{where}: score must be one of {_keys.SCORE_NAMES}, got {score!r}")
+        self._setup_scoring(score, balanced, labels, num_classes, irreducible)
         if pick not in ("top", "sample"):
             raise ValueError(f"aql.{where}: pick must be 'top' or 'sample', got {pick!r}")
         if order not in ("score", "random"):
             raise ValueError(f"aql.{where}: order must be 'score' or 'random', got {order!r}")
-        for name, value in (("balanced", balanced), ("importance_weights", importance_weights)):
-            if not isinstance(value, bool):
-                raise TypeError(f"aql.{where}: {name} must be a bool, got {type(value).__name__} {value!r}")
-        self.score, self.pick, self.order = score, pick, order
-        self.balanced, self.importance_weights = balanced, importance_weights
+        if not isinstance(importance_weights, bool):
+            raise TypeError(f"aql.{where}: importance_weights must be a bool, got {type(importance_weights).__name__} "
+                            f"{importance_weights!r}")
+        self.pick, self.order, self.importance_weights = pick, order, importance_weights
         self.smoothing = check_interval(where, "smoothing", smoothing, 0.0, math.inf, low_open=False, high_open=True)
         self.max_weight = check_interval(where, "max_weight", max_weight, 1.0, math.inf, low_open=False, high_open=True)
         self.warmup_epochs = check_interval(where, "warmup_epochs", warmup_epochs, 0.0, math.inf, low_open=False, high_open=True)
         self.curriculum_epochs = check_interval(where, "curriculum_epochs", curriculum_epochs, 0.0, math.inf, low_open=True, high_open=True)
         self.curriculum_start = None if curriculum_start is None else check_interval(
             where, "curriculum_start", curriculum_start, 0.0, 1.0, low_open=True, high_open=False)
-        self.labels = None
-        self.num_classes = None
-        if balanced:
-            if labels is None:
-                raise ValueError(f"aql.{where}: balanced=True needs labels (int64 [num_samples] class labels); "
-                                 "pass balanced=False for data without labels")
-            check_tensor(where, "labels", labels, ndim=1, dtypes=(torch.int64, torch.int32))
-            if labels.shape[0] != self.num_samples:
-                raise ValueError(f"aql.{where}: labels must have num_samples={self.num_samples} entries, got {labels.shape[0]}")
-            self.labels = labels.to(self.device, torch.int64)
-            self.num_classes = check_int(where, "num_classes", num_classes, low=1) if num_classes is not None \
-                else int(self.labels.max()) + 1  # once, at construction
-        self.irreducible = None
-        if score == "reducible":
-            if irreducible is None:
-                raise ValueError(f"aql.{where}: score='reducible' needs irreducible (float32 [num_samples] irreducible losses, "
-                                 "see aql.strategies.irreducible_losses)")
-            check_tensor(where, "irreducible", irreducible, ndim=1, dtypes=(torch.float32,))
-            if irreducible.shape[0] != self.num_samples:
-                raise ValueError(f"aql.{where}: irreducible must have num_samples={self.num_samples} entries, got {irreducible.shape[0]}")
-            self.irreducible = irreducible.to(self.device)
         self._generator = torch.Generator(device=self.device)
         self._generator.manual_seed(self.seed + 7919)
         self.epoch = 0
@@ -137,7 +110,7 @@ class OnlineSelection(SelectionStrategy):
             keys = torch.rand(batch, generator=self._generator, device=self.device).to(device)
             values = None
         else:
-            values = _keys.score_values(scores, self.score, self.irreducible, indices)
+            values = self._values(scores, indices)
             keys = values
         weights = None
         if self.pick == "sample" and values is not None:
@@ -147,11 +120,10 @@ class OnlineSelection(SelectionStrategy):
             if self.importance_weights:
                 weights = _keys.inclusion_weights(draw, keep, self.max_weight)
         if self.curriculum_start is not None and progress >= self.warmup_epochs:
-            difficulty = _keys.score_values(scores, self.score, self.irreducible, indices)
+            difficulty = self._values(scores, indices)
             upper = self.curriculum_start + (1.0 - self.curriculum_start) * min(1.0, progress / self.curriculum_epochs)
             keys = _keys.band_keys(difficulty, keys, max(upper, keep / max(1, batch)))
-        if self.balanced:
-            keys = _keys.balanced_keys(keys, self.labels.index_select(0, indices.to(self.device)).to(device), self.num_classes)
+        keys = self._quota_keys(keys, indices)
         positions = aql_kernels.topk_indices(keys.float().contiguous(), keep)
         if weights is not None:
             return positions, weights.index_select(0, positions)
@@ -170,20 +142,3 @@ class OnlineSelection(SelectionStrategy):
         super().load_state_dict(state)
         self.epoch, self._seen, self._kept = int(state["epoch"]), int(state["seen"]), int(state["kept"])
         self._generator.set_state(state["generator"])
-
-    @classmethod
-    def from_config(cls, config, context: StrategyContext) -> OnlineSelection:
-        options = dict(config.aql_v2.strategy_options)
-        labels = context.labels if options.get("balanced", True) else None
-        irreducible = None
-        if options.get("score") == "reducible":
-            from aql.models import build_model
-
-            from .irreducible import irreducible_losses
-
-            irreducible = irreducible_losses(context.train_data, context.holdout_data, seed=config.seed,
-                                             model_factory=lambda: build_model(config.model))
-        return cls(context.num_samples, query_budget=config.aql_v2.query_budget, seed=config.seed, device=context.device,
-                   labels=labels, num_classes=context.num_classes, irreducible=irreducible, **options)
-
-

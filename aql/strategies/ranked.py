@@ -22,10 +22,10 @@ from typing import Any
 import torch
 
 import aql_kernels
-from aql._checks import check_interval, check_tensor, round_half_up
+from aql._checks import check_interval, round_half_up
 
-from . import _keys
-from .base import EpochPlan, SelectionStrategy, StrategyContext, register_strategy
+from ._scored import ScoredStrategy
+from .base import EpochPlan, register_strategy
 
 __all__ = ["RankedSelection"]
 
@@ -33,7 +33,7 @@ _UNSEEN = 1e30  # keys of never-seen samples: above any score, a random offset b
 
 
 @register_strategy
-class RankedSelection(SelectionStrategy):
+class RankedSelection(ScoredStrategy):
     """A ranked subset per epoch from stale training-forward scores (see the module docstring).
 
     Defaults (loss, no quotas, no ageing, no exploration): the better of the two variants of the study
@@ -41,38 +41,15 @@ class RankedSelection(SelectionStrategy):
     lower, see EXPERIMENTS.md)."""
 
     name = "ranked"
-    config_arguments = {**SelectionStrategy.config_arguments,
-                        "labels": "the training data's targets",
-                        "num_classes": "the training data's targets",
-                        "irreducible": "a model trained on the validation split (score: reducible)",
-                        }
 
     def __init__(self, num_samples: int, *, query_budget: float = 0.2, seed: int = 0, device: torch.device | str = "cpu",
                  score: str = "loss", balanced: bool = False, ageing: float = 1.0, exploration: float = 0.0,
                  labels: torch.Tensor | None = None, num_classes: int | None = None, irreducible: torch.Tensor | None = None):
         super().__init__(num_samples, query_budget=query_budget, seed=seed, device=device)
         where = f"strategies.{type(self).__name__}"
-        if score not in _keys.SCORE_NAMES:
-            raise ValueError(f"aql.{where}: score must be one of {_keys.SCORE_NAMES}, got {score!r}")
-        if not isinstance(balanced, bool):
-            raise TypeError(f"aql.{where}: balanced must be a bool, got {type(balanced).__name__} {balanced!r}")
-        self.score, self.balanced = score, balanced
+        self._setup_scoring(score, balanced, labels, num_classes, irreducible)
         self.ageing = check_interval(where, "ageing", ageing, 0.0, 1.0, low_open=True, high_open=False)
         self.exploration = check_interval(where, "exploration", exploration, 0.0, 1.0, low_open=False, high_open=True)
-        self.labels, self.num_classes = None, None
-        if balanced:
-            if labels is None:
-                raise ValueError(f"aql.{where}: balanced=True needs labels (int64 [num_samples]); pass balanced=False otherwise")
-            check_tensor(where, "labels", labels, ndim=1, dtypes=(torch.int64, torch.int32))
-            if labels.shape[0] != self.num_samples:
-                raise ValueError(f"aql.{where}: labels must have num_samples={self.num_samples} entries, got {labels.shape[0]}")
-            self.labels = labels.to(self.device, torch.int64)
-            self.num_classes = num_classes if num_classes is not None else int(self.labels.max()) + 1
-        self.irreducible = None
-        if score == "reducible":
-            if irreducible is None:
-                raise ValueError(f"aql.{where}: score='reducible' needs irreducible (float32 [num_samples])")
-            self.irreducible = check_tensor(where, "irreducible", irreducible, ndim=1, dtypes=(torch.float32,)).to(self.device)
         self.num_selected = max(1, round_half_up(self.query_budget * self.num_samples))
         self.num_explore = round_half_up(self.exploration * self.num_selected)
         self.scores = torch.zeros(self.num_samples, dtype=torch.float32, device=self.device)
@@ -82,7 +59,7 @@ class RankedSelection(SelectionStrategy):
 
     def after_step(self, indices: torch.Tensor, scores) -> None:
         indices = indices.to(self.device)
-        values = _keys.score_values(scores, self.score, self.irreducible, indices).detach().float().to(self.device)
+        values = self._values(scores, indices).detach().float().to(self.device)
         self.scores.index_copy_(0, indices, values)
         # a non-finite score marks the sample unseen again (re-scored, never excluded forever)
         epoch = torch.where(torch.isfinite(values), self.epoch, -1)
@@ -98,8 +75,7 @@ class RankedSelection(SelectionStrategy):
         aged = self.scores * self.ageing ** age if self.ageing < 1.0 else self.scores
         offsets = torch.rand(self.num_samples, generator=generator, device=self.device)
         keys = torch.where(unseen, _UNSEEN + 1e29 * offsets, aged)
-        if self.balanced:
-            keys = _keys.balanced_keys(keys, self.labels, self.num_classes)
+        keys = self._quota_keys(keys)
         top = aql_kernels.topk_indices(keys.contiguous(), self.num_selected - self.num_explore)
         if self.num_explore:
             rest = torch.rand(self.num_samples, generator=generator, device=self.device)
@@ -124,20 +100,3 @@ class RankedSelection(SelectionStrategy):
         self.scores.copy_(state["scores"])
         self.written.copy_(state["written"])
         self._plans = {int(k): EpochPlan(v) for k, v in state["plans"].items()}
-
-    @classmethod
-    def from_config(cls, config, context: StrategyContext) -> RankedSelection:
-        options = dict(config.aql_v2.strategy_options)
-        labels = context.labels if options.get("balanced", False) else None
-        irreducible = None
-        if options.get("score") == "reducible":
-            from aql.models import build_model
-
-            from .irreducible import irreducible_losses
-
-            irreducible = irreducible_losses(context.train_data, context.holdout_data, seed=config.seed,
-                                             model_factory=lambda: build_model(config.model))
-        return cls(context.num_samples, query_budget=config.aql_v2.query_budget, seed=config.seed, device=context.device,
-                   labels=labels, num_classes=context.num_classes, irreducible=irreducible, **options)
-
-
