@@ -19,12 +19,7 @@ from aql.strategies.base import split_selection
 N, FEATURES, CLASSES = 300, 8, 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def toy_data(seed=0):

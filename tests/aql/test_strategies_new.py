@@ -358,14 +358,13 @@ def mnist(tmp_path_factory):
     ("ranked", {"score": "loss", "balanced": True, "ageing": 0.5}, 13),
     ("meta", {"hidden": 8}, 10),
 ])
-def test_new_strategies_resume_in_the_trainer_like_an_uninterrupted_run(strategy, options, stop_step, mnist, tmp_path):
+def test_new_strategies_resume_in_the_trainer_like_an_uninterrupted_run(strategy, options, stop_step, mnist, tmp_path, one_thread):
     """The trainer drives each strategy through the protocol alone: it trains at the budget, and an
     interrupted, resumed run repeats the uninterrupted one bit for bit."""
     from tests.aql.test_trainer import _interrupt_at, make_config, make_trainer, record_batches
 
     sections = {"aql_v2": {"selection_strategy": strategy, "strategy_options": options},
                 "training": {"epochs": 3, "batch_size": 16}}
-    torch.set_num_threads(1)
     reference = make_trainer(make_config(tmp_path / "reference", **sections), mnist)
     reference_batches = record_batches(reference)
     result = reference.fit()

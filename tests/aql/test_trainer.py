@@ -23,14 +23,7 @@ from aql.training.checkpoint import read_checkpoint
 STRATEGIES = ("none", "random", "stale", "streaming", "curriculum")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These models are tiny: one thread is as fast, and it does not stall in OpenMP barriers when other
-    # processes share the cores (2 threads ran a step 10-25x slower than 1 on a loaded 2-core machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
