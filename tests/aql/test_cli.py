@@ -51,7 +51,7 @@ def test_module_entry_point_runs():
 
 def test_tiny_train_through_set(tmp_path, capsys):
     out_dir = tmp_path / "run"
-    code = main(["train", "--config", DEMO, *tiny(tmp_path, "--set", "aql_v2.selection_strategy=stale",
+    code = main(["train", "--config", DEMO, *tiny(tmp_path, "--set", "aql_v2.selection_strategy=stale", "--set", "aql_v2.strategy_options={}",
                                                     "--set", f"logging.output_dir={out_dir}")])
     assert code == 0
     printed = capsys.readouterr().out
@@ -63,7 +63,7 @@ def test_tiny_train_through_set(tmp_path, capsys):
     state = read_checkpoint(out_dir / "checkpoint.pt")
     assert state["epoch"] == 2 and state["config"]["training"]["batch_size"] == 32
     # --resume on a finished run trains nothing more
-    assert main(["train", "--config", DEMO, *tiny(tmp_path, "--set", "aql_v2.selection_strategy=stale",
+    assert main(["train", "--config", DEMO, *tiny(tmp_path, "--set", "aql_v2.selection_strategy=stale", "--set", "aql_v2.strategy_options={}",
                                                     "--set", f"logging.output_dir={out_dir}"), "--resume"]) == 0
     assert read_checkpoint(out_dir / "checkpoint.pt")["step"] == state["step"]
 
@@ -106,7 +106,7 @@ def test_tiny_demo_writes_the_plot(tmp_path, capsys):
 
 def test_train_refuses_a_folder_with_a_run_and_reports_a_damaged_checkpoint_in_one_line(tmp_path, capsys):
     out_dir = tmp_path / "run"
-    args = ["train", "--config", DEMO, *tiny(tmp_path, "--set", "aql_v2.selection_strategy=stale",
+    args = ["train", "--config", DEMO, *tiny(tmp_path, "--set", "aql_v2.selection_strategy=stale", "--set", "aql_v2.strategy_options={}",
                                              "--set", f"logging.output_dir={out_dir}", "--set", "training.epochs=1")]
     assert main(args) == 0
     capsys.readouterr()

@@ -125,7 +125,7 @@ def test_overrides_are_yaml_scalars_validated_like_the_file():
     ("training.batch_size", ["section.key=value"]),
     ("a.b.c.d=1", ["section.key"]),
     ("training.batch_size.x=1", ["training.batch_size is not a mapping"]),
-    ("aql_v2.strategy_options.bogus=1", ["aql_v2.strategy_options.bogus", "not an option of strategy 'stale'"]),
+    ("aql_v2.strategy_options.bogus=1", ["aql_v2.strategy_options.bogus", "not an option of strategy 'online'"]),
     ("training.batch_size={a: 1}", ["one key at a time"]),
 ])
 def test_bad_overrides(override, fragments):
@@ -178,10 +178,10 @@ def test_unimplemented_performance_keys_warn_once_and_false_is_silent(monkeypatc
 
 
 def test_strategy_options_from_the_command_line():
-    config = load_config(DEMO, ["aql_v2.selection_strategy=streaming", "aql_v2.strategy_options.batch_tolerance=0.5",
-                                "aql_v2.strategy_options.budget_feedback=false"])
+    config = load_config(DEMO, ["aql_v2.selection_strategy=streaming", "aql_v2.strategy_options={}",
+                                "aql_v2.strategy_options.batch_tolerance=0.5", "aql_v2.strategy_options.budget_feedback=false"])
     assert config.aql_v2.strategy_options == {"batch_tolerance": 0.5, "budget_feedback": False}
-    assert load_config(DEMO).aql_v2.strategy_options == {}
+    assert load_config(DEMO, ["aql_v2.strategy_options.smoothing=0.25"]).aql_v2.strategy_options["smoothing"] == 0.25
 
 
 @pytest.mark.parametrize("text, key, line, first", [
