@@ -13,6 +13,7 @@ import torch
 from aql._checks import check_int
 from aql.selection import CurriculumAQL
 
+from ._keys import rank_fraction
 from .base import EpochPlan, SelectionStrategy, StrategyContext, register_strategy
 
 __all__ = ["CurriculumStrategy"]
@@ -22,8 +23,9 @@ __all__ = ["CurriculumStrategy"]
 class CurriculumStrategy(SelectionStrategy):
     """Every sample is a candidate each epoch (order `epoch_permutation`), in candidate batches of
     the training batch size; `select` keeps the in-band ones (`CurriculumAQL.filter_batch`: the
-    difficulty is the candidates' entropy / log(num_classes), or `candidate_scorer(indices)` /
-    log(num_classes) when given, e.g. an estimator's predictive entropy) until `samples_per_epoch`
+    difficulty is the candidates' entropy / log(num_classes), or, with `candidate_scorer(indices)`
+    (an estimator's score, whose scale is its own), the score's quantile among the candidates) until
+    `samples_per_epoch`
     are kept, after which `batches` yields no more candidates. `end_epoch` passes `val_loss` (when
     finite) to `maybe_advance_stage` and reports `stage_advanced` and `training_stage`.
 
@@ -45,7 +47,7 @@ class CurriculumStrategy(SelectionStrategy):
         where = f"strategies.{type(self).__name__}"
         self.num_classes = check_int(where, "num_classes", num_classes, low=2)
         if candidate_scorer is not None and not callable(candidate_scorer):
-            raise TypeError(f"aql.{where}: candidate_scorer must be callable (indices -> float32 entropies), "
+            raise TypeError(f"aql.{where}: candidate_scorer must be callable (indices -> float32 scores), "
                             f"got {type(candidate_scorer).__name__}")
         self.candidate_scorer = candidate_scorer
         self.selector = CurriculumAQL(None, None, stage_thresholds=stage_thresholds, stage_advance_threshold=stage_advance_threshold,
@@ -75,8 +77,10 @@ class CurriculumStrategy(SelectionStrategy):
             yield batch
 
     def select(self, indices: torch.Tensor, scores) -> torch.Tensor:
-        entropy = scores.entropy if self.candidate_scorer is None else self.candidate_scorer(indices)
-        difficulty = CurriculumAQL.normalised_entropy(entropy, self.num_classes)
+        if self.candidate_scorer is None:
+            difficulty = CurriculumAQL.normalised_entropy(scores.entropy, self.num_classes)
+        else:  # an estimator's score has no fixed scale: its quantile within the candidates is the difficulty
+            difficulty = rank_fraction(self.candidate_scorer(indices))
         positions = self.selector.filter_batch(difficulty, self._fill or indices.shape[0])
         positions = positions[:max(0, self.samples_per_epoch - self._epoch_kept)]
         self._epoch_kept += positions.shape[0]

@@ -408,3 +408,21 @@ def test_an_empty_mapping_override_clears_strategy_options(tmp_path):
         load_config(demo, ["aql_v2.strategy_options={score: loss}"])
     with pytest.raises(ConfigError, match="aql_v2.strategy_options.score"):
         load_config(demo, ["aql_v2.selection_strategy=none"])  # online's options are no options of none
+
+
+def test_curriculum_bands_an_estimator_score_by_its_quantile_whatever_its_scale():
+    """`aql_v2.scorer: estimator`: an estimator's score (a density, a variance) has no entropy scale;
+    the curriculum bands it by its quantile among the candidates, so the easy band is never empty."""
+    from aql.strategies.curriculum import CurriculumStrategy
+
+    n = 400
+    huge = torch.linspace(1000.0, 2000.0, n)  # entropy / log(C) would clip every candidate to 1.0
+    strategy = CurriculumStrategy(n, num_classes=10, query_budget=0.5, candidate_scorer=lambda idx: huge[idx])
+    plan = strategy.epoch_plan(0)
+    indices, _ = next(strategy.batches(plan, 40))
+    scores, _ = _scores(indices.shape[0], torch.Generator().manual_seed(0))
+    positions = strategy.select(indices, scores)
+    assert positions.numel() > 0
+    kept = huge[indices[positions]]
+    threshold = torch.quantile(huge[indices], 0.3)
+    assert bool((kept <= threshold + 1e-3).all())  # stage 0's band: the easiest 30% of the candidates
