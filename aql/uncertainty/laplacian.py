@@ -240,9 +240,9 @@ class LaplacianUncertainty(UncertaintyEstimator):
         inside = {id(m) for m in model.modules()}
         if not all(id(m) in inside for m in layers):
             raise ValueError(f"{where}: layers must be submodules of model")
-        watched = [m for m in model.modules() if isinstance(m, nn.Linear) and m is not head and any(m is l for l in layers)]
+        watched = [m for m in model.modules() if isinstance(m, nn.Linear) and m is not head and any(m is layer for layer in layers)]
         watched.append(head)
-        return watched, [i for i, m in enumerate(watched) if any(m is l for l in layers)]
+        return watched, [i for i, m in enumerate(watched) if any(m is layer for layer in layers)]
 
     # ---- hook ---------------------------------------------------------------------------------------
     def _layer_hook(self, index: int):

