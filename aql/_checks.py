@@ -11,7 +11,7 @@ import math
 
 import torch
 
-__all__ = ["check_number", "check_interval", "check_int", "check_tensor", "round_half_up"]
+__all__ = ["check_number", "check_interval", "check_int", "check_tensor", "check_bool", "check_choice", "round_half_up"]
 
 
 def check_number(where: str, name: str, value) -> float:
@@ -46,6 +46,18 @@ def check_tensor(where: str, name: str, value, *, ndim: int | None = None, dtype
     if dtypes is not None and value.dtype not in dtypes:
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"aql.{where}: {name} must have dtype in ({names}), got {value.dtype}")
+    return value
+
+
+def check_bool(where: str, name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"aql.{where}: {name} must be a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
+def check_choice(where: str, name: str, value, allowed) -> str:
+    if value not in allowed:
+        raise ValueError(f"aql.{where}: {name} must be one of {tuple(allowed)}, got {value!r}")
     return value
 
 

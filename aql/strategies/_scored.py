@@ -8,7 +8,7 @@ import inspect
 
 import torch
 
-from aql._checks import check_int, check_tensor
+from aql._checks import check_bool, check_choice, check_int, check_tensor
 
 from . import _keys
 from .base import SelectionStrategy, StrategyContext
@@ -29,11 +29,8 @@ class ScoredStrategy(SelectionStrategy):
     def _setup_scoring(self, score: str, balanced: bool, labels: torch.Tensor | None, num_classes: int | None,
                        irreducible: torch.Tensor | None) -> None:
         where = f"strategies.{type(self).__name__}"
-        if score not in _keys.SCORE_NAMES:
-            raise ValueError(f"aql.{where}: score must be one of {_keys.SCORE_NAMES}, got {score!r}")
-        if not isinstance(balanced, bool):
-            raise TypeError(f"aql.{where}: balanced must be a bool, got {type(balanced).__name__} {balanced!r}")
-        self.score, self.balanced = score, balanced
+        self.score = check_choice(where, "score", score, _keys.SCORE_NAMES)
+        self.balanced = check_bool(where, "balanced", balanced)
         self.labels, self.num_classes = None, None
         if balanced:
             if labels is None:

@@ -104,11 +104,9 @@ class CurriculumStrategy(SelectionStrategy):
     @classmethod
     def from_config(cls, config, context: StrategyContext) -> CurriculumStrategy:
         a = config.aql_v2
-        scorer = None
-        if a.scorer == "estimator":
-            from aql.training.batches import estimator_scorer
+        from aql.training.batches import config_scorer
 
-            scorer = estimator_scorer(context.estimator, context.train_data, context.device)
+        scorer = config_scorer(config, context)
         if context.num_classes is None:
             raise ValueError("aql.strategies.CurriculumStrategy.from_config: the context must name num_classes "
                              "(entropy is normalised by log(num_classes)), got None")

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 import aql_kernels
-from aql._checks import check_int, check_interval
+from aql._checks import check_bool, check_choice, check_int, check_interval
 
 from . import _keys
 from ._scored import ScoredStrategy
@@ -67,14 +67,9 @@ class OnlineSelection(ScoredStrategy):
         super().__init__(num_samples, query_budget=query_budget, seed=seed, device=device)
         where = f"strategies.{type(self).__name__}"
         self._setup_scoring(score, balanced, labels, num_classes, irreducible)
-        if pick not in ("top", "sample"):
-            raise ValueError(f"aql.{where}: pick must be 'top' or 'sample', got {pick!r}")
-        if order not in ("score", "random"):
-            raise ValueError(f"aql.{where}: order must be 'score' or 'random', got {order!r}")
-        if not isinstance(importance_weights, bool):
-            raise TypeError(f"aql.{where}: importance_weights must be a bool, got {type(importance_weights).__name__} "
-                            f"{importance_weights!r}")
-        self.pick, self.order, self.importance_weights = pick, order, importance_weights
+        self.pick = check_choice(where, "pick", pick, ("top", "sample"))
+        self.order = check_choice(where, "order", order, ("score", "random"))
+        self.importance_weights = check_bool(where, "importance_weights", importance_weights)
         self.smoothing = check_interval(where, "smoothing", smoothing, 0.0, math.inf, low_open=False, high_open=True)
         self.max_weight = check_interval(where, "max_weight", max_weight, 1.0, math.inf, low_open=False, high_open=True)
         self.warmup_epochs = check_interval(where, "warmup_epochs", warmup_epochs, 0.0, math.inf, low_open=False, high_open=True)

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from aql._checks import check_bool, check_choice
 from aql.config import SCORES
 from aql.selection import ScoreStore
 
@@ -46,11 +47,9 @@ class StaleStrategy(SelectionStrategy):
                  importance_weights: bool = False, unseen_score: float = math.inf, seed: int = 0,
                  device: torch.device | str = "cpu"):
         super().__init__(num_samples, query_budget=query_budget, seed=seed, device=device)
-        where = f"aql.strategies.{type(self).__name__}"
-        if score not in SCORES:
-            raise ValueError(f"{where}: score must be one of {SCORES}, got {score!r}")
-        if not isinstance(importance_weights, bool):
-            raise TypeError(f"{where}: importance_weights must be a bool, got {type(importance_weights).__name__} {importance_weights!r}")
+        where = f"strategies.{type(self).__name__}"
+        check_choice(where, "score", score, SCORES)
+        check_bool(where, "importance_weights", importance_weights)
         self.score, self.importance_weights = score, importance_weights
         self.store = ScoreStore(num_samples, query_budget=query_budget, exploration=exploration, device=self.device, seed=seed,
                                 unseen_score=unseen_score)

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from aql._checks import check_bool, check_choice
 from aql.config import SCORES
 from aql.selection import StreamingAQL
 
@@ -39,13 +40,11 @@ class StreamingStrategy(SelectionStrategy):
                  candidate_scorer: Callable[[torch.Tensor], torch.Tensor] | None = None, seed: int = 0,
                  device: torch.device | str = "cpu"):
         super().__init__(num_samples, query_budget=query_budget, seed=seed, device=device)
-        where = f"aql.strategies.{type(self).__name__}"
-        if score not in SCORES:
-            raise ValueError(f"{where}: score must be one of {SCORES}, got {score!r}")
-        if not isinstance(importance_weights, bool):
-            raise TypeError(f"{where}: importance_weights must be a bool, got {type(importance_weights).__name__} {importance_weights!r}")
+        where = f"strategies.{type(self).__name__}"
+        check_choice(where, "score", score, SCORES)
+        check_bool(where, "importance_weights", importance_weights)
         if candidate_scorer is not None and not callable(candidate_scorer):
-            raise TypeError(f"{where}: candidate_scorer must be callable (indices -> float32 scores), got {type(candidate_scorer).__name__}")
+            raise TypeError(f"aql.{where}: candidate_scorer must be callable (indices -> float32 scores), got {type(candidate_scorer).__name__}")
         self.score, self.importance_weights, self.candidate_scorer = score, importance_weights, candidate_scorer
         self.selector = StreamingAQL(None, None, query_budget=query_budget, buffer_size=buffer_size, weighting=importance_weights,
                                      seed=seed, batch_tolerance=batch_tolerance, budget_feedback=budget_feedback)
@@ -68,11 +67,9 @@ class StreamingStrategy(SelectionStrategy):
     @classmethod
     def from_config(cls, config, context: StrategyContext) -> StreamingStrategy:
         a = config.aql_v2
-        scorer = None
-        if a.scorer == "estimator":
-            from aql.training.batches import estimator_scorer
+        from aql.training.batches import config_scorer
 
-            scorer = estimator_scorer(context.estimator, context.train_data, context.device)
+        scorer = config_scorer(config, context)
         return cls(context.num_samples, query_budget=a.query_budget, buffer_size=a.buffer_size, score=a.score,
                    importance_weights=a.importance_weights, candidate_scorer=scorer, seed=config.seed, device=context.device,
                    **a.strategy_options)

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["split_batch", "gather", "EpochLoader", "PendingSamples", "per_sample_scores", "estimator_scorer"]
+__all__ = ["split_batch", "gather", "EpochLoader", "PendingSamples", "per_sample_scores", "estimator_scorer", "config_scorer"]
 
 # the per-row float statistics of aql_kernels.SoftmaxScores (argmax is an index, not averaged)
 _FLOAT_FIELDS = ("lse", "entropy", "maxprob", "margin", "loss", "el2n")
@@ -93,6 +93,14 @@ def per_sample_scores(scores, batch: int, valid: torch.Tensor):
     stacked = torch.stack([getattr(scores, name) for name in fields]).view(len(fields), batch, -1)
     means = (stacked * tokens).sum(dim=-1) / tokens.sum(dim=1).clamp_min(1)
     return scores._replace(argmax=None, **dict(zip(fields, means.unbind(0))))
+
+
+def config_scorer(config, context) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The candidate scorer `aql_v2.scorer` asks for: `estimator_scorer` of the context's estimator and
+    training data for `estimator`, None (the loop's own no-grad forward) for `model`."""
+    if config.aql_v2.scorer != "estimator":
+        return None
+    return estimator_scorer(context.estimator, context.train_data, context.device)
 
 
 def estimator_scorer(estimator, dataset, device) -> Callable[[torch.Tensor], torch.Tensor]:
