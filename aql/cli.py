@@ -169,7 +169,8 @@ def run_demo(output_dir: str | os.PathLike = "runs/demo", *, overrides=(), confi
     print(f"\nAQL back-propagated {ratio:.1f}x fewer samples than the baseline: test accuracy {aql_run['test_accuracy']:.4f} "
           f"vs {base['test_accuracy']:.4f}; with the same sample count, a random {budget:.0%} per epoch reaches "
           f"{random_run['test_accuracy']:.4f} and all data for {short_epochs} epochs {short['test_accuracy']:.4f}.")
-    print("aql_overhead: AQL time (score bookkeeping, Fisher updates, selection) against the rest of the training time "
+    print("aql_overhead: AQL time (the no-grad scoring forward of candidates where the strategy has one, score bookkeeping, "
+          "Fisher updates, selection) against the rest of the training time "
           "of the same run.\ntraining_us_per_step: the rest, per optimizer step; AQL's fused loss is in it, so its "
           f"difference to the baseline's F.cross_entropy step ({aql_run['step_time_us'] / base['step_time_us'] - 1:+.1%} here) "
           "is the loss's cost plus run-to-run noise (other processes share the cores).")
