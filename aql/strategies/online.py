@@ -109,13 +109,14 @@ class OnlineSelection(ScoredStrategy):
             keys = values
         weights = None
         if self.pick == "sample" and values is not None:
-            draw = (values.float() + self.smoothing * values.float().mean()).clamp_min(0)
+            # a NaN or +inf score (a diverged row) is drawn last, and does not poison the others' smoothing
+            draw = (values.float() + self.smoothing * values.float().nanmean()).clamp_min(0)
             draw = torch.nan_to_num(draw, nan=0.0, posinf=0.0)
             keys = _keys.sampling_keys(draw, self._generator).to(device)
             if self.importance_weights:
                 weights = _keys.inclusion_weights(draw, keep, self.max_weight)
         if self.curriculum_start is not None and progress >= self.warmup_epochs:
-            difficulty = self._values(scores, indices)
+            difficulty = values if values is not None else self._values(scores, indices)
             upper = self.curriculum_start + (1.0 - self.curriculum_start) * min(1.0, progress / self.curriculum_epochs)
             keys = _keys.band_keys(difficulty, keys, max(upper, keep / max(1, batch)))
         keys = self._quota_keys(keys, indices)

@@ -426,3 +426,17 @@ def test_curriculum_bands_an_estimator_score_by_its_quantile_whatever_its_scale(
     kept = huge[indices[positions]]
     threshold = torch.quantile(huge[indices], 0.3)
     assert bool((kept <= threshold + 1e-3).all())  # stage 0's band: the easiest 30% of the candidates
+
+
+def test_online_sampling_survives_a_nan_score():
+    """A NaN score (a diverged row) is drawn last; the other rows keep their score-proportional draw."""
+    n = 640
+    strategy = OnlineSelection(n, query_budget=0.25, seed=0, score="loss", pick="sample", balanced=False, smoothing=0.0)
+    indices, _ = next(strategy.batches(strategy.epoch_plan(0), 160))
+    scores, _ = _scores(indices.shape[0], torch.Generator().manual_seed(3))
+    loss = torch.full((640,), 0.01)
+    loss[:100] = 50.0  # a hundred rows carry almost all of the weight
+    loss[100] = float("nan")
+    positions = strategy.select(indices, scores._replace(loss=loss))
+    assert positions.numel() == 160 and 100 not in positions.tolist()
+    assert set(range(100)) <= set(positions.tolist())
