@@ -40,7 +40,7 @@ from aql._checks import check_int
 from . import strategies
 from .data import mnist1d_datasets
 from .models import MNIST1DCNN
-from .strategies.base import StrategyContext, split_selection
+from .strategies.base import split_selection
 
 __all__ = ["StudyConfig", "Method", "load_study", "train_run", "run_study", "summarise", "format_report", "plot_efficiency",
            "flops_per_sample", "write_outputs", "plot_efficiency_by_method", "run_efficiency_experiment", "StudyError"]
@@ -187,7 +187,6 @@ def train_run(study: StudyConfig, method: Method, data: Mapping[str, Any], *, bu
     # budget * len(train) samples per epoch from the rest (plus the irreducible model's training).
     strategy_budget = 1.0 if method.strategy == "none" else min(1.0, budget * data["train_x"].shape[0] / n)
     options = dict(method.options)
-    context = StrategyContext(num_samples=n, seed=seed, labels=train_y, num_classes=10, model=model)
     extra_backprops = 0
     cls = strategies.STRATEGIES[method.strategy]
     kwargs: dict[str, Any] = {"seed": seed}
@@ -213,7 +212,6 @@ def train_run(study: StudyConfig, method: Method, data: Mapping[str, Any], *, bu
     if _accepts(cls, "epochs"):
         kwargs.update(epochs=epochs)
     strategy = cls(n, **kwargs, **options)
-    del context
 
     decay, no_decay = [], []
     for parameter in model.parameters():
