@@ -9,7 +9,7 @@
 
 from .curriculum import CurriculumAQL, CurriculumBatch
 from .meta_policy import Episode, MetaLearnedSelector, ValidationLossEpisode
-from .score_store import ScoreStore, Subset
+from .score_store import ScoreStore, SelectedSubset
 from .streaming import StreamingAQL, StreamingBatch, StreamingDecision
 
 __all__ = [
@@ -21,6 +21,17 @@ __all__ = [
     "StreamingAQL",
     "StreamingBatch",
     "StreamingDecision",
-    "Subset",
+    "SelectedSubset",
     "ValidationLossEpisode",
 ]
+
+
+def __getattr__(name: str):
+    # `Subset` was renamed so that it no longer shadows torch.utils.data.Subset; the old name still works.
+    if name == "Subset":
+        import warnings
+
+        warnings.warn("aql.selection.Subset is renamed aql.selection.SelectedSubset (it shadowed torch.utils.data.Subset); "
+                      "the old name will be removed", DeprecationWarning, stacklevel=2)
+        return SelectedSubset
+    raise AttributeError(f"module 'aql.selection' has no attribute {name!r}")

@@ -18,10 +18,10 @@ import torch
 import aql_kernels
 from aql._checks import check_int, check_interval, check_number, check_tensor, round_half_up
 
-__all__ = ["ScoreStore", "Subset"]
+__all__ = ["ScoreStore", "SelectedSubset"]
 
 
-class Subset(NamedTuple):
+class SelectedSubset(NamedTuple):
     """The samples to train on next: dataset `indices` (int64, ascending) and a float32 importance
     weight for each (1 for the deterministic top part, rest_size / n_explore for explored ones)."""
 
@@ -139,13 +139,14 @@ class ScoreStore:
                 self.flush()
             return
         where = "selection.ScoreStore.update"
-        check_tensor(where, "indices", indices, ndim=1, dtypes=(torch.int64,))
-        check_tensor(where, "scores", scores, ndim=1, dtypes=(torch.float32,))
+        # int32 indices and half-precision scores (a bf16 training forward) are widened, not refused
+        check_tensor(where, "indices", indices, ndim=1, dtypes=(torch.int64, torch.int32))
+        check_tensor(where, "scores", scores, ndim=1, dtypes=(torch.float32, torch.bfloat16, torch.float16))
         if indices.shape[0] != scores.shape[0]:
             raise ValueError(f"aql.{where}: indices and scores must have the same length, "
                              f"got {indices.shape[0]} and {scores.shape[0]}")
-        indices = indices.to(self.device, non_blocking=True)
-        scores = scores.detach().to(self.device, non_blocking=True)
+        indices = indices.to(self.device, torch.int64, non_blocking=True)
+        scores = scores.detach().to(self.device, torch.float32, non_blocking=True)
         self.flush()  # earlier deferred writes first: the later value of a sample wins
         self._write(indices, scores)
 
@@ -181,7 +182,7 @@ class ScoreStore:
 
     # -- selecting ----------------------------------------------------------------------------------
 
-    def next_subset(self) -> Subset:
+    def next_subset(self) -> SelectedSubset:
         """The subset for the next epoch (see the class docstring); advances the random generator."""
         self.flush()
         top = aql_kernels.topk_indices(self._scores, self.num_top)
@@ -204,7 +205,7 @@ class ScoreStore:
             indices = top
             weights = torch.ones(self.num_top, dtype=torch.float32, device=self.device)
         self.epoch += 1
-        return Subset(indices, weights)
+        return SelectedSubset(indices, weights)
 
     # -- persistence --------------------------------------------------------------------------------
 

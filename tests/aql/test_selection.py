@@ -17,7 +17,7 @@ from torch import nn
 
 import aql_kernels
 from aql.selection import (CurriculumAQL, CurriculumBatch, MetaLearnedSelector, ScoreStore, StreamingAQL,
-                           StreamingBatch, Subset, ValidationLossEpisode)
+                           StreamingBatch, SelectedSubset, ValidationLossEpisode)
 from aql.selection import meta_policy
 from tests.conftest import requires_cuda
 
@@ -100,7 +100,7 @@ def test_score_store_exact_sizes(num_samples, budget, exploration):
     assert (store.num_selected, store.num_explore, store.num_top) == (k, n_explore, k - n_explore)
     for _ in range(3):
         subset = store.next_subset()
-        assert isinstance(subset, Subset)
+        assert isinstance(subset, SelectedSubset)
         assert subset.indices.dtype == torch.int64 and subset.weights.dtype == torch.float32
         assert subset.indices.shape == (k,) and subset.weights.shape == (k,)
         assert torch.all(subset.indices[1:] > subset.indices[:-1])  # ascending, no repeats
@@ -265,8 +265,9 @@ def test_score_store_rejects_bad_num_samples(num_samples, error):
 
 
 @pytest.mark.parametrize("indices, scores, error, match", [
-    (torch.arange(4, dtype=torch.int32), torch.zeros(4), TypeError, r"indices must have dtype in \(int64\), got torch.int32"),
-    (torch.arange(4), torch.zeros(4, dtype=torch.float64), TypeError, r"scores must have dtype in \(float32\), got torch.float64"),
+    (torch.arange(4, dtype=torch.int16), torch.zeros(4), TypeError, r"indices must have dtype in \(int64, int32\), got torch.int16"),
+    (torch.arange(4), torch.zeros(4, dtype=torch.float64), TypeError,
+     r"scores must have dtype in \(float32, bfloat16, float16\), got torch.float64"),
     (torch.arange(4).view(2, 2), torch.zeros(4), ValueError, r"indices must be 1-D, got shape \(2, 2\)"),
     (torch.arange(4), torch.zeros(2, 2), ValueError, r"scores must be 1-D"),
     (torch.arange(4), torch.zeros(3), ValueError, r"indices and scores must have the same length, got 4 and 3"),
@@ -1154,3 +1155,21 @@ def test_streaming_without_estimator_or_scores_is_a_clear_error():
         selector.process_batch(torch.zeros(4, 3), torch.zeros(4, dtype=torch.long))
     kept = selector.process_batch(torch.zeros(4, 3), torch.zeros(4, dtype=torch.long), torch.arange(4, dtype=torch.float32))
     assert kept.data.shape[0] >= 1
+
+
+def test_the_old_subset_name_still_works_with_a_deprecation_warning():
+    import aql.selection
+
+    with pytest.warns(DeprecationWarning, match="SelectedSubset"):
+        assert aql.selection.Subset is SelectedSubset
+    assert SelectedSubset is not torch.utils.data.Subset
+
+
+def test_update_widens_int32_indices_and_half_scores():
+    store = ScoreStore(10, query_budget=0.3, exploration=0.0)
+    store.update(torch.tensor([1, 4], dtype=torch.int32), torch.tensor([2.5, 7.0], dtype=torch.bfloat16))
+    store.update(torch.tensor([6], dtype=torch.int32), torch.tensor([3.0], dtype=torch.float16))
+    assert store.scores.dtype == torch.float32
+    assert store.scores[[1, 4, 6]].tolist() == [2.5, 7.0, 3.0] and int(store.seen.sum()) == 3
+    with pytest.raises(TypeError, match="indices must have dtype in"):
+        store.update(torch.tensor([1.0]), torch.tensor([1.0]))
