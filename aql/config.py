@@ -433,6 +433,16 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return path, value
 
 
+def _mapping_at(container: dict, key: str, what: str) -> dict:
+    """`container[key]`, created empty when absent; a ConfigError (`what`, got ...) when not a mapping."""
+    mapping = container.get(key)
+    if mapping is None:
+        mapping = container[key] = {}
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"{what}, got {mapping!r}")
+    return mapping
+
+
 def _apply_override(raw: dict, text: str) -> None:
     path, value = parse_override(text)
     if len(path) == 1:
@@ -443,20 +453,11 @@ def _apply_override(raw: dict, text: str) -> None:
     section, key, *name = path
     if section not in _SECTIONS:
         raise ConfigError(f"override {text!r}: unknown section {section!r}; allowed: {', '.join(_SECTIONS)}")
-    current = raw.get(section)
-    if current is None:
-        current = raw[section] = {}
-    if not isinstance(current, dict):
-        raise ConfigError(f"{section}: expected a mapping of keys, got {current!r}")
+    current = _mapping_at(raw, section, f"{section}: expected a mapping of keys")
     if name:
         if typing.get_origin(typing.get_type_hints(_SECTIONS[section]).get(key)) is not dict:
             raise ConfigError(f"override {text!r}: {section}.{key} is not a mapping; set it as {section}.{key}=value")
-        mapping = current.get(key)
-        if mapping is None:
-            mapping = current[key] = {}
-        if not isinstance(mapping, dict):
-            raise ConfigError(f"{section}.{key}: expected a mapping of names to values, got {mapping!r}")
-        mapping[name[0]] = value
+        _mapping_at(current, key, f"{section}.{key}: expected a mapping of names to values")[name[0]] = value
         return
     current[key] = value
 

@@ -21,6 +21,7 @@ samples back-propagated (`plot_efficiency`).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -38,9 +39,10 @@ import aql_kernels
 from aql._checks import check_int
 
 from . import strategies
-from .data import mnist1d_datasets
+from .data import IndexedTensorDataset, mnist1d_datasets
 from .models import MNIST1DCNN
 from .strategies.base import split_selection
+from .training.schedule import WarmupCosine
 
 __all__ = ["StudyConfig", "Method", "load_study", "train_run", "run_study", "summarise", "format_report", "plot_efficiency",
            "flops_per_sample", "write_outputs", "plot_efficiency_by_method", "run_efficiency_experiment", "StudyError"]
@@ -143,14 +145,6 @@ def load_study(path: str | os.PathLike, *, quick: bool = False) -> StudyConfig:
 
 
 # ------------------------------------------------------------------------------------------ one run
-def _warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-    return factor
-
-
 def flops_per_sample(model: torch.nn.Module, x: torch.Tensor) -> float:
     """Forward FLOPs of one sample (torch's FlopCounterMode on a batch, divided by its size)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -198,7 +192,7 @@ def train_run(study: StudyConfig, method: Method, data: Mapping[str, Any], *, bu
         from .strategies.irreducible import irreducible_losses
 
         kwargs["irreducible"] = irreducible_losses(
-            _TensorData(train_x, train_y), _TensorData(data["holdout_x"], data["holdout_y"]), seed=seed, epochs=il_epochs,
+            IndexedTensorDataset(train_x, train_y), IndexedTensorDataset(data["holdout_x"], data["holdout_y"]), seed=seed, epochs=il_epochs,
             model_factory=lambda: MNIST1DCNN(study.channels, kernel_size=study.kernel_size), **il_options)
         extra_backprops = il_epochs * data["holdout_x"].shape[0]
     if _accepts(cls, "labels"):
@@ -220,7 +214,7 @@ def train_run(study: StudyConfig, method: Method, data: Mapping[str, Any], *, bu
                                   lr=learning_rate)
     steps_per_epoch = strategy.num_batches(strategy.epoch_plan(0), study.batch_size)
     total = max(1, steps_per_epoch * epochs)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(round(study.warmup_fraction * total), total))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(round(study.warmup_fraction * total), total))
     early_step = max(1, math.ceil(0.1 * total))  # "the first 10% of training" (Experiment 2), on the val split
     early_accuracy = None
     backprops = forwards = steps = 0
@@ -285,20 +279,8 @@ def train_run(study: StudyConfig, method: Method, data: Mapping[str, Any], *, bu
     return result
 
 
-class _TensorData:
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-
-    def __len__(self):
-        return self.x.shape[0]
-
-    def gather(self, indices):
-        return self.x[indices], self.y[indices]
-
-
 def _accepts(cls, name: str) -> bool:
-    import inspect
-
+    """Whether the strategy's constructor takes `name` (labels, model, holdout, epochs, ...)."""
     return name in inspect.signature(cls.__init__).parameters
 
 

@@ -21,12 +21,11 @@ __all__ = ["irreducible_losses"]
 
 
 def _arrays(dataset, where: str, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    from aql.training.batches import gather
+
     if dataset is None or not hasattr(dataset, "__len__") or len(dataset) == 0:
         raise ValueError(f"aql.{where}: {name} must be a non-empty dataset of (x, y) samples, got {dataset!r}")
-    if hasattr(dataset, "gather"):
-        return dataset.gather(torch.arange(len(dataset)))
-    items = [dataset[i] for i in range(len(dataset))]
-    return torch.stack([torch.as_tensor(item[0]) for item in items]), torch.stack([torch.as_tensor(item[1]) for item in items])
+    return gather(dataset, torch.arange(len(dataset)))
 
 
 def irreducible_losses(train_data, holdout_data, *, model_factory: Callable[[], nn.Module], seed: int = 0, epochs: int = 10,
@@ -51,7 +50,9 @@ def irreducible_losses(train_data, holdout_data, *, model_factory: Callable[[], 
         model = model_factory().to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
     steps = epochs * math.ceil(x.shape[0] / batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / steps))))
+    from aql.training.schedule import WarmupCosine
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(0, steps))
     generator = torch.Generator().manual_seed(seed + 104729)
     model.train()
     for _ in range(epochs):

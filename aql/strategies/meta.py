@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import aql_kernels
-from aql._checks import check_int, check_interval, check_tensor
+from aql._checks import check_bool, check_int, check_interval, check_tensor
 
 from . import _keys
 from .base import EpochPlan, SelectionStrategy, StrategyContext, register_strategy
@@ -63,8 +63,7 @@ class MetaSelection(SelectionStrategy):
         check_int(where, "holdout_batch", holdout_batch, low=1)
         self.epochs = check_int(where, "epochs", epochs, low=1)
         check_interval(where, "policy_lr", policy_lr, 0.0, math.inf, low_open=True, high_open=True)
-        if not isinstance(balanced, bool):
-            raise TypeError(f"aql.{where}: balanced must be a bool, got {type(balanced).__name__} {balanced!r}")
+        check_bool(where, "balanced", balanced)
         self.model = model
         self.holdout = (holdout[0][:holdout_batch], holdout[1][:holdout_batch])
         self.balanced = balanced

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import aql_kernels
+from aql.data import IndexedTensorDataset
 from aql.strategies import STRATEGIES, _keys
 from aql.strategies.base import split_selection
 from aql.strategies.irreducible import irreducible_losses
@@ -310,33 +311,22 @@ def test_meta_learns_online_and_holds_the_budget():
 
 
 # ------------------------------------------------------------------------------------------ irreducible
-class _Data:
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-
-    def __len__(self):
-        return self.x.shape[0]
-
-    def gather(self, index):
-        return self.x[index], self.y[index]
-
-
 def test_irreducible_losses_flag_noisy_labels():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(600, 4, generator=g)
     y = (x[:, 0] + x[:, 1] > 0).long()
     noisy = y.clone()
     noisy[:50] = 1 - noisy[:50]  # flipped labels: not learnable from a model trained on clean data
-    holdout = _Data(x[300:], y[300:])
-    losses = irreducible_losses(_Data(x[:300], noisy[:300]), holdout, model_factory=lambda: torch.nn.Linear(4, 2), seed=0, epochs=30,
+    holdout = IndexedTensorDataset(x[300:], y[300:])
+    losses = irreducible_losses(IndexedTensorDataset(x[:300], noisy[:300]), holdout, model_factory=lambda: torch.nn.Linear(4, 2), seed=0, epochs=30,
                                 learning_rate=0.05, batch_size=64)
     assert losses.shape == (300,) and losses.dtype == torch.float32 and torch.isfinite(losses).all()
     assert float(losses[:50].mean()) > 3 * float(losses[50:].mean())
-    again = irreducible_losses(_Data(x[:300], noisy[:300]), holdout, model_factory=lambda: torch.nn.Linear(4, 2), seed=0, epochs=30,
+    again = irreducible_losses(IndexedTensorDataset(x[:300], noisy[:300]), holdout, model_factory=lambda: torch.nn.Linear(4, 2), seed=0, epochs=30,
                                learning_rate=0.05, batch_size=64)
     assert torch.equal(losses, again)
     with pytest.raises(ValueError, match="holdout_data must be a non-empty dataset"):
-        irreducible_losses(holdout, _Data(x[:0], y[:0]), model_factory=lambda: torch.nn.Linear(4, 2))
+        irreducible_losses(holdout, IndexedTensorDataset(x[:0], y[:0]), model_factory=lambda: torch.nn.Linear(4, 2))
 
 
 def test_registered():
