@@ -20,6 +20,9 @@ from aql._checks import check_int, check_interval, check_number, check_tensor, r
 
 __all__ = ["ScoreStore", "SelectedSubset"]
 
+_TENSOR = torch.Tensor
+_INT64, _FLOAT32 = torch.int64, torch.float32
+
 
 class SelectedSubset(NamedTuple):
     """The samples to train on next: dataset `indices` (int64, ascending) and a float32 importance
@@ -90,8 +93,13 @@ class ScoreStore:
         self.num_top = self.num_selected - self.num_explore
         self._explore_weight = (self.num_samples - self.num_top) / self.num_explore if self.num_explore else 1.0
 
+        # The table as written: NaN where no score is kept (never written, or a NaN score written). One
+        # scatter per write; `_scores` (NaN -> unseen_score) and `_seen` (not NaN) are derived from it
+        # when the table is next read, i.e. once per epoch rather than four more ops per write.
+        self._written = torch.full((self.num_samples,), math.nan, dtype=torch.float32, device=self.device)
         self._scores = torch.full((self.num_samples,), self.unseen_score, dtype=torch.float32, device=self.device)
         self._seen = torch.zeros(self.num_samples, dtype=torch.bool, device=self.device)
+        self._stale = False  # `_written` changed since `_scores` and `_seen` were derived
         self._deferred: list[tuple[torch.Tensor, torch.Tensor]] = []  # update(..., deferred=True) pairs not yet scattered
         self._deferred_rows = 0
         self._deferred_distinct = True  # no index occurs in two of the pending calls
@@ -103,7 +111,8 @@ class ScoreStore:
 
     @property
     def scores(self) -> torch.Tensor:
-        """float32 [N]: the stored score of every sample (``unseen_score`` where none was written)."""
+        """float32 [N]: the stored score of every sample (``unseen_score`` where none was written). The
+        store's own tensor, brought up to date by each read: read it again after `update`s."""
         self.flush()
         return self._scores
 
@@ -130,6 +139,10 @@ class ScoreStore:
         written by another deferred call since the table was last written back (the batches of one
         epoch's subset), so the write-back needs no pass that resolves repeated indices (4 ops instead
         of 9 per write-back).
+
+        Without ``deferred`` the arguments are checked, and the common case (plain int64 indices and
+        float32 scores on the store's device) costs one ``index_copy_`` plus ~1 us of checks: the
+        ``scores`` / ``seen`` views are derived from the written table when next read.
         """
         if deferred:
             self._deferred_distinct = self._deferred_distinct and distinct
@@ -137,6 +150,13 @@ class ScoreStore:
             self._deferred_rows += indices.shape[0]
             if self._deferred_rows > self.num_samples:
                 self.flush()
+            return
+        if (type(indices) is _TENSOR and type(scores) is _TENSOR and indices.dtype is _INT64 and scores.dtype is _FLOAT32
+                and indices.dim() == 1 and scores.dim() == 1 and indices.numel() == scores.numel()
+                and indices.device == self.device and scores.device == self.device):
+            if self._deferred:
+                self.flush()  # earlier deferred writes first: the later value of a sample wins
+            self._write(indices, scores.detach() if scores.requires_grad else scores)
             return
         where = "selection.ScoreStore.update"
         # int32 indices and half-precision scores (a bf16 training forward) are widened, not refused
@@ -151,16 +171,25 @@ class ScoreStore:
         self._write(indices, scores)
 
     def _write(self, indices: torch.Tensor, scores: torch.Tensor) -> None:
-        """Scatter into the table; a NaN score makes its sample never-seen again (re-scored next)."""
-        valid = ~torch.isnan(scores)
-        self._scores.index_copy_(0, indices, torch.where(valid, scores, torch.full_like(scores, self.unseen_score)))
-        self._seen.index_copy_(0, indices, valid)
+        """Scatter into the written table (a NaN score there makes its sample never-seen again)."""
+        self._written.index_copy_(0, indices, scores)
+        self._stale = True
+
+    def _derive(self) -> None:
+        """`_scores` and `_seen` from the written table: NaN (no score kept) -> unseen_score, not seen."""
+        if self._stale:
+            torch.eq(self._written, self._written, out=self._seen)  # not NaN
+            unseen = torch.tensor(self.unseen_score, dtype=torch.float32, device=self.device)
+            torch.where(self._seen, self._written, unseen, out=self._scores)
+            self._stale = False
 
     def flush(self) -> None:
-        """Writes the deferred updates (``update(..., deferred=True)``) into the table; a no-op when
-        none wait. Reading the table does it too; a loop calls it to do the work at a time it chooses
-        (e.g. inside its timed selection work rather than inside a checkpoint)."""
+        """Writes the deferred updates (``update(..., deferred=True)``) into the table and brings the
+        ``scores`` / ``seen`` views up to date; a no-op when nothing waits. Reading the table does it
+        too; a loop calls it to do the work at a time it chooses (e.g. inside its timed selection work
+        rather than inside a checkpoint)."""
         if not self._deferred:
+            self._derive()
             return
         deferred, self._deferred, self._deferred_rows = self._deferred, [], 0
         distinct, self._deferred_distinct = self._deferred_distinct, True
@@ -179,6 +208,7 @@ class ScoreStore:
             last.scatter_reduce_(0, indices, positions, reduce="amax")
             scores = scores.gather(0, last.gather(0, indices))
         self._write(indices, scores)
+        self._derive()
 
     # -- selecting ----------------------------------------------------------------------------------
 
@@ -239,10 +269,13 @@ class ScoreStore:
             raise ValueError(f"aql.{where}: state['scores'] and state['seen'] must have length "
                              f"{self.num_samples}, got {state['scores'].shape[0]} and {state['seen'].shape[0]}")
         self._deferred, self._deferred_rows, self._deferred_distinct = [], 0, True  # the loaded table replaces them
-        valid = ~torch.isnan(state["scores"])  # a table saved before NaN scores were re-scored
-        self._scores.copy_(torch.where(valid, state["scores"], torch.full_like(state["scores"], self.unseen_score)))
-        self._seen.copy_(state["seen"] & valid)
         self.epoch = int(state["epoch"])
         self.seed = int(state.get("seed", self.seed))
         self.unseen_score = float(state.get("unseen_score", self.unseen_score))
+        # a seen sample keeps its score; the others (and a NaN of a table saved before NaN scores were
+        # re-scored) hold no score: unseen_score, never-seen
+        kept = state["seen"].to(self.device) & ~torch.isnan(state["scores"].to(self.device))
+        self._written.copy_(state["scores"]).masked_fill_(~kept, math.nan)
+        self._stale = True
+        self._derive()
         self._generator.set_state(state["generator"])

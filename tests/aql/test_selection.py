@@ -285,6 +285,42 @@ def test_score_store_update_out_of_range_index_raises():
         store.update(torch.tensor([10]), torch.zeros(1))
 
 
+def test_score_store_update_paths_agree_and_reads_follow_writes():
+    # The checked fast path (int64, float32) and the widening path (int32, bfloat16 of the same values)
+    # write the same table; a NaN score leaves its sample never-seen with unseen_score; a score that
+    # requires grad is stored detached; each read of `scores` / `seen` reflects every write before it.
+    num_samples = 64
+    fast, widened = ScoreStore(num_samples, unseen_score=7.0), ScoreStore(num_samples, unseen_score=7.0)
+    table, seen = np.full(num_samples, 7.0, dtype=np.float32), np.zeros(num_samples, dtype=bool)
+    for step in range(6):
+        indices = torch.randperm(num_samples)[:10]
+        scores = torch.randn(10).to(torch.bfloat16).float()  # exact in bfloat16
+        scores[step % 10] = float("nan")
+        scores[(step + 3) % 10] = -0.0
+        fast.update(indices, scores.clone().requires_grad_(True))
+        widened.update(indices.to(torch.int32), scores.to(torch.bfloat16))
+        valid = ~np.isnan(scores.numpy())
+        table[indices.numpy()] = np.where(valid, scores.numpy(), 7.0)
+        seen[indices.numpy()] = valid
+        for store in (fast, widened):
+            np.testing.assert_array_equal(store.scores.numpy(), table)
+            np.testing.assert_array_equal(store.seen.numpy(), seen)
+            assert not store.scores.requires_grad
+    assert torch.equal(torch.signbit(fast.scores), torch.from_numpy(np.signbit(table)))  # -0.0 kept
+
+
+def test_score_store_load_state_keeps_only_seen_scores():
+    store = ScoreStore(6, unseen_score=5.0)
+    state = store.state_dict()
+    state["scores"] = torch.tensor([1.0, 2.0, float("nan"), 4.0, -0.0, 6.0])
+    state["seen"] = torch.tensor([True, False, True, True, True, False])
+    store.load_state_dict(state)
+    assert store.scores.tolist() == [1.0, 5.0, 5.0, 4.0, -0.0, 5.0]
+    assert store.seen.tolist() == [True, False, False, True, True, False]
+    store.update(torch.tensor([1]), torch.tensor([3.0]))
+    assert store.scores.tolist() == [1.0, 3.0, 5.0, 4.0, -0.0, 5.0] and bool(store.seen[1])
+
+
 def test_score_store_deferred_writes_match_eager_updates():
     # update(..., deferred=True) keeps (indices, scores) by reference and scatters them when the table is
     # read; the table must equal one written eagerly in the same order (later writes of a sample win).
