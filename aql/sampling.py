@@ -13,7 +13,10 @@ and a sampler that feeds a `torch.utils.data.DataLoader` the samples a selection
 The sampler draws nothing itself: the order is the strategy's `epoch_plan(epoch)`, already a fresh
 shuffle fixed by (seed, epoch), so every rank and every restart sees the same plan. With several
 replicas, rank r takes positions r, r + R, r + 2R, ... of the plan, padded by wrapping around (or cut,
-with `drop_last`) so that every rank has the same number of samples, as `DistributedSampler` does.
+with `drop_last`) so that every rank has the same number of samples, as `DistributedSampler` does
+(`aql.distributed.shard_indices`). A strategy attached to the process group
+(`strategy.attach_process_group()`) also records which rank trains which sample, so that its
+per-sample tables, written by each rank for what it trains, select exactly across ranks.
 DataLoader workers need nothing special: the sampler runs in the main process.
 For the strategies that score candidates (`online`, `meta`) the plan holds the candidates, and the
 selection happens in the training step (`strategy.select`), not in the sampler.
@@ -21,13 +24,13 @@ selection happens in the training step (`strategy.select`), not in the sampler.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 
 import torch
 from torch.utils.data import Dataset, Sampler
 
 from ._checks import check_int
+from .distributed import shard_indices
 
 __all__ = ["WithIndices", "SelectionSampler"]
 
@@ -71,13 +74,14 @@ class SelectionSampler(Sampler[int]):
         self.epoch = check_int("sampling.SelectionSampler.set_epoch", "epoch", epoch, low=0)
 
     def _shard(self) -> torch.Tensor:
-        plan = self.strategy.epoch_plan(self.epoch).indices
-        total = plan.numel()
-        per_rank = total // self.num_replicas if self.drop_last else math.ceil(total / self.num_replicas)
-        size = per_rank * self.num_replicas
-        if size > total:  # pad by wrapping around, so that every rank yields as many samples
-            plan = torch.cat([plan, plan[:size - total]]) if total else plan
-        return plan[self.rank:size:self.num_replicas]
+        plan = self.strategy.epoch_plan(self.epoch)
+        sharding = getattr(self.strategy, "sharding", None)
+        if sharding is not None:  # a strategy attached to a process group records who trains what
+            if (sharding.world, sharding.rank) != (self.num_replicas, self.rank):
+                raise ValueError(f"aql.sampling.SelectionSampler: the strategy is attached to rank {sharding.rank} of "
+                                 f"{sharding.world}, the sampler was given rank {self.rank} of {self.num_replicas}")
+            return self.strategy.shard_plan(plan, drop_last=self.drop_last).indices
+        return shard_indices(plan.indices, self.rank, self.num_replicas, drop_last=self.drop_last)
 
     def __iter__(self) -> Iterator[int]:
         return iter(self._shard().tolist())

@@ -70,7 +70,15 @@ class ScoreStore:
 
     ``state_dict()`` holds the table, the seen flags, the epoch counter and the random generator's
     state, so a resumed run selects exactly the subsets an uninterrupted run would have.
+
+    Under torch.distributed (``attach_sharding``): each rank writes the scores of the samples it
+    trains, and ``next_subset`` selects both parts across ranks from the rank that holds each sample's
+    latest score (`aql.distributed.SampleOwnership`), so every rank gets the subset that one store
+    holding all writes would select (the exploration keys come from the generator, the same on every rank).
     """
+
+    #: the `aql.distributed.SampleOwnership` of this rank (``attach_sharding``); None in one process
+    sharding = None
 
     def __init__(self, num_samples: int, *, query_budget: float = 0.2, exploration: float = 0.1,
                  device: str | torch.device = "cpu", seed: int = 0, unseen_score: float = math.inf):
@@ -215,7 +223,7 @@ class ScoreStore:
     def next_subset(self) -> SelectedSubset:
         """The subset for the next epoch (see the class docstring); advances the random generator."""
         self.flush()
-        top = aql_kernels.topk_indices(self._scores, self.num_top)
+        top = self._topk_indices(self._scores, self.num_top)
         if self.num_explore:
             # Uniform keys in [0, 1) for seen samples and [2, 3) for never-seen ones; the top part gets
             # -1. The n_explore largest keys are then a uniform sample of the never-seen rest, topped up
@@ -223,7 +231,7 @@ class ScoreStore:
             keys = torch.rand(self.num_samples, generator=self._generator, device=self.device)
             keys = keys + 2.0 * (~self._seen).to(keys.dtype)
             keys.index_fill_(0, top, -1.0)
-            explore = aql_kernels.topk_indices(keys, self.num_explore)
+            explore = self._topk_indices(keys, self.num_explore)
             indices = torch.cat([top, explore])
             weights = torch.cat([
                 torch.ones(self.num_top, dtype=torch.float32, device=self.device),
@@ -236,6 +244,19 @@ class ScoreStore:
             weights = torch.ones(self.num_top, dtype=torch.float32, device=self.device)
         self.epoch += 1
         return SelectedSubset(indices, weights)
+
+    def attach_sharding(self, ownership) -> None:
+        """Selects across ranks from now on: `ownership` is the `aql.distributed.SampleOwnership` that
+        records which rank holds each sample's latest score (see the class docstring)."""
+        if getattr(ownership, "num_samples", None) != self.num_samples or not hasattr(ownership, "topk_indices"):
+            raise ValueError(f"aql.selection.ScoreStore.attach_sharding: ownership must be an aql.distributed.SampleOwnership "
+                             f"of {self.num_samples} samples, got {type(ownership).__name__}")
+        self.sharding = ownership
+
+    def _topk_indices(self, keys: torch.Tensor, k: int) -> torch.Tensor:
+        if self.sharding is None:
+            return aql_kernels.topk_indices(keys, k)
+        return self.sharding.topk_indices(keys, k)
 
     # -- persistence --------------------------------------------------------------------------------
 

@@ -18,6 +18,13 @@ data; the strategy owns the per-sample bookkeeping. One epoch of a plain loop::
         strategy.after_step(indices, scores)       # the training forward's per-sample statistics
     strategy.end_epoch({"val_loss": ...})
 
+Under torch.distributed (torchrun) each rank runs the same strategy: the loop calls
+`attach_process_group()` once, then trains `shard_plan(plan)` (rank r: positions r, r + R, ... of the
+plan every rank computes) and feeds `after_step` only what it trained, so per-sample tables are written
+by rank; a strategy selects through `topk_indices(keys, k)`, which in one process is
+`aql_kernels.topk_indices` and across ranks the exact global selection of `aql.distributed` (histogram
+all-reduces, never the scores). Strategies whose tables are not sharded yet are refused there.
+
 Everything a strategy needs to resume exactly lives in `state_dict()`; nothing in the protocol
 synchronises with the device per step (`after_step` only queues writes, `select` returns a device
 tensor). A new strategy is one class in one file under `aql/strategies/`, registered with
@@ -34,6 +41,7 @@ from typing import Any, ClassVar, NamedTuple
 
 import torch
 
+import aql_kernels
 from aql._checks import check_int, check_interval, round_half_up
 
 __all__ = ["EpochPlan", "SelectionStrategy", "StrategyContext", "STRATEGIES", "register_strategy", "build_strategy", "split_selection"]
@@ -87,6 +95,9 @@ class SelectionStrategy:
     name: ClassVar[str] = ""
     uses_scores: ClassVar[bool] = True
     scores_candidates: ClassVar[bool] = False
+    #: set by `attach_process_group` under torch.distributed: the `aql.distributed.SampleOwnership` of
+    #: this rank (None in one process)
+    sharding = None
     #: constructor arguments that `from_config` fills from the config's own keys or the context, with
     #: where each comes from; `aql_v2.strategy_options` may set any other keyword argument
     config_arguments: ClassVar[Mapping[str, str]] = {
@@ -161,13 +172,63 @@ class SelectionStrategy:
         return {}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"name": self.name}
+        if self.sharding is None:
+            return {"name": self.name}
+        return {"name": self.name, "ownership": self.sharding.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if not isinstance(state, Mapping) or state.get("name") != self.name:
             got = state.get("name") if isinstance(state, Mapping) else type(state).__name__
             raise ValueError(f"aql.strategies.{type(self).__name__}.load_state_dict: the state was written by strategy {got!r}, "
                              f"this is {self.name!r}")
+        if self.sharding is not None:
+            if "ownership" not in state:
+                raise ValueError(f"aql.strategies.{type(self).__name__}.load_state_dict: this strategy runs on rank "
+                                 f"{self.sharding.rank} of {self.sharding.world}, the state was written by one process")
+            self.sharding.load_state_dict(state["ownership"])
+
+    # -- torch.distributed -----------------------------------------------------------------------
+    def attach_process_group(self, group=None) -> None:
+        """Makes this strategy one rank's part of a selection shared by the ranks of `group` (the default
+        process group when None); a no-op in one process. Strategies that read no scores (plans fixed
+        by (seed, epoch)) need nothing else; a strategy that keeps per-sample tables must keep them in
+        components with an `attach_sharding(ownership)` method (`aql.selection.ScoreStore`), which then
+        select across ranks. Any other strategy is refused (NotImplementedError): its own tables would
+        select from this rank's writes only."""
+        from aql import distributed
+
+        if distributed.world_size(group) == 1:
+            return
+        components = [value for value in vars(self).values() if hasattr(value, "attach_sharding")]
+        if self.scores_candidates or (self.uses_scores and not components):
+            why = ("it selects among each step's candidates, and the kept counts would differ between ranks"
+                   if self.scores_candidates else "its per-sample tables are not sharded by rank")
+            raise NotImplementedError(f"aql.strategies.{type(self).__name__}: strategy {self.name!r} does not support "
+                                      f"torch.distributed yet ({why}); under torchrun use none, random or stale")
+        self.sharding = distributed.SampleOwnership(self.num_samples, group=group, device=self.device)
+        for component in components:
+            component.attach_sharding(self.sharding)
+
+    def shard_plan(self, plan: EpochPlan, *, drop_last: bool = False) -> EpochPlan:
+        """This rank's part of `plan` (`aql.distributed.shard_indices`: positions r, r + R, ..., padded by
+        wrapping around or cut with `drop_last`, the weights alike), recorded as trained here; `plan`
+        itself in one process."""
+        if self.sharding is None:
+            return plan
+        from aql.distributed import shard_indices
+
+        self.sharding.claim(plan.indices, drop_last=drop_last)
+        rank, world = self.sharding.rank, self.sharding.world
+        weights = None if plan.weights is None else shard_indices(plan.weights, rank, world, drop_last=drop_last)
+        return EpochPlan(shard_indices(plan.indices, rank, world, drop_last=drop_last), weights)
+
+    def topk_indices(self, keys: torch.Tensor, k: int) -> torch.Tensor:
+        """int64 [k] ascending: the exact top-k of `keys` (float32 [num_samples], one per sample). In one
+        process `aql_kernels.topk_indices(keys, k)`; across ranks the top-k of the keys of the samples
+        each rank holds (`SampleOwnership.topk_indices`), the same on every rank."""
+        if self.sharding is None:
+            return aql_kernels.topk_indices(keys, k)
+        return self.sharding.topk_indices(keys, k)
 
     # -- construction ----------------------------------------------------------------------------
     @classmethod
