@@ -38,7 +38,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import _dispatch, _native
-from ._validation import FLOAT_DTYPES, check_int, check_tensor
+from ._validation import FLOAT_DTYPES, check_float, check_int, check_tensor
 
 try:
     import triton
@@ -72,8 +72,8 @@ _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 def _validate(logits, targets, ignore_index, op="softmax_scores", targets_required=False):
     check_tensor(op, "logits", logits, ndim=2, dtypes=FLOAT_DTYPES)
-    if logits.shape[0] == 0 or logits.shape[1] == 0:
-        raise ValueError(f"aql_kernels.{op}: logits must have N >= 1 rows and V >= 1 columns, got shape {tuple(logits.shape)}")
+    if logits.shape[1] == 0:
+        raise ValueError(f"aql_kernels.{op}: logits must have V >= 1 columns, got shape {tuple(logits.shape)}")
     # the kernels take it as int64: a wider Python int would wrap silently
     check_int(op, "ignore_index", ignore_index, low=_INT64_MIN, high=_INT64_MAX)
     if targets is None:
@@ -438,6 +438,8 @@ def _triton_forward(logits, targets, ignore_index, out=None, *, block=None, chun
     _require_triton()
     logits, row_stride = _unit_columns(logits)
     n, v = logits.shape
+    if n == 0:
+        return _empty_outputs(logits, targets is not None) if out is None else out
     if block is None:  # short rows: one block per row, no wider than the row
         block = min(_BLOCK, max(16, triton.next_power_of_2(v)))
     num_warps = max(1, min(_NUM_WARPS, block // (32 * _ELEMENTS_PER_THREAD)))
@@ -477,6 +479,8 @@ def _triton_forward(logits, targets, ignore_index, out=None, *, block=None, chun
 def _triton_backward(logits, targets, lse, grad_rows, ignore_index, out):
     _require_triton()
     n, v = logits.shape
+    if n == 0:
+        return out
     logits_u, row_stride = _unit_columns(logits)
     grad_row_stride = out.stride(0) if n > 1 else v
     # 16 elements per thread: two 16-byte accesses per thread and direction in float32, one in 16-bit
@@ -522,6 +526,8 @@ def _native_forward(logits, targets, ignore_index, out=None):
     logits, row_stride = _unit_columns(logits)
     n, v = logits.shape
     out = _empty_outputs(logits, targets is not None) if out is None else out
+    if n == 0:  # (an empty tensor's data pointer may be NULL, which the C library refuses)
+        return out
     if targets is None:
         targets_ptr = loss_ptr = el2n_ptr = None
     else:
@@ -539,6 +545,8 @@ def _native_forward(logits, targets, ignore_index, out=None):
 
 def _native_backward(logits, targets, lse, grad_rows, ignore_index, out):
     n, v = logits.shape
+    if n == 0:
+        return out
     logits_u, row_stride = _unit_columns(logits)
     grad_row_stride = out.stride(0) if n > 1 else v
     if targets.dtype != torch.int64 or targets.stride(0) != 1:
@@ -762,94 +770,283 @@ def _backward(logits, targets, lse, grad_rows, ignore_index: int, inplace: bool,
     return launcher(logits, targets, lse, grad_rows, ignore_index, torch.empty_like(logits, memory_format=torch.contiguous_format))
 
 
-def _reduce(rows: torch.Tensor, targets: torch.Tensor, ignore_index: int, reduction: str):
-    """(loss, count): the reduced per-row loss as F.cross_entropy reduces it ("mean": over the rows
-    whose target is not ignore_index, NaN when there are none), and that count for "mean" (else None)."""
+# ---------------------------------------------------------------------------------------------------
+# The loss as F.cross_entropy defines it (class weights, label smoothing), its reductions and gradient
+# ---------------------------------------------------------------------------------------------------
+# With w the class weights (all 1 without), W = sum_c w_c, eps the label smoothing, V classes and row i
+# of target y_i != ignore_index, F.cross_entropy's per-row loss is
+#     L_i = (1 - eps) w[y_i] nll_i + (eps / V) sum_c w_c (lse_i - x_ic),     nll_i = lse_i - x_i,y_i
+# and 0 for an ignored row; "sum" adds the L_i, "mean" divides that sum by the number of valid rows,
+# or with weights by sum_i w[y_i] over them (NaN when there are none). The gradient of row i is
+#     dL_i / dx_ij = a_i (p_ij - [j == y_i]) + (eps W / V) [j == y_i] - (eps / V) w_j,
+#     a_i = (1 - eps) w[y_i] + eps W / V:
+# the backward kernel writes g_i a_i (p - onehot(y)); with smoothing two corrections follow in torch
+# (a scatter onto the target column and a rank-one update of the gradient), and the forward needs
+# sum_c w_c x_ic, one more read of the logits in torch (a row sum, or a matrix-vector product).
+
+def _safe_targets(targets: torch.Tensor, valid: torch.Tensor, v: int) -> torch.Tensor:
+    """int64 targets usable as indices: ignored rows (and, on CUDA, out-of-range targets) read class 0 / V-1."""
+    return torch.where(valid, targets.long(), 0).clamp_(0, v - 1)
+
+
+def _loss_rows(logits, targets, nll, lse, ignore_index: int, reduction: str, weight, label_smoothing: float):
+    """(L, denominator): the per-row loss L_i of F.cross_entropy from the kernel's nll_i (the same
+    tensor when unweighted and unsmoothed) and the divisor of reduction="mean" (None otherwise)."""
+    if weight is None and label_smoothing == 0.0:
+        return nll, (targets != ignore_index).sum() if reduction == "mean" else None
+    v = logits.shape[1]
+    valid = targets != ignore_index
+    rows = nll
+    if weight is not None:
+        target_weight = torch.where(valid, weight[_safe_targets(targets, valid, v)], 0.0)
+        rows = nll * target_weight
+        denominator = target_weight.sum() if reduction == "mean" else None
+    else:
+        denominator = valid.sum() if reduction == "mean" else None
+    if label_smoothing != 0.0:
+        if weight is None:  # sum_c (lse - x_c)
+            smooth = v * lse - logits.sum(dim=1, dtype=torch.float32)
+        else:  # sum_c w_c (lse - x_c)
+            smooth = weight.sum() * lse - torch.mv(logits.float(), weight)
+        rows = (1.0 - label_smoothing) * rows + (label_smoothing / v) * torch.where(valid, smooth, 0.0)
+    return rows, denominator
+
+
+def _reduce(rows: torch.Tensor, reduction: str, denominator) -> torch.Tensor:
     if reduction == "none":
-        return rows, None
+        return rows
     if reduction == "sum":
-        return rows.sum(), None
-    count = (targets != ignore_index).sum()
-    return rows.sum() / count, count
+        return rows.sum()
+    return rows.sum() / denominator
 
 
-def _rows_gradient(grad_loss: torch.Tensor, reduction: str, n: int, count) -> torch.Tensor:
-    """d loss / d rows[i] as a float32 [N] vector for the backward kernels (the derivative of _reduce)."""
+def _rows_gradient(grad_loss: torch.Tensor, reduction: str, n: int, denominator) -> torch.Tensor:
+    """d loss / d L_i as an [N] vector (the derivative of _reduce)."""
     if reduction == "none":
         return grad_loss
     if reduction == "mean":
-        grad_loss = grad_loss / count
+        grad_loss = grad_loss / denominator
     return grad_loss.float().expand(n).contiguous()
+
+
+def _loss_gradient(logits, targets, lse, grad_rows, ignore_index: int, weight, label_smoothing: float, inplace: bool,
+                   eager: bool) -> torch.Tensor:
+    """d(sum_i grad_rows[i] * L_i) / d logits (see above; written over the logits when `inplace`)."""
+    if weight is None and label_smoothing == 0.0:
+        return _backward(logits, targets, lse, grad_rows, ignore_index, inplace, eager)
+    v = logits.shape[1]
+    valid = targets != ignore_index
+    safe = _safe_targets(targets, valid, v)
+    total_weight = float(v) if weight is None else weight.sum()
+    scale = (1.0 - label_smoothing) * (1.0 if weight is None else weight[safe]) + label_smoothing * total_weight / v
+    grad = _backward(logits, targets, lse, grad_rows.float() * scale, ignore_index, inplace, eager)
+    if label_smoothing != 0.0:
+        c = torch.where(valid, grad_rows.float() * (label_smoothing / v), 0.0)
+        grad.scatter_add_(1, safe[:, None], (c * total_weight).to(grad.dtype)[:, None])
+        if weight is None:
+            grad.sub_(c.to(grad.dtype)[:, None])
+        else:
+            grad.addr_(c.to(grad.dtype), weight.to(grad.dtype), alpha=-1)
+    return grad
 
 
 class _CrossEntropy(torch.autograd.Function):
     """The autograd of cross_entropy_with_scores, on both routes: the forward (statistics and the
     reduced loss) and the backward kernel in one node (an op's autograd plus sum / div would be three).
 
-    Outputs: (loss, *SoftmaxScores fields without loss, rows), rows the per-row loss, None when
-    reduction="none" (the loss then *is* the rows). Only the loss is differentiable."""
+    Outputs: (loss, *SoftmaxScores fields without loss, nll, denominator), nll the kernel's per-row
+    loss, None when it *is* the loss (reduction="none", unweighted, unsmoothed). Only the loss is
+    differentiable."""
 
     # forward(ctx, ...) rather than forward + setup_context: with setup_context, Function.apply binds
     # the arguments with inspect.signature on every call, ~40 us of the ~260 us of a fwd+bwd of
     # [512, 10] logits on the 2-core CI-class CPU. (torch.func transforms refuse either form here: the
     # registered ops have no functorch rules.)
     @staticmethod
-    def forward(ctx, logits, targets, ignore_index, reduction, inplace_backward, eager):
+    def forward(ctx, logits, targets, ignore_index, reduction, inplace_backward, eager, weight, label_smoothing):
         scores = _forward(logits, targets, ignore_index, eager)
-        loss, count = _reduce(scores.loss, targets, ignore_index, reduction)
-        rows = None if reduction == "none" else scores.loss
-        ctx.save_for_backward(logits, targets, scores.lse, count)
-        ctx.settings = (ignore_index, reduction, inplace_backward, eager)
-        outputs = (loss, scores.lse, scores.entropy, scores.maxprob, scores.margin, scores.argmax, scores.el2n, rows, count)
+        rows, denominator = _loss_rows(logits, targets, scores.loss, scores.lse, ignore_index, reduction, weight,
+                                       label_smoothing)
+        loss = _reduce(rows, reduction, denominator)
+        nll = None if loss is scores.loss else scores.loss
+        ctx.save_for_backward(logits, targets, scores.lse, denominator, weight)
+        ctx.settings = (ignore_index, reduction, inplace_backward, eager, label_smoothing)
+        outputs = (loss, scores.lse, scores.entropy, scores.maxprob, scores.margin, scores.argmax, scores.el2n, nll,
+                   denominator)
         ctx.mark_non_differentiable(*(t for t in outputs[1:] if t is not None))
         return outputs
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
-        logits, targets, lse, count = ctx.saved_tensors
-        ignore_index, reduction, inplace_backward, eager = ctx.settings
-        grad_rows = _rows_gradient(grad_loss, reduction, logits.shape[0], count)
-        grad = _backward(logits, targets, lse, grad_rows, ignore_index, inplace_backward, eager)
-        return grad, None, None, None, None, None
+        logits, targets, lse, denominator, weight = ctx.saved_tensors
+        ignore_index, reduction, inplace_backward, eager, label_smoothing = ctx.settings
+        grad_rows = _rows_gradient(grad_loss, reduction, logits.shape[0], denominator)
+        grad = _loss_gradient(logits, targets, lse, grad_rows, ignore_index, weight, label_smoothing, inplace_backward, eager)
+        return grad, None, None, None, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sequences: [B, T, V] logits as the [B * T, V] rows the kernels read
+# ---------------------------------------------------------------------------------------------------
+# A contiguous [B, T, V] tensor (any tensor whose batch stride is T times its position stride) is a
+# [B * T, V] matrix of evenly spaced rows: a view, no copy. shift=True does not slice the logits
+# (logits[:, :-1] is not evenly spaced): all B * T rows are read, against targets shifted left by one
+# whose last column is ignore_index. That last position of each sequence costs 1/T of the forward and
+# is dropped from the outputs; in exchange the backward writes the whole [B, T, V] gradient (zero at
+# the last positions) directly, where a slice's backward would zero-fill a second [B, T, V] buffer.
+# Logits that are not evenly spaced (e.g. a slice x[:, :-1] or x[:, 1:] of a larger tensor, or a
+# transposed [T, B, V]) are copied once by reshape; pass the whole tensor with shift=True instead.
+
+_PER_SAMPLE = ("mean", "sum", "none")
+_SCORE_FIELDS = ("lse", "entropy", "maxprob", "margin", "loss", "el2n")  # the float fields, reduced per sample
+
+
+class _Sequences(NamedTuple):
+    """How the B * T rows handed to the kernels map back to the caller's [B, T] positions."""
+    batch: int
+    length: int  # T: rows per sequence
+    scored: int  # positions per sequence in the outputs: T - 1 with shift, else T
+    targets: torch.Tensor | None  # [B, T] targets of the rows (shifted), None without targets
+    per_sample: str  # "mean", "sum" or "none"
+
+
+def _prepare(op: str, logits, targets, ignore_index, shift, per_sample, targets_required: bool):
+    """Validates the public arguments: (rows [N, V], row targets [N] | None, _Sequences | None for 2-D)."""
+    if not isinstance(shift, bool):
+        raise TypeError(f"aql_kernels.{op}: shift must be a bool, got {type(shift).__name__}")
+    if per_sample is not None and per_sample not in _PER_SAMPLE:
+        raise ValueError(f"aql_kernels.{op}: per_sample must be None or one of {_PER_SAMPLE}, got {per_sample!r}")
+    if isinstance(logits, torch.Tensor) and logits.dim() == 3:
+        return _prepare_sequences(op, logits, targets, ignore_index, shift, per_sample, targets_required)
+    if isinstance(logits, torch.Tensor) and logits.dim() != 2:
+        raise ValueError(f"aql_kernels.{op}: logits must be 2-D [N, V] or 3-D [B, T, V], got shape {tuple(logits.shape)}")
+    if shift:
+        raise ValueError(f"aql_kernels.{op}: shift=True needs 3-D logits [B, T, V] with targets [B, T], got logits of "
+                         f"shape {tuple(logits.shape)}")
+    if per_sample not in (None, "none"):
+        raise ValueError(f"aql_kernels.{op}: per_sample={per_sample!r} needs 3-D logits [B, T, V]; with 2-D logits "
+                         "every row is a sample (pass None or 'none')")
+    _validate(logits, targets, ignore_index, op, targets_required)
+    return logits, targets, None
+
+
+def _prepare_sequences(op: str, logits, targets, ignore_index, shift: bool, per_sample, targets_required: bool):
+    check_tensor(op, "logits", logits, ndim=3, dtypes=FLOAT_DTYPES)
+    b, t, v = logits.shape
+    if v == 0:
+        raise ValueError(f"aql_kernels.{op}: logits must have V >= 1 classes, got shape {tuple(logits.shape)}")
+    check_int(op, "ignore_index", ignore_index, low=_INT64_MIN, high=_INT64_MAX)
+    if targets is None:
+        if targets_required:
+            raise TypeError(f"aql_kernels.{op}: targets must be a torch.Tensor of class indices, got None")
+    else:
+        check_tensor(op, "targets", targets, ndim=2, dtypes=(torch.int64, torch.int32), device=logits.device)
+        if targets.shape != logits.shape[:2]:
+            raise ValueError(f"aql_kernels.{op}: targets must have shape [B, T] = {tuple(logits.shape[:2])} (the "
+                             f"logits' first two dimensions), got {tuple(targets.shape)}")
+    shift = shift and t > 0
+    if b <= 1 or t <= 1 or logits.stride(0) == t * logits.stride(1):
+        rows = logits.view(b * t, v)
+    else:
+        rows = logits.reshape(b * t, v)  # not evenly spaced: one copy (see above)
+    if targets is not None and shift:
+        targets = torch.cat((targets[:, 1:].long(), targets.new_full((b, 1), ignore_index, dtype=torch.int64)), dim=1)
+    row_targets = None if targets is None else targets.reshape(b * t)
+    layout = _Sequences(b, t, t - 1 if shift else t, targets, "mean" if per_sample is None else per_sample)
+    return rows, row_targets, layout
+
+
+def _positions(values: torch.Tensor, layout: _Sequences) -> torch.Tensor:
+    """[B * T] row values -> the [B, T'] positions the caller sees (a view)."""
+    return values.view(layout.batch, layout.length)[:, :layout.scored]
+
+
+def _per_sample(scores: SoftmaxScores, layout: _Sequences, ignore_index: int) -> SoftmaxScores:
+    """The row statistics in the caller's layout: [B, T'] ("none") or reduced over each sequence's
+    valid positions ("mean": NaN for a sequence without any; "sum": 0), argmax then None."""
+    if layout.per_sample == "none":
+        return SoftmaxScores(*(None if x is None else _positions(x, layout).contiguous() for x in scores))
+    names = [name for name in _SCORE_FIELDS if getattr(scores, name) is not None]
+    stacked = torch.stack([_positions(getattr(scores, name), layout) for name in names])  # [F, B, T']
+    if layout.targets is None:
+        total, count = stacked.sum(dim=2), layout.scored
+    else:
+        valid = layout.targets[:, :layout.scored] != ignore_index
+        total, count = torch.where(valid, stacked, 0.0).sum(dim=2), valid.sum(dim=1)
+    reduced = total / count if layout.per_sample == "mean" else total
+    return SoftmaxScores(**dict(zip(names, reduced.unbind(0))), argmax=None)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Public functions
 # ---------------------------------------------------------------------------------------------------
 
-def softmax_scores(logits: torch.Tensor, targets: torch.Tensor | None = None, *, ignore_index: int = -100) -> SoftmaxScores:
+def softmax_scores(logits: torch.Tensor, targets: torch.Tensor | None = None, *, ignore_index: int = -100,
+                   shift: bool = False, per_sample: str | None = None) -> SoftmaxScores:
     """Fused softmax statistics of each row of ``logits[N, V]`` (float32 / bfloat16 / float16, any
     row stride), computed from one read of the logits. Returns float32 ``[N]`` tensors (argmax
     int64); ``loss`` and ``el2n`` only when targets (int64 / int32 ``[N]``) are given. Dispatches
-    by device: CUDA -> Triton, CPU -> the C++ library, else (or when missing) the reference."""
-    _validate(logits, targets, ignore_index)
-    return _forward(logits, targets, ignore_index, _dispatch.eager(logits, targets))
+    by device: CUDA -> Triton, CPU -> the C++ library, else (or when missing) the reference.
+
+    Sequences: ``logits[B, T, V]`` with ``targets[B, T]`` (or None). ``shift=True`` scores position
+    t against ``targets[:, t + 1]`` (causal language modelling: ``targets[:, 1:]`` against
+    ``logits[:, :-1]``) without copying the logits. ``per_sample`` reduces every float field over
+    each sequence's valid positions (target != ignore_index; all positions without targets):
+    "mean" (the default for 3-D; NaN for a sequence without valid positions) or "sum" (0 there) give
+    ``[B]`` fields and argmax None; "none" keeps ``[B, T]`` (``[B, T - 1]`` with shift). 2-D logits
+    take per_sample None or "none" (each row is a sample).
+    """
+    rows, row_targets, layout = _prepare("softmax_scores", logits, targets, ignore_index, shift, per_sample, False)
+    scores = _forward(rows, row_targets, ignore_index, _dispatch.eager(rows, row_targets))
+    return scores if layout is None else _per_sample(scores, layout, ignore_index)
 
 
-def _check_inplace_backward(op: str, logits: torch.Tensor) -> None:
+def _check_inplace_backward(op: str, logits: torch.Tensor, caller_logits: torch.Tensor) -> None:
+    """logits: the [N, V] rows the backward writes; caller_logits: the tensor the caller passed."""
     n, v = logits.shape
     if v > 1 and logits.stride(1) != 1:
-        raise ValueError(f"aql_kernels.{op}: inplace_backward needs logits with unit column stride, got strides {logits.stride()}")
+        raise ValueError(f"aql_kernels.{op}: inplace_backward needs logits with unit column stride, got strides {caller_logits.stride()}")
     if n > 1 and logits.stride(0) < v:
         # rows that share memory (an expanded or overlapping view): a gradient written over them
         # would mix rows
         raise ValueError(f"aql_kernels.{op}: inplace_backward needs logits whose rows do not overlap (row stride >= "
-                         f"V={v}), got strides {logits.stride()}; pass inplace_backward=False or .contiguous() logits")
-    if logits.is_leaf and logits.requires_grad and torch.is_grad_enabled():
+                         f"V={v}), got strides {caller_logits.stride()}; pass inplace_backward=False or .contiguous() logits")
+    if caller_logits.is_leaf and caller_logits.requires_grad and torch.is_grad_enabled():
         raise ValueError(f"aql_kernels.{op}: inplace_backward cannot write the gradient over a leaf tensor that requires "
                          "grad (its .grad would be its own buffer, as torch refuses for in-place ops on leaves); pass "
                          "inplace_backward=False or the output of an operation (e.g. the model head's)")
 
 
+def _check_weight(op: str, weight, logits: torch.Tensor) -> torch.Tensor | None:
+    """The class weights as a float32 [V] tensor (a constant: no gradient flows to them, as in F.cross_entropy)."""
+    if weight is None:
+        return None
+    check_tensor(op, "weight", weight, ndim=1, dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16),
+                 device=logits.device)
+    if weight.shape[0] != logits.shape[-1]:
+        raise ValueError(f"aql_kernels.{op}: weight must have one entry per class (V={logits.shape[-1]}), got {weight.shape[0]}")
+    return weight.detach().float()
+
+
 def cross_entropy_with_scores(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100,
-                              reduction: str = "mean", inplace_backward: bool = False):
-    """``F.cross_entropy(logits, targets)`` on 2-D logits plus the softmax statistics of the same pass.
+                              reduction: str = "mean", label_smoothing: float = 0.0, weight: torch.Tensor | None = None,
+                              shift: bool = False, per_sample: str | None = None, inplace_backward: bool = False):
+    """``F.cross_entropy(logits, targets)`` plus the softmax statistics of the same pass.
 
     Returns ``(loss, SoftmaxScores)``; the loss is float32 whatever the logits' dtype, and is
-    differentiable w.r.t. the logits; the scores are detached. reduction: "mean" (over rows whose
-    target is not ignore_index, like F.cross_entropy: NaN when there are none), "sum" or "none".
-    Forward: one read of the logits. Backward: one read of the logits and one write of the gradient,
-    recomputing softmax from the saved lse.
+    differentiable w.r.t. the logits; the scores are detached, and ``scores.loss`` is the unweighted,
+    unsmoothed per-row NLL. reduction: "mean" (over rows whose target is not ignore_index, like
+    F.cross_entropy: NaN when there are none), "sum" or "none". ``label_smoothing`` and class
+    ``weight`` (a float [V] tensor) are F.cross_entropy's: "mean" with weights divides by the sum of
+    the weights of the valid targets. Forward: one read of the logits (label smoothing adds a second,
+    in torch). Backward: one read of the logits and one write of the gradient, recomputing softmax
+    from the saved lse (label smoothing adds a rank-one update of the gradient).
+
+    Sequences: ``logits[B, T, V]`` with ``targets[B, T]``, ``shift`` and ``per_sample`` as in
+    `softmax_scores` (the scores are per sequence); the loss is that of
+    ``F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ...)`` over the scored positions
+    (reduction="none": a flat ``[B * T]``, ``[B * (T - 1)]`` with shift). Evenly spaced logits (e.g.
+    contiguous) are read in place; others are copied once.
 
     inplace_backward=True writes the gradient into the logits' own buffer during backward (no
     second [N, V] allocation; the usual case is the output of a language-model head, which nothing
@@ -860,22 +1057,30 @@ def cross_entropy_with_scores(logits: torch.Tensor, targets: torch.Tensor, *, ig
     grad (ValueError otherwise).
     """
     op = "cross_entropy_with_scores"
-    _validate(logits, targets, ignore_index, op, targets_required=True)
+    rows, row_targets, layout = _prepare(op, logits, targets, ignore_index, shift, per_sample, True)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"aql_kernels.{op}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    label_smoothing = check_float(op, "label_smoothing", label_smoothing, low=0.0, high=1.0)
+    weight = _check_weight(op, weight, rows)
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"aql_kernels.{op}: inplace_backward must be a bool, got {type(inplace_backward).__name__}")
     if inplace_backward:
-        _check_inplace_backward(op, logits)
-    eager = _dispatch.eager(logits, targets)
+        _check_inplace_backward(op, rows, logits)
+    eager = _dispatch.eager(rows, row_targets, weight)
     if torch.is_grad_enabled() and logits.requires_grad:
-        loss, lse, entropy, maxprob, margin, argmax, el2n, rows, _ = _CrossEntropy.apply(
-            logits, targets, ignore_index, reduction, inplace_backward, eager)
-        rows = loss.detach() if rows is None else rows
-        return loss, SoftmaxScores(lse, entropy, maxprob, margin, argmax, rows, el2n)
-    scores = _forward(logits, targets, ignore_index, eager)
-    loss, _ = _reduce(scores.loss, targets, ignore_index, reduction)
-    return loss, scores
+        loss, lse, entropy, maxprob, margin, argmax, el2n, nll, _ = _CrossEntropy.apply(
+            rows, row_targets, ignore_index, reduction, inplace_backward, eager, weight, label_smoothing)
+        scores = SoftmaxScores(lse, entropy, maxprob, margin, argmax, loss.detach() if nll is None else nll, el2n)
+    else:
+        scores = _forward(rows, row_targets, ignore_index, eager)
+        per_row, denominator = _loss_rows(rows, row_targets, scores.loss, scores.lse, ignore_index, reduction, weight,
+                                          label_smoothing)
+        loss = _reduce(per_row, reduction, denominator)
+    if layout is None:
+        return loss, scores
+    if reduction == "none" and layout.scored != layout.length:
+        loss = _positions(loss, layout).reshape(-1)
+    return loss, _per_sample(scores, layout, ignore_index)
 
 
 def _implementation(name: str):

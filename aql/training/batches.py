@@ -1,5 +1,5 @@
 """Batches for the trainer: one epoch's plan as (x, y, index, weight) batches, the buffer that regroups
-kept candidates into training batches, and per-sample statistics of token data."""
+kept candidates into training batches, and the sample view of token data for the fused loss."""
 
 from __future__ import annotations
 
@@ -7,10 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["split_batch", "gather", "EpochLoader", "PendingSamples", "per_sample_scores", "estimator_scorer", "config_scorer"]
-
-# the per-row float statistics of aql_kernels.SoftmaxScores (argmax is an index, not averaged)
-_FLOAT_FIELDS = ("lse", "entropy", "maxprob", "margin", "loss", "el2n")
+__all__ = ["split_batch", "gather", "EpochLoader", "PendingSamples", "sample_view", "estimator_scorer", "config_scorer"]
 
 
 def split_batch(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -82,17 +79,15 @@ class PendingSamples:
         return head
 
 
-def per_sample_scores(scores, batch: int, valid: torch.Tensor):
-    """`aql_kernels.SoftmaxScores` with one row per sample: unchanged when it has `batch` rows; for
-    token data ([batch * T] rows) each float statistic is the mean over the sample's tokens with
-    `valid` (float [batch * T], 1 where the target is not ignored) and argmax is None."""
-    if scores.lse.shape[0] == batch:
-        return scores
-    fields = [name for name in _FLOAT_FIELDS if getattr(scores, name) is not None]
-    tokens = valid.view(batch, -1)
-    stacked = torch.stack([getattr(scores, name) for name in fields]).view(len(fields), batch, -1)
-    means = (stacked * tokens).sum(dim=-1) / tokens.sum(dim=1).clamp_min(1)
-    return scores._replace(argmax=None, **dict(zip(fields, means.unbind(0))))
+def sample_view(logits: torch.Tensor, targets: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's rows as the fused loss's samples: token data (``[batch * T, V]`` logits, ``[batch * T]``
+    targets) as ``[batch, T, V]`` / ``[batch, T]`` views, so that `aql_kernels.cross_entropy_with_scores` and
+    `softmax_scores` return per-sample scores (the mean over each sample's tokens whose target is not
+    ignored; NaN for a sample without any, argmax None) while reduction="none" keeps one loss per row;
+    one row per sample is returned unchanged (the scores are then the rows' own)."""
+    if logits.shape[0] == batch:
+        return logits, targets
+    return logits.view(batch, -1, logits.shape[-1]), targets.view(batch, -1)
 
 
 def config_scorer(config, context) -> Callable[[torch.Tensor], torch.Tensor] | None:

@@ -101,7 +101,7 @@ from aql_kernels import cross_entropy_with_scores, softmax_scores
 from ..config import Config, ConfigError
 from ..strategies import STRATEGIES, SelectionStrategy, StrategyContext
 from ..strategies.base import split_selection
-from .batches import EpochLoader, PendingSamples, gather, per_sample_scores, split_batch
+from .batches import EpochLoader, PendingSamples, gather, sample_view, split_batch
 from .checkpoint import (CHECKPOINT_FORMAT, CheckpointError, checkpoint_files, read_checkpoint, remove_stale_temporaries,
                          rng_states, set_rng_states, write_checkpoint)
 from .clock import OverheadClock, overhead_percent
@@ -338,7 +338,7 @@ class AQLv2Trainer:
             raise ValueError(f"aql.trainer: the model must return 2-D logits with one row per target, got {tuple(logits.shape)} "
                              f"for {targets.shape[0]} targets")
         if self.strategy.uses_scores:
-            per_token, scores = cross_entropy_with_scores(logits, targets, ignore_index=self.ignore_index, reduction="none")
+            per_token, scores = cross_entropy_with_scores(*sample_view(logits, targets, batch), ignore_index=self.ignore_index, reduction="none")
         else:
             per_token = F.cross_entropy(logits.float(), targets, ignore_index=self.ignore_index, reduction="none")
             scores = None
@@ -359,7 +359,7 @@ class AQLv2Trainer:
             token = self._clock.begin()
             if index.device != self._tensor_device or index.dtype != torch.int64 or index.dim() != 1 or index.shape[0] != batch:
                 index = self._check_index(index, batch)
-            self._step_scores.append((index, per_sample_scores(scores, batch, valid)))
+            self._step_scores.append((index, scores))
             self._clock.end(token)
         self._last_batch = (x, y)
 
@@ -506,8 +506,7 @@ class AQLv2Trainer:
             logits = self.model(x)
         self.model.train(was_training)
         targets = y.reshape(-1)
-        valid = (targets != self.ignore_index).float()
-        return per_sample_scores(softmax_scores(logits, targets, ignore_index=self.ignore_index), x.shape[0], valid)
+        return softmax_scores(*sample_view(logits, targets, x.shape[0]), ignore_index=self.ignore_index)
 
     def _training_batches(self, data_loader) -> Iterator[tuple]:
         """Micro-batches (x, y, index, weight) to back-propagate, after the strategy's selection."""
