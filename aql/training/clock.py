@@ -1,4 +1,13 @@
-"""Overhead accounting: AQL time against the whole training time, without a per-step synchronisation."""
+"""Overhead accounting: AQL time against the whole training time, without a per-step synchronisation.
+
+Two figures, two baselines:
+
+- `overhead_percent`: the machinery alone, AQL time (score bookkeeping, Fisher updates, selection, the
+  candidates' scoring forward) against the rest of the same run's training time. The fused loss is
+  part of that rest, so its extra cost over `F.cross_entropy` is not in this figure.
+- `step_overhead_percent`: a run's whole time per optimizer step against a baseline run's (all data,
+  `F.cross_entropy`): the machinery plus the fused loss's extra cost, and the noise between two runs.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +16,7 @@ import time
 
 import torch
 
-__all__ = ["OverheadClock", "overhead_percent"]
+__all__ = ["OverheadClock", "overhead_percent", "step_overhead_percent"]
 
 
 class OverheadClock:
@@ -73,3 +82,13 @@ def overhead_percent(aql_seconds: float, total_seconds: float) -> float:
     """AQL time as a percentage of the rest of training (the baseline's work)."""
     rest = total_seconds - aql_seconds
     return 100.0 * aql_seconds / rest if rest > 0 else 0.0
+
+
+def step_overhead_percent(train_seconds: float, steps: int, baseline_train_seconds: float, baseline_steps: int) -> float:
+    """A run's training time per optimizer step (AQL time included) against a baseline run's, in percent:
+    100 * (train_seconds / steps) / (baseline_train_seconds / baseline_steps) - 100. With a baseline that
+    trains with `F.cross_entropy` this includes the fused loss's extra cost, which `overhead_percent`
+    counts as training."""
+    if steps <= 0 or baseline_steps <= 0 or baseline_train_seconds <= 0:
+        return 0.0
+    return 100.0 * (train_seconds / steps) / (baseline_train_seconds / baseline_steps) - 100.0
