@@ -64,6 +64,35 @@ that verifies. A checkpoint is written every `save_every` steps, at every epoch 
 SIGTERM or SIGHUP (deferred to the end of the running step, then the checkpoint is written and
 KeyboardInterrupt raised; a second signal interrupts at once).
 
+Distributed (torchrun). Under `torchrun --nproc_per_node=R -m aql train ...` (or with a default
+process group already initialised) the trainer joins the group (NCCL on CUDA, each rank on
+cuda:LOCAL_RANK; gloo on CPU) and trains data-parallel:
+- the model is wrapped in `DistributedDataParallel`; `training.batch_size` stays the global batch
+  (each rank takes batch_size / R, which must divide), so a config makes the same run on any R;
+- every rank computes the strategy's epoch plan and trains `strategy.shard_plan(plan)`: positions r,
+  r + R, ... (`aql.distributed.shard_indices`), so global batch i is the one-process batch i; the plan
+  is padded by wrapping around to a multiple of R (at most R - 1 samples of the epoch's last batch are
+  repeats), so every rank runs the same number of micro-batches and optimizer steps;
+- gradient accumulation skips DDP's all-reduce (`no_sync`) on all but the last micro-batch of a step;
+  an epoch's short last step averages its gradients with one all-reduce per tensor;
+- the Fisher update (`update_from_grads`), the gradient norm, clipping and AdamW read the gradients
+  after DDP's all-reduce (the global mean gradient), so the Fisher, the non-finite flag (also
+  all-reduced) and the parameters are identical on every rank;
+- each rank feeds `after_step` with what it trained: a strategy's per-sample tables are written by
+  rank, and its epoch selection runs across ranks (`SelectionStrategy.topk_indices`, digit histograms
+  all-reduced, never the scores; see `aql.distributed`). Strategies that do not support it
+  (candidate-scoring ones, tables not sharded) are refused with a ConfigError;
+- rank 0 alone writes metrics.jsonl, config.yaml, wandb and checkpoints; the train/epoch records hold
+  global sums (losses, samples, tokens all-reduced at each log interval and epoch end); every rank
+  evaluates the whole validation set (no communication);
+- a checkpoint holds the shared state once and each rank's own part (strategy tables, sample
+  ownership, RNG states, epoch position) in `ranks`; resuming needs the same number of ranks and an
+  output folder that every rank reads (a shared file system across nodes);
+- a stop signal (SIGINT / SIGTERM / SIGHUP) takes effect at the next `logging.log_every` step, agreed by
+  an all-reduce, so that every rank stops (and checkpoints) at the same step;
+- FSDP is refused (the diagonal Fisher and the fused step need whole gradients on every rank), as is
+  a model already wrapped in DDP (the trainer wraps the bare module).
+
 Runs (`fit(resume=..., overwrite=...)`): a fresh trainer refuses an output folder that already holds a
 run (a checkpoint or metrics.jsonl) unless told to resume it or to overwrite it. Resuming compares the
 saved config with this one: keys that would make a different run (`RESUME_BREAKING`: model, data,
@@ -95,9 +124,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from aql_kernels import cross_entropy_with_scores, softmax_scores
 
+from .. import distributed
 from ..config import Config, ConfigError
 from ..strategies import STRATEGIES, SelectionStrategy, StrategyContext
 from ..strategies.base import split_selection
@@ -113,6 +144,21 @@ __all__ = ["AQLv2Trainer", "resolve_device", "NonFiniteError", "RESUME_BREAKING"
 RESUME_BREAKING = ("model.", "data.", "seed", "aql_v2.", "training.batch_size", "training.gradient_accumulation")
 #: exceptions to RESUME_BREAKING: where the data is cached, and reporting or no-op keys
 _RESUME_HARMLESS = ("data.cache_dir", "aql_v2.target_overhead", "aql_v2.enable_caching", "aql_v2.parallelize_uncertainty")
+
+
+#: the parts of the training state that differ between ranks (each rank's own in a checkpoint's `ranks`)
+_PER_RANK = ("selection", "rng", "position")
+
+
+def _on_cpu(value):
+    """`value` with every tensor in it (nested dicts, lists, tuples) copied to the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {key: _on_cpu(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_cpu(item) for item in value)
+    return value
 
 
 class NonFiniteError(RuntimeError):
@@ -183,6 +229,7 @@ class AQLv2Trainer:
             raise ValueError("aql.trainer.AQLv2Trainer: train_data is empty")
         self.config = config
         self.device = resolve_device(config.device)
+        self._join_process_group(model)
         self.model = model.to(self.device)
         # the device as tensors report it ("cuda" -> "cuda:0"), for per-step comparisons that must not
         # fail on the missing index
@@ -202,6 +249,7 @@ class AQLv2Trainer:
         # the per-step work the strategy asked for: none when it reads no scores or keeps the default
         # (empty) after_step
         self._feeds_steps = self.strategy.uses_scores and type(self.strategy).after_step is not SelectionStrategy.after_step
+        self._train_model = self._wrap_for_ranks()  # the model itself in one process
 
         decay, no_decay = [], []
         for parameter in self.model.parameters():
@@ -243,6 +291,77 @@ class AQLv2Trainer:
         self._wandb_module = self._import_wandb() if config.logging.wandb_project else None
 
     # ------------------------------------------------------------------------------------------ setup
+    def _join_process_group(self, model: nn.Module) -> None:
+        """torchrun: joins the default process group (creating it from the environment when needed) and
+        picks this rank's GPU; refuses FSDP and pre-wrapped models. Sets world_size and rank (1 and 0
+        in one process)."""
+        for module in model.modules():
+            if any(cls.__name__ in ("FullyShardedDataParallel", "FSDPModule") for cls in type(module).__mro__):
+                raise ValueError("aql.trainer.AQLv2Trainer: FSDP is not supported: the diagonal Fisher (update_from_grads) and "
+                                 "the fused optimizer step read whole gradients on every rank; pass the bare module and launch "
+                                 "with torchrun, the trainer wraps it in DistributedDataParallel")
+        if isinstance(model, DistributedDataParallel):
+            raise TypeError("aql.trainer.AQLv2Trainer: model is already wrapped in DistributedDataParallel; pass the bare "
+                            "module (model.module), the trainer wraps it itself")
+        launched = os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1")
+        if self.device.type == "cuda" and self.device.index is None and (launched or distributed.world_size() > 1):
+            local = os.environ.get("LOCAL_RANK")
+            index = int(local) if local is not None and local.isdigit() else distributed.rank() % torch.cuda.device_count()
+            self.device = torch.device("cuda", index)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        distributed.init_from_env(self.device)
+        self.world_size, self.rank = distributed.world_size(), distributed.rank()
+        self._is_main = self.rank == 0
+        batch = self.config.training.batch_size
+        if batch % self.world_size:
+            raise ConfigError(f"training.batch_size: {batch} is the global batch and must be divisible by the number of "
+                              f"ranks ({self.world_size}), e.g. {batch - batch % self.world_size or self.world_size}")
+
+    def _wrap_for_ranks(self) -> nn.Module:
+        """One process: the model. Several ranks: the strategy joins the group (or is refused) and the
+        model is wrapped in DistributedDataParallel (which broadcasts rank 0's parameters)."""
+        if self.world_size == 1:
+            return self.model
+        try:
+            self.strategy.attach_process_group()
+        except NotImplementedError as error:
+            raise ConfigError(f"aql_v2.selection_strategy: {error}") from None
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(self.model, device_ids=device_ids)
+
+    def _gradient_sync(self, sync: bool):
+        """DDP's all-reduce in this backward (the last micro-batch of a step) or not (`no_sync`)."""
+        if self.world_size == 1 or sync:
+            return contextlib.nullcontext()
+        return self._train_model.no_sync()
+
+    def _average_gradients(self) -> None:
+        """The mean of the ranks' gradients, for a step whose backwards all ran under `no_sync`."""
+        if self.world_size == 1:
+            return
+        for p in self._parameters:
+            if p.grad is not None:
+                distributed.all_reduce_sum(p.grad).div_(self.world_size)
+
+    def _global_sums(self, *values) -> list[float]:
+        """The sums over the ranks of numbers (ints, floats, 0-dim tensors): one all-reduce of a float64
+        vector; the values themselves in one process."""
+        numbers = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(self.device).reshape(()) for v in values])
+        return distributed.all_reduce_sum(numbers).tolist()
+
+    def _stop_now(self) -> bool:
+        """Whether to stop after this step: a signal arrived (one process); under torchrun, whether one
+        arrived on any rank, asked at each `logging.log_every` step so that all ranks stop together."""
+        if self.world_size == 1:
+            return bool(self._stop_requested)
+        if self.step % self.config.logging.log_every:
+            return False
+        anywhere = distributed.all_reduce_max(torch.tensor([int(bool(self._stop_requested))], device=self.device))
+        if bool(anywhere) and not self._stop_requested:
+            self._stop_requested = "a stop signal on another rank"
+        return bool(anywhere)
+
     def _device_skips_steps(self) -> bool:
         """Whether non-finite steps are skipped on the device without reading the flag per step (CUDA),
         rather than in Python (CPU, where reading a CPU tensor waits for nothing)."""
@@ -332,7 +451,7 @@ class AQLv2Trainer:
         y = y.to(self.device, non_blocking=True)
         batch = x.shape[0]
         with self._autocast():
-            logits = self.model(x)
+            logits = self._train_model(x)
         targets = y.reshape(-1)
         if logits.dim() != 2 or logits.shape[0] != targets.shape[0]:
             raise ValueError(f"aql.trainer: the model must return 2-D logits with one row per target, got {tuple(logits.shape)} "
@@ -382,6 +501,8 @@ class AQLv2Trainer:
         losses = self._step_losses
         loss_sum = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
         nonfinite = ~torch.isfinite(norm + loss_sum)
+        if self.world_size > 1:  # the norm is global already; a rank's own loss is not
+            nonfinite = distributed.all_reduce_max(nonfinite.to(torch.int32)).bool()
         if self._skip_on_device:
             self._masked_step(nonfinite, norm)
         elif bool(nonfinite):  # a CPU tensor: the read waits for nothing
@@ -550,7 +671,8 @@ class AQLv2Trainer:
         max_steps = self.config.training.max_steps
         for x, y, index, weight in self._training_batches(data_loader):
             self._at_boundary = False
-            self._micro_step(x, y, index, weight, 1.0 / accumulation)
+            with self._gradient_sync(micro + 1 == accumulation):
+                self._micro_step(x, y, index, weight, 1.0 / accumulation)
             micro += 1
             if micro == accumulation:
                 self._optimizer_step(micro)
@@ -559,6 +681,7 @@ class AQLv2Trainer:
                 if max_steps and self.step >= max_steps:
                     break
         if micro:
+            self._average_gradients()  # its backwards ran under no_sync
             self._optimizer_step(micro)
             self._after_step()
         return self._end_epoch()
@@ -581,7 +704,7 @@ class AQLv2Trainer:
             self._clock.restart()  # evaluation is neither training nor AQL
         if lg.save_every and self.step % lg.save_every == 0:
             self.save_checkpoint()
-        if self._stop_requested:
+        if self._stop_now():
             self.save_checkpoint()
             raise KeyboardInterrupt(f"aql.trainer: interrupted ({self._stop_requested}); checkpoint written at step {self.step} "
                                     f"to {self.checkpoint_path}")
@@ -591,14 +714,21 @@ class AQLv2Trainer:
         aql_time, total = self._clock.lap()
         self._epoch_aql_time += aql_time
         self._epoch_total_time += total
+        epoch_samples, epoch_tokens = self._epoch_samples, int(self._epoch_tokens)
+        if self.world_size > 1:
+            loss_sum, count, epoch_samples, epoch_tokens = self._global_sums(
+                self._interval_loss_sum, self._interval_loss_count, self._epoch_samples, self._epoch_tokens)
+            self._interval_loss_sum.fill_(loss_sum)
+            self._interval_loss_count.fill_(count)
+            epoch_samples, epoch_tokens = int(epoch_samples), int(epoch_tokens)
         count = float(self._interval_loss_count)
         record = {
             "event": "train", "step": self.step, "epoch": self.epoch,
             "train_loss": float(self._interval_loss_sum) / count if count else float("nan"),
             "lr": self.scheduler.get_last_lr()[0],
             "overhead_time": aql_time, "overhead_pct": overhead_percent(aql_time, total), "interval_time": total,
-            "samples_backpropagated": self.total_samples + self._epoch_samples,
-            "tokens_backpropagated": self.total_tokens + int(self._epoch_tokens),
+            "samples_backpropagated": self.total_samples + epoch_samples,
+            "tokens_backpropagated": self.total_tokens + epoch_tokens,
             "nonfinite_steps": self._interval_nonfinite,
         }
         self._interval_loss_sum.zero_()
@@ -610,6 +740,13 @@ class AQLv2Trainer:
 
     def _end_epoch(self) -> dict[str, Any]:
         self._resolve()
+        if self.world_size > 1:  # the epoch's sums over the ranks (the per-rank ones are reset below)
+            loss_sum, loss_count, samples, tokens = self._global_sums(
+                self._epoch_loss_sum, self._epoch_loss_count, self._epoch_samples, self._epoch_tokens)
+            self._epoch_loss_sum.fill_(loss_sum)
+            self._epoch_loss_count.fill_(loss_count)
+            self._epoch_samples = int(samples)
+            self._epoch_tokens.fill_(int(tokens))
         aql_time, total = self._clock.lap()
         self._epoch_aql_time += aql_time
         self._epoch_total_time += total
@@ -698,8 +835,9 @@ class AQLv2Trainer:
                 plan = self.strategy.epoch_plan(epoch)
         else:
             plan = self.strategy.epoch_plan(epoch)
-        return EpochLoader(self.train_data, self.strategy, plan, self.config.training.batch_size, skip=self._consumed,
-                           device=self.device)
+        plan = self.strategy.shard_plan(plan)  # this rank's positions r, r + R, ... (the plan itself in one process)
+        return EpochLoader(self.train_data, self.strategy, plan, self.config.training.batch_size // self.world_size,
+                           skip=self._consumed, device=self.device)
 
     def fit(self, epochs: int | None = None, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
         """Trains `config.training.epochs` epochs (or until max_steps); evaluates test at the end.
@@ -710,7 +848,7 @@ class AQLv2Trainer:
         run and that is given neither raises `CheckpointError` (see the module docstring).
         """
         epochs = self.config.training.epochs if epochs is None else epochs
-        self._prepare_output(resume=resume, overwrite=overwrite)
+        self._prepare_output_on_main(resume=resume, overwrite=overwrite)
         if resume:
             self._resume()
         max_steps = self.config.training.max_steps
@@ -764,7 +902,7 @@ class AQLv2Trainer:
 
     @contextlib.contextmanager
     def _progress_bar(self):
-        if not self.config.logging.progress_bar:
+        if not self.config.logging.progress_bar or not self._is_main:
             yield
             return
         from tqdm.auto import tqdm
@@ -810,6 +948,8 @@ class AQLv2Trainer:
         return self.output_dir / "checkpoint.pt"
 
     def _start_logging(self) -> None:
+        if not self._is_main:
+            return  # rank 0 logs and writes files
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if self._wandb_module is not None and self._wandb is None:
             lg = self.config.logging
@@ -817,6 +957,8 @@ class AQLv2Trainer:
                                                   dir=str(self.output_dir), resume="allow")
 
     def _write_record(self, record: dict) -> None:
+        if not self._is_main:
+            return
         self.output_dir.mkdir(parents=True, exist_ok=True)
         record = {"time": time.time(), **record}
         with open(self.metrics_path, "a", encoding="utf-8") as handle:
@@ -857,6 +999,12 @@ class AQLv2Trainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         where = "aql.trainer.AQLv2Trainer.load_state_dict"
+        saved_world = state.get("world_size", 1)
+        if saved_world != self.world_size:
+            raise ValueError(f"{where}: the checkpoint was written by {saved_world} rank(s), this run has {self.world_size}; "
+                             "resume with the same number of processes (torchrun --nnodes / --nproc_per_node)")
+        if self.world_size > 1:
+            state = {**state, **state["ranks"][self.rank]}  # this rank's own part
         if state.get("strategy") != self.strategy.name:
             raise ValueError(f"{where}: the checkpoint was written by selection_strategy {state.get('strategy')!r}, "
                              f"this trainer runs {self.strategy.name!r}")
@@ -917,7 +1065,13 @@ class AQLv2Trainer:
             raise NonFiniteError(f"aql.trainer: the parameters hold non-finite values at step {self.step}; not writing {path} "
                                  "(the last checkpoint stands)")
         keep = self.config.logging.keep_checkpoints if path == self.checkpoint_path else 1
-        return write_checkpoint(self.state_dict(), path, keep=keep)
+        state = self.state_dict()
+        if self.world_size > 1:  # every rank's own part, gathered to rank 0, which alone writes
+            shards = distributed.gather_objects(_on_cpu({key: state[key] for key in _PER_RANK}))
+            if not self._is_main:
+                return path
+            state["ranks"], state["world_size"] = shards, self.world_size
+        return write_checkpoint(state, path, keep=keep)
 
     def load_checkpoint(self, path: str | os.PathLike | None = None) -> None:
         """Loads a checkpoint written by `save_checkpoint` (verified, weights_only; `CheckpointError`
@@ -972,6 +1126,21 @@ class AQLv2Trainer:
             raise CheckpointError(f"output folder {self.output_dir}: already holds a run ({names}); resume it (--resume, "
                                   "fit(resume=True)) or replace it (--overwrite, fit(overwrite=True)), or choose another folder")
 
+    def _prepare_output_on_main(self, *, resume: bool, overwrite: bool) -> None:
+        """`_prepare_output` on rank 0, its refusal raised on every rank (the others wait for it)."""
+        if self.world_size == 1:
+            self._prepare_output(resume=resume, overwrite=overwrite)
+            return
+        error = None
+        if self._is_main:
+            try:
+                self._prepare_output(resume=resume, overwrite=overwrite)
+            except (CheckpointError, ValueError) as caught:
+                error = caught
+        error = distributed.broadcast_object(error)
+        if error is not None:
+            raise error
+
     def _resume(self) -> None:
         """Loads the newest checkpoint that verifies (saying which ones did not), applies and reports the
         config changes, and drops the metrics records written after it."""
@@ -1004,6 +1173,8 @@ class AQLv2Trainer:
 
     def _truncate_metrics(self, step: int) -> None:
         """Drops metrics.jsonl records after `step` and the old `fit` summaries (written again at the end)."""
+        if not self._is_main:
+            return
         if not self.metrics_path.is_file():
             return
         kept = []

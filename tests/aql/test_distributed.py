@@ -232,3 +232,145 @@ def test_helpers_in_one_process():
     assert distributed.gather_objects(5) == [5]
     assert distributed.init_from_env(torch.device("cpu")) is False or distributed.world_size() > 1
     _ = build_strategy  # the registry import keeps every strategy registered
+
+
+# -------------------------------------------------------------------------------------------- training
+def _data(n: int = 384):
+    """Generated MNIST-1D-shaped data: a class-dependent bump plus noise (learnable, nothing downloaded)."""
+    from aql.data import IndexedTensorDataset
+
+    generator = torch.Generator().manual_seed(2024)
+    y = torch.randint(0, 10, (n + 96,), generator=generator)
+    x = torch.randn(n + 96, 40, generator=generator) * 0.5
+    x[torch.arange(n + 96), 2 + 3 * y] += 3.0
+    return IndexedTensorDataset(x[:n].contiguous(), y[:n].contiguous()), IndexedTensorDataset(x[n:].contiguous(), y[n:].contiguous())
+
+
+def _config(output_dir, **training):
+    from aql.config import config_from_dict
+
+    return config_from_dict({
+        "seed": 3, "device": "cpu",
+        "model": {"type": "mnist1d_cnn", "channels": [8, 8]},
+        "data": {"name": "mnist1d"},
+        "training": {"batch_size": 32, "learning_rate": 3e-3, "warmup_steps": 2, "max_steps": 0, "gradient_accumulation": 4,
+                     "epochs": 4, "eval_batch_size": 512, **training},
+        "aql_v2": {"selection_strategy": "stale", "query_budget": 0.5, "exploration": 0.25, "target_overhead": 1.0},
+        "logging": {"log_every": 1, "eval_every": 0, "save_every": 0, "wandb_project": None, "output_dir": str(output_dir),
+                    "progress_bar": False},
+    })
+
+
+def _train(config, *, callbacks=(), resume=False, n=384):
+    """Trains a fresh model under `config`; returns (trainer, the global plan of every epoch, error or None)."""
+    from aql.models import build_model
+    from aql.trainer import AQLv2Trainer, seed_everything
+
+    train, val = _data(n)
+    seed_everything(0)
+    model = build_model(config.model)
+    seed_everything(config.seed)
+    trainer = AQLv2Trainer(model, config, train_data=train, val_data=val, callbacks=callbacks)
+    plans = {}
+    original = trainer.strategy.epoch_plan
+
+    def recording(epoch):
+        plan = original(epoch)
+        plans[epoch] = plan.indices.clone()
+        return plan
+
+    trainer.strategy.epoch_plan = recording
+    error = None
+    try:
+        trainer.fit(resume=resume)
+    except KeyboardInterrupt as caught:
+        error = str(caught)
+    return trainer, plans, error
+
+
+def _outcome(trainer, plans, error=None):
+    return {"params": {k: v.clone() for k, v in trainer.model.state_dict().items()}, "plans": plans, "error": error,
+            "history": [{k: v for k, v in m.items() if isinstance(v, (int, float))} for m in trainer.history],
+            "steps": trainer.step}
+
+
+def _interrupt_at(step):
+    def callback(trainer):
+        if trainer.step == step:
+            raise KeyboardInterrupt(f"stopped at {step}")
+    return callback
+
+
+def _two_rank_runs(rank: int, world: int, folder: str):
+    from aql.config import ConfigError
+
+    out = {}
+    out["first"] = _outcome(*_train(_config(f"{folder}/first")))
+    out["again"] = _outcome(*_train(_config(f"{folder}/again")))  # determinism
+    out["stopped"] = _outcome(*_train(_config(f"{folder}/resumed"), callbacks=[_interrupt_at(5)]))
+    out["resumed"] = _outcome(*_train(_config(f"{folder}/resumed"), resume=True))
+    # uneven: 385 samples, a 193-sample plan padded by one sample per epoch; accumulation 1
+    uneven, _, _ = _train(_config(f"{folder}/uneven", gradient_accumulation=1, epochs=2), n=385)
+    out["uneven_steps"] = uneven.step
+    out["uneven_samples"] = [m["samples_backpropagated"] for m in uneven.history]
+    for strategy in ("online", "ranked"):
+        try:
+            _train(_refused(folder, strategy))
+        except ConfigError as error:
+            out[strategy] = str(error)
+    try:
+        _train(_config(f"{folder}/odd", batch_size=33))
+    except ConfigError as error:
+        out["odd_batch"] = str(error)
+    return out
+
+
+def _refused(folder, strategy):
+    from aql.config import config_from_dict
+
+    raw = _config(f"{folder}/{strategy}").to_dict()
+    raw["aql_v2"]["selection_strategy"] = strategy
+    raw["aql_v2"]["strategy_options"] = {"balanced": False} if strategy == "online" else {}
+    return config_from_dict(raw)
+
+
+def test_two_rank_training_is_deterministic_resumes_and_matches_one_rank(tmp_path):
+    results = run_ranks(tmp_path, _two_rank_runs, str(tmp_path))
+    zero, one = results
+    first = zero["first"]
+    assert first["steps"] == 4 * 2  # ceil(192 / 32) = 6 micro-batches, accumulation 4: 2 steps per epoch
+    assert sorted(first["plans"]) == [0, 1, 2, 3]
+    for name in ("first", "again", "resumed"):  # DDP: the same parameters and plans on both ranks
+        for key, value in zero[name]["params"].items():
+            assert torch.equal(value, one[name]["params"][key]), (name, key)
+        for epoch, plan in zero[name]["plans"].items():
+            assert torch.equal(plan, one[name]["plans"][epoch]), (name, epoch)
+    for name in ("again", "resumed"):  # deterministic, and the interrupted run resumed reaches the same state
+        for key, value in first["params"].items():
+            assert torch.equal(value, zero[name]["params"][key]), (name, key)
+        for epoch, plan in zero[name]["plans"].items():
+            assert torch.equal(plan, first["plans"][epoch]), (name, epoch)
+    assert zero["stopped"]["error"] == "stopped at 5" and zero["stopped"]["steps"] == 5
+    # one process, the same global batch: the same selections, the same parameters up to rounding
+    trainer, plans, _ = _train(_config(tmp_path / "single"))
+    for epoch, plan in plans.items():
+        assert torch.equal(plan, first["plans"][epoch]), epoch
+    assert len(set(plans[1].tolist()) - set(plans[0].tolist())) > 48  # the store moved on: the test can tell
+    for key, value in trainer.model.state_dict().items():
+        torch.testing.assert_close(first["params"][key], value, rtol=1e-4, atol=1e-5)
+    for single, double in zip(trainer.history, first["history"]):
+        assert single["samples_backpropagated"] == double["samples_backpropagated"] == 192
+        assert single["train_loss"] == pytest.approx(double["train_loss"], rel=1e-4)
+    # only rank 0 wrote records: one per step
+    records = [line for line in (tmp_path / "first" / "metrics.jsonl").read_text().splitlines() if '"event": "train"' in line]
+    assert len(records) == 8
+    # uneven: a 193-sample plan (half of 385), 32 per step: ceil(193 / 32) = 7 steps per epoch on both
+    # ranks, 194 samples back-propagated (one padded)
+    assert zero["uneven_steps"] == one["uneven_steps"] == 2 * 7
+    assert zero["uneven_samples"] == [194, 194]
+    assert "does not support torch.distributed" in zero["online"] and "aql_v2.selection_strategy" in zero["online"]
+    assert "does not support torch.distributed" in zero["ranked"]
+    assert "training.batch_size: 33" in zero["odd_batch"]
+    # a 2-rank checkpoint refuses a 1-process resume
+    with pytest.raises(ValueError, match="written by 2 rank"):
+        _train(_config(tmp_path / "first"), resume=True)
