@@ -52,6 +52,9 @@ class StudyError(ValueError):
     """A study configuration value that is not allowed (the message names the key)."""
 
 
+ESTIMATORS = ("none", "laplace", "mc_dropout", "ensemble")
+
+
 @dataclasses.dataclass
 class Method:
     """One row of the study: `strategy` (a registered name) with `options` (its keyword arguments);
@@ -64,6 +67,11 @@ class Method:
     epochs_scale: str = "none"  # none | budget
     budgets: list | None = None  # None: the study's budgets ([1.0] for all_data)
     holdout: bool = False  # needs a holdout split (reducible loss): carved from the training split
+    # an uncertainty estimator whose `estimate_uncertainty` of the candidates ranks them (the strategy's
+    # `score: uncertainty`): laplace | mc_dropout | ensemble, built on the run's model with
+    # `estimator_options`; its statistics are gathered from the training steps (see `_Estimator`)
+    estimator: str = "none"
+    estimator_options: dict = dataclasses.field(default_factory=dict)
     note: str = ""
 
 
@@ -77,6 +85,8 @@ class StudyConfig:
     cache_dir: str = "data_cache"
     channels: list = dataclasses.field(default_factory=lambda: [32, 32, 32])
     kernel_size: int = 5
+    dropout: float = 0.0  # of the CNN's head input (MC dropout needs it > 0)
+    distill_steps: int = 2  # distillation steps of the ensemble's students per training step
     epochs: int = 20
     batch_size: int = 128
     weight_decay: float = 0.01
@@ -113,6 +123,11 @@ def _study_from_dict(raw: Mapping[str, Any], where: str) -> StudyConfig:
             raise StudyError(f"{where}: methods[{i}].strategy must be one of {sorted(strategies.STRATEGIES)}, got {item.get('strategy')!r}")
         if item.get("epochs_scale", "none") not in ("none", "budget"):
             raise StudyError(f"{where}: methods[{i}].epochs_scale must be 'none' or 'budget', got {item.get('epochs_scale')!r}")
+        if item.get("estimator", "none") not in ESTIMATORS:
+            raise StudyError(f"{where}: methods[{i}].estimator must be one of {list(ESTIMATORS)}, got {item.get('estimator')!r}")
+        if item.get("estimator", "none") != "none" and (item.get("options") or {}).get("score") != "uncertainty":
+            raise StudyError(f"{where}: methods[{i}] has an estimator: its options must set score: uncertainty "
+                             f"(the strategy ranks by the estimator), got {(item.get('options') or {}).get('score')!r}")
         methods.append(Method(**item))
     names = [m.name for m in methods]
     if len(set(names)) != len(names):
@@ -173,7 +188,7 @@ def train_run(study: StudyConfig, method: Method, data: Mapping[str, Any], *, bu
     """Trains one model under `method` at `budget` and returns its metrics (val accuracy; test
     accuracy only when `evaluate_test`; samples back-propagated; scoring forwards; FLOPs; wall time)."""
     torch.manual_seed(seed)
-    model = MNIST1DCNN(study.channels, kernel_size=study.kernel_size)
+    model = MNIST1DCNN(study.channels, kernel_size=study.kernel_size, dropout=study.dropout)
     train_x, train_y = (data["fit_x"], data["fit_y"]) if method.holdout else (data["train_x"], data["train_y"])
     n = train_x.shape[0]
     epochs = study.epochs if method.epochs_scale == "none" else max(1, round(budget * study.epochs))
@@ -193,7 +208,7 @@ def train_run(study: StudyConfig, method: Method, data: Mapping[str, Any], *, bu
 
         kwargs["irreducible"] = irreducible_losses(
             IndexedTensorDataset(train_x, train_y), IndexedTensorDataset(data["holdout_x"], data["holdout_y"]), seed=seed, epochs=il_epochs,
-            model_factory=lambda: MNIST1DCNN(study.channels, kernel_size=study.kernel_size), **il_options)
+            model_factory=lambda: MNIST1DCNN(study.channels, kernel_size=study.kernel_size, dropout=study.dropout), **il_options)
         extra_backprops = il_epochs * data["holdout_x"].shape[0]
     if _accepts(cls, "labels"):
         kwargs.update(labels=train_y)
@@ -205,6 +220,9 @@ def train_run(study: StudyConfig, method: Method, data: Mapping[str, Any], *, bu
         kwargs.update(holdout=(data["holdout_x"], data["holdout_y"]))
     if _accepts(cls, "epochs"):
         kwargs.update(epochs=epochs)
+    estimator = _Estimator(method, model, train_x, study) if method.estimator != "none" else None
+    if estimator is not None:
+        kwargs.update(candidate_scorer=estimator.score)
     strategy = cls(n, **kwargs, **options)
 
     decay, no_decay = [], []
@@ -246,8 +264,12 @@ def train_run(study: StudyConfig, method: Method, data: Mapping[str, Any], *, bu
             loss.backward()
             if study.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), study.grad_clip)
+            if estimator is not None:
+                estimator.after_backward(x)
             optimizer.step()
             scheduler.step()
+            if estimator is not None:
+                estimator.after_step(x)
             steps += 1
             backprops += indices.shape[0]
             if steps == early_step:
@@ -265,18 +287,80 @@ def train_run(study: StudyConfig, method: Method, data: Mapping[str, Any], *, bu
     wall = time.perf_counter() - start
     model.eval()
     flops = flops_per_sample(model, data["val_x"][:64])
+    estimator_flops = 0.0 if estimator is None else estimator.flops(data["val_x"][:64])
     result = {
         "method": method.name, "strategy": method.strategy, "budget": budget, "seed": seed, "learning_rate": learning_rate,
         "epochs": epochs, "steps": steps, "samples_backpropagated": backprops + extra_backprops,
         "irreducible_backpropagated": extra_backprops, "scoring_forwards": forwards + getattr(strategy, "extra_forwards", 0),
-        # forward + backward ~ 3 forwards; scoring forwards 1 each; the irreducible model's training likewise
-        "flops": flops * (3 * (backprops + extra_backprops) + forwards + getattr(strategy, "extra_forwards", 0) + (n if extra_backprops else 0)),
+        # forward + backward ~ 3 forwards; scoring forwards 1 each; the irreducible model's training likewise;
+        # an estimator's scoring passes and its students' distillation (their own FLOPs) on top
+        "flops": flops * (3 * (backprops + extra_backprops) + forwards + getattr(strategy, "extra_forwards", 0) + (n if extra_backprops else 0))
+        + estimator_flops,
         "wall_s": wall, "selection_s": selection_time, "val_accuracy": _accuracy(model, data["val_x"], data["val_y"]),
         "val_accuracy_first_10pct": early_accuracy,
     }
     if evaluate_test:
         result["test_accuracy"] = _accuracy(model, data["test_x"], data["test_y"])
     return result
+
+
+class _Estimator:
+    """The uncertainty estimator of a study run (`Method.estimator`), fed by the training loop itself:
+
+    - `laplace`: `aql.uncertainty.LaplacianUncertainty(model, **estimator_options)`; its statistics come
+      from the training step (forward hooks and `update_from_grads` after each backward).
+    - `mc_dropout`: `MCDropoutUncertainty(model, **estimator_options)`: nothing during training; each
+      score costs `n_samples` forwards (the model needs `dropout` > 0).
+    - `ensemble`: `EnsembleUncertainty(model, **estimator_options)`: `study.distill_steps` distillation
+      steps of the students on each training batch, after the optimizer step.
+
+    `score(indices)` is the candidate scorer of the strategy (`score: uncertainty`): the estimator's
+    `estimate_uncertainty` of those training rows. `flops(x)` totals what the estimator computed
+    beyond the run's own forwards and backwards, from the counts it kept."""
+
+    def __init__(self, method: Method, model: torch.nn.Module, train_x: torch.Tensor, study: StudyConfig):
+        from . import uncertainty
+
+        self.kind, self.model, self.train_x, self.study = method.estimator, model, train_x, study
+        options = dict(method.estimator_options)
+        if self.kind == "laplace":
+            self.estimator = uncertainty.LaplacianUncertainty(model, dataset_size=train_x.shape[0], **options)
+        elif self.kind == "mc_dropout":
+            self.estimator = uncertainty.MCDropoutUncertainty(model, **options)
+        else:
+            self.estimator = uncertainty.EnsembleUncertainty(model, **options)
+        self.scored = 0  # rows scored
+        self.distilled = 0  # rows distilled (each: every student's forward + backward and a teacher forward)
+
+    def score(self, indices: torch.Tensor) -> torch.Tensor:
+        self.scored += indices.shape[0]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return self.estimator.estimate_uncertainty(self.train_x[indices])
+        finally:
+            self.model.train(was_training)
+
+    def after_backward(self, x: torch.Tensor) -> None:
+        if self.kind == "laplace":
+            self.estimator.update_from_grads(batch_size=x.shape[0], check=False)
+
+    def after_step(self, x: torch.Tensor) -> None:
+        if self.kind == "ensemble":
+            for _ in range(self.study.distill_steps):
+                self.estimator.train_ensemble(x)
+            self.distilled += self.study.distill_steps * x.shape[0]
+
+    def flops(self, x: torch.Tensor) -> float:
+        """FLOPs of the scoring passes (one forward each; n_samples for MC dropout; the students' for the
+        ensemble) and of the ensemble's distillation (a teacher forward + 3x each student's forward)."""
+        main = flops_per_sample(self.model, x)
+        if self.kind == "laplace":
+            return main * self.scored
+        if self.kind == "mc_dropout":
+            return main * self.estimator.n_samples * self.scored
+        students = sum(flops_per_sample(s, x) for s in self.estimator.students)
+        return students * self.scored + (main + 3 * students) * self.distilled
 
 
 def _accepts(cls, name: str) -> bool:

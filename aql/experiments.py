@@ -130,9 +130,11 @@ def run_uncertainty_experiment(output_dir: str | os.PathLike = "runs/experiment_
                                epochs: int = 20, seed: int = 0, batch_size: int = 128, learning_rate: float = 1e-3,
                                distill_steps: int = 2, mc_samples: int = 10, n_ensemble: int = 3,
                                cost_rounds: int = 21, data_seed: int = 42, cache_dir: str | os.PathLike = "data_cache",
-                               quiet: bool = False) -> dict:
+                               quiet: bool = False, keep_model: bool = False) -> dict:
     """Experiment 1 (see the module docstring). Writes `experiment_uncertainty.json` and
-    `experiment_uncertainty.png` into `output_dir` and returns the JSON's content."""
+    `experiment_uncertainty.png` into `output_dir` and returns the JSON's content; with `keep_model`
+    also `"artifacts"`: the trained model, the training split and the scored inputs ({"test": ...,
+    <OOD set>: ...}), e.g. to score the same inputs with another library (scripts/laplace_torch_peer.py)."""
     from .data import mnist1d_datasets
     from .trainer import seed_everything
     from .uncertainty import EnsembleUncertainty, LaplacianUncertainty, MCDropoutUncertainty
@@ -258,6 +260,8 @@ def run_uncertainty_experiment(output_dir: str | os.PathLike = "runs/experiment_
     json_path = output_dir / "experiment_uncertainty.json"
     json_path.write_text(json.dumps(result, indent=2))
     result["json"] = str(json_path)
+    if keep_model:
+        result["artifacts"] = {"model": model, "train": train, "inputs": {"test": x_test, **ood}}
     say("")
     say(format_uncertainty_table(result))
     say(f"\nresults: {json_path}\nplot:    {result['plot']}\nwall time {result['wall_time_s']:.1f} s")

@@ -13,7 +13,11 @@ from aql._checks import check_bool, check_choice, check_int, check_tensor
 from . import _keys
 from .base import SelectionStrategy, StrategyContext
 
-__all__ = ["ScoredStrategy"]
+__all__ = ["ScoredStrategy", "UNCERTAINTY"]
+
+#: the `score` of a strategy ranked by an external candidate scorer (e.g. an uncertainty estimator's
+#: `estimate_uncertainty` of the candidates), for the strategies that take one (`online`)
+UNCERTAINTY = "uncertainty"
 
 
 class ScoredStrategy(SelectionStrategy):
@@ -24,12 +28,26 @@ class ScoredStrategy(SelectionStrategy):
                         "labels": "the training data's targets",
                         "num_classes": "the training data's targets",
                         "irreducible": "a model trained on the validation split (score: reducible)",
+                        "candidate_scorer": "aql_v2.scorer (estimator: score uncertainty)",
                         }
 
+    #: whether `score="uncertainty"` (a `candidate_scorer`) is accepted: only for strategies that score
+    #: candidates before the step (a stale store would need a scoring pass of its own)
+    takes_candidate_scorer = False
+
     def _setup_scoring(self, score: str, balanced: bool, labels: torch.Tensor | None, num_classes: int | None,
-                       irreducible: torch.Tensor | None) -> None:
+                       irreducible: torch.Tensor | None, candidate_scorer=None) -> None:
         where = f"strategies.{type(self).__name__}"
-        self.score = check_choice(where, "score", score, _keys.SCORE_NAMES)
+        names = (*_keys.SCORE_NAMES, UNCERTAINTY) if self.takes_candidate_scorer else _keys.SCORE_NAMES
+        self.score = check_choice(where, "score", score, names)
+        if (score == UNCERTAINTY) != (candidate_scorer is not None):
+            raise ValueError(f"aql.{where}: score='uncertainty' and candidate_scorer go together (a callable indices -> "
+                             f"float32 [B] scores, e.g. aql_v2.scorer: estimator), got score={score!r} and candidate_scorer="
+                             f"{type(candidate_scorer).__name__}")
+        if candidate_scorer is not None and not callable(candidate_scorer):
+            raise TypeError(f"aql.{where}: candidate_scorer must be callable (indices -> float32 [B] scores), "
+                            f"got {type(candidate_scorer).__name__}")
+        self.candidate_scorer = candidate_scorer
         self.balanced = check_bool(where, "balanced", balanced)
         self.labels, self.num_classes = None, None
         if balanced:
@@ -53,7 +71,15 @@ class ScoredStrategy(SelectionStrategy):
             self.irreducible = irreducible.to(self.device)
 
     def _values(self, scores, indices: torch.Tensor) -> torch.Tensor:
-        """The ranking statistic of `scores` (rows of dataset `indices`)."""
+        """The ranking statistic of `scores` (rows of dataset `indices`); for `score="uncertainty"` the
+        candidate scorer's values of those rows instead (higher = more informative)."""
+        if self.score == UNCERTAINTY:
+            values = self.candidate_scorer(indices)
+            if not isinstance(values, torch.Tensor) or values.shape != indices.shape:
+                raise ValueError(f"aql.strategies.{type(self).__name__}: candidate_scorer must return one score per index "
+                                 f"(shape {tuple(indices.shape)}), got "
+                                 f"{tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__}")
+            return values.float().to(scores.lse.device)
         return _keys.score_values(scores, self.score, self.irreducible, indices)
 
     def _quota_keys(self, keys: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
@@ -67,10 +93,24 @@ class ScoredStrategy(SelectionStrategy):
     def from_config(cls, config, context: StrategyContext) -> ScoredStrategy:
         """`aql_v2.strategy_options` as keyword arguments; labels from the training data when `balanced`;
         for `score: reducible`, irreducible losses from a model of `config.model` trained on the
-        validation split (the trainer's holdout)."""
+        validation split (the trainer's holdout). With `aql_v2.scorer: estimator` a strategy that takes
+        a candidate scorer ranks by the estimator's uncertainty (`score` defaults to "uncertainty")."""
         options = dict(config.aql_v2.strategy_options)
         defaults = inspect.signature(cls.__init__).parameters
         balanced = options.get("balanced", defaults["balanced"].default)
+        if cls.takes_candidate_scorer:
+            from aql.training.batches import config_scorer
+
+            scorer = config_scorer(config, context)
+            if scorer is not None:
+                options.setdefault("score", UNCERTAINTY)
+            if options.get("score") == UNCERTAINTY:
+                if scorer is None:
+                    from aql.config import ConfigError
+
+                    raise ConfigError("aql_v2.strategy_options.score: 'uncertainty' ranks by the estimator; set "
+                                      "aql_v2.scorer: estimator")
+                options["candidate_scorer"] = scorer
         score = options.get("score", defaults["score"].default)
         irreducible = None
         if score == "reducible":

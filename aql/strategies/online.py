@@ -5,7 +5,9 @@ shuffled order, scores it with a no-grad forward (`aql_kernels.softmax_scores`, 
 logits), and trains on the chosen rows (Selective Backprop, Jiang et al. 2019; with `score:
 reducible`, RHO-LOSS, Mindermann et al. 2022). The knobs, each measured in EXPERIMENTS.md:
 
-- `score`: the statistic that ranks candidates (`_keys.SCORE_NAMES`).
+- `score`: the statistic that ranks candidates (`_keys.SCORE_NAMES`), or `uncertainty`: the values of
+  a `candidate_scorer` (indices -> float32 [B]), e.g. an uncertainty estimator's `estimate_uncertainty`
+  of the candidates (`aql_v2.scorer: estimator`; an extra scoring forward, or several for MC dropout).
 - `pick`: `top` (the exact top of the keys) or `sample` (a draw proportional to
   `score + smoothing * mean(score)`, Katharopoulos & Fleuret 2018), with `importance_weights` bounded
   by `max_weight` (`_keys.inclusion_weights`).
@@ -28,7 +30,7 @@ selections are fixed by (seed, epoch) and the generator's state, which `state_di
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -53,20 +55,24 @@ class OnlineSelection(ScoredStrategy):
     budgets but one seed of the top-loss rule diverged at its tuned learning rate).
 
     labels: int64 [N] training labels (needed by `balanced`); irreducible: float32 [N] stored
-    irreducible losses (needed by `score="reducible"`, e.g. from `aql.strategies.irreducible_losses`).
+    irreducible losses (needed by `score="reducible"`, e.g. from `aql.strategies.irreducible_losses`);
+    candidate_scorer: indices -> float32 [B] scores, higher = more informative (needed by
+    `score="uncertainty"`, e.g. `aql.training.batches.estimator_scorer`).
     """
 
     name = "online"
     scores_candidates = True
+    takes_candidate_scorer = True
 
     def __init__(self, num_samples: int, *, query_budget: float = 0.2, seed: int = 0, device: torch.device | str = "cpu",
                  score: str = "el2n", pick: str = "sample", balanced: bool = True, smoothing: float = 0.5,
                  importance_weights: bool = False, max_weight: float = 4.0, warmup_epochs: float = 0.0,
                  curriculum_start: float | None = None, curriculum_epochs: float = 10.0, order: str = "score",
-                 labels: torch.Tensor | None = None, num_classes: int | None = None, irreducible: torch.Tensor | None = None):
+                 labels: torch.Tensor | None = None, num_classes: int | None = None, irreducible: torch.Tensor | None = None,
+                 candidate_scorer: Callable[[torch.Tensor], torch.Tensor] | None = None):
         super().__init__(num_samples, query_budget=query_budget, seed=seed, device=device)
         where = f"strategies.{type(self).__name__}"
-        self._setup_scoring(score, balanced, labels, num_classes, irreducible)
+        self._setup_scoring(score, balanced, labels, num_classes, irreducible, candidate_scorer)
         self.pick = check_choice(where, "pick", pick, ("top", "sample"))
         self.order = check_choice(where, "order", order, ("score", "random"))
         self.importance_weights = check_bool(where, "importance_weights", importance_weights)
