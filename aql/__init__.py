@@ -3,11 +3,12 @@
 Light at import: the trainer, data and model modules load torch-heavy dependencies only when used.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # `python -m aql --version`; equal to pyproject.toml's (a test checks)
 
 from .config import Config, ConfigError, load_config  # noqa: E402
+from .errors import AQLError  # noqa: E402
 
-__all__ = ["Config", "ConfigError", "load_config", "AQLv2Trainer", "build_model", "build_datasets", "__version__"]
+__all__ = ["Config", "ConfigError", "AQLError", "load_config", "AQLv2Trainer", "build_model", "build_datasets", "__version__"]
 
 
 def __getattr__(name):

@@ -1,7 +1,16 @@
-"""`python -m aql {train,info,demo,experiment,bench}`.
+"""`python -m aql [--version] [--debug] {train,info,demo,experiment,bench}`; `COMMAND --help` says what
+each does and what each option means.
+
+Errors a user fixes from the message (`aql.errors.AQLError`: config, data, tokenizer, device, a missing
+extra; checkpoint, non-finite training, a missing file, a device out of memory) are printed as one line,
+`aql: error: <message>`, with exit code 2; `--debug` (before or after the command) or AQL_DEBUG=1 raise
+them with their traceback instead. Anything else is a bug and keeps its traceback. Warnings are one
+line each (`aql: warning: ...`).
 
 - `train --config FILE [--set section.key=value ...] [--resume | --overwrite] [--output-dir DIR]`: one training
-  run; a folder that already holds a run needs --resume (continue it) or --overwrite (start over).
+  run; a folder that already holds a run needs --resume (continue it) or --overwrite (start over). Text
+  runs print the tokenizer chosen and set model.vocab_size to its vocabulary; a wandb project without
+  wandb installed warns and logs to metrics.jsonl only; the run folder receives the resolved config.yaml.
 - `info`: backends (what aql_kernels runs on here and why not), versions, devices.
 - `demo [--output-dir DIR]`: MNIST-1D, four runs with the same seed, model and schedule shape: all data
   every epoch (baseline), AQL (stale scores, budget 0.2), a random 20% each epoch (the control with
@@ -28,10 +37,13 @@ import os
 import platform
 import sys
 import time
+import warnings
 from pathlib import Path
 
+from .errors import AQLError
+
 __all__ = ["main", "build_parser", "backends_table", "info_text", "run_training", "run_demo", "run_bench", "bench_command",
-           "BenchError"]
+           "BenchError", "one_line_error"]
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "mnist1d_demo.yaml"
 REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
@@ -79,25 +91,63 @@ def info_text() -> str:
     return "\n\n".join([backends_table(), _table(versions, ("package", "version")), _table(devices, ("device", "detail"))])
 
 
+def _text_tokenizer(config, *, quiet: bool):
+    """The tokenizer of a text run, and the config with model.vocab_size set to its vocabulary (the
+    logits' width is the vocabulary: fewer outputs cannot train, more waste memory); both printed."""
+    import dataclasses
+
+    from .data import load_tokenizer
+
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    before = config.model.vocab_size
+    if config.model.type == "gpt2" and before != tokenizer.vocab_size:
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=tokenizer.vocab_size))
+    if not quiet:
+        change = f"{before} -> {tokenizer.vocab_size} (the tokenizer's)" if before != config.model.vocab_size else str(before)
+        print(f"aql: tokenizer {tokenizer.name}: {tokenizer.description}, vocabulary {tokenizer.vocab_size}; "
+              f"model.vocab_size {change}", flush=True)
+    return tokenizer, config
+
+
+def _without_missing_wandb(config):
+    """`config` with logging.wandb_project null, and a warning on stderr, when wandb is not installed:
+    the run logs to metrics.jsonl only instead of stopping."""
+    import dataclasses
+    import importlib.util
+
+    if not config.logging.wandb_project or importlib.util.find_spec("wandb") is not None:
+        return config
+    print(f"aql: warning: logging.wandb_project is {config.logging.wandb_project!r} but wandb is not installed; logging to "
+          "metrics.jsonl only (pip install 'aql[wandb]' to log to wandb, --set logging.wandb_project=null to silence this)",
+          file=sys.stderr, flush=True)
+    return dataclasses.replace(config, logging=dataclasses.replace(config.logging, wandb_project=None))
+
+
 def run_training(config, *, output_dir=None, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> dict:
     """Builds data and model from `config`, trains, returns the trainer's fit() result. `resume` /
-    `overwrite`: what to do with a run already in the output folder (see `AQLv2Trainer.fit`)."""
-    from .config import ConfigError
-    from .data import build_datasets, load_tokenizer
-    from .models import build_model
-    from .trainer import AQLv2Trainer, seed_everything
+    `overwrite`: what to do with a run already in the output folder (see `AQLv2Trainer.fit`).
 
+    Text runs print the tokenizer chosen and set model.vocab_size to its vocabulary; a wandb project
+    without wandb installed warns and logs to metrics.jsonl only. What cannot be loaded (data set,
+    tokenizer, device, checkpoint) raises an `aql.errors.AQLError` / `CheckpointError` with a one-line
+    message, which `main` prints without a traceback. The run folder receives the resolved config
+    (config.yaml, with these changes) beside metrics.jsonl.
+    """
+    from .data import build_datasets
+    from .models import build_model
+    from .trainer import AQLv2Trainer, resolve_device, seed_everything
+
+    resolve_device(config.device)  # a device that is not here fails before the data is read
     if config.training.cpu_threads:
         import torch
 
         torch.set_num_threads(config.training.cpu_threads)
+    config = _without_missing_wandb(config)
     tokenizer = None
     if config.data.name != "mnist1d":
-        tokenizer = load_tokenizer(config.data.tokenizer)
-        if tokenizer.vocab_size > config.model.vocab_size:
-            raise ConfigError(f"model.vocab_size: {config.model.vocab_size} is smaller than the {tokenizer.name} tokenizer's "
-                              f"vocabulary ({tokenizer.vocab_size})")
-    train, val, test = build_datasets(config.data, tokenizer=tokenizer)
+        tokenizer, config = _text_tokenizer(config, quiet=quiet)
+    progress = config.logging.progress_bar and not quiet
+    train, val, test = build_datasets(config.data, tokenizer=tokenizer, progress=progress)
     seed_everything(config.seed)
     model = build_model(config.model)
     trainer = AQLv2Trainer(model, config, train_data=train, val_data=val, test_data=test, output_dir=output_dir)
@@ -252,27 +302,60 @@ def run_bench(expression: str | None = None, json_path: str | os.PathLike | None
     return code
 
 
+def _debug_flag(parser: argparse.ArgumentParser, default) -> None:
+    parser.add_argument("--debug", action="store_true", default=default,
+                        help="show the full traceback of an error instead of its one-line message (or set AQL_DEBUG=1)")
+
+
+TRAIN_DESCRIPTION = """\
+Train one run under a YAML config (configs/aql_v2_config.yaml is the design document's GPT-2
+template, configs/mnist1d_demo.yaml a CPU-sized one). Text runs print the tokenizer chosen and size
+the model's vocabulary to it. data.name takes any Hugging Face data set name (streamed; read from the
+local cache when HF_HUB_OFFLINE=1 / HF_DATASETS_OFFLINE=1) or a local path: a text file, a folder of
+.txt files or a dataset saved with save_to_disk, e.g. --set data.name=path/to/file.txt. The run folder
+receives config.yaml (the resolved config), metrics.jsonl and checkpoints; a folder that already holds
+a run needs --resume or --overwrite. Errors are one line (`aql: error: ...`, exit code 2)."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m aql", description="Adaptive query-based learning: train, inspect, demo.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    train = commands.add_parser("train", help="train under a YAML config")
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="python -m aql", description="Adaptive query-based learning: train with data "
+                                     "selection, inspect the kernels' backends, run the demo, the experiments and the benchmarks.")
+    parser.add_argument("--version", action="version", version=f"aql {__version__}", help="print aql's version and exit")
+    _debug_flag(parser, False)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do; `COMMAND --help` says more")
+
+    def command(name: str, summary: str, description: str | None = None) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=summary, description=description or summary)
+        _debug_flag(sub, argparse.SUPPRESS)  # also after the command; the top-level value stands otherwise
+        return sub
+
+    train = command("train", "train under a YAML config", TRAIN_DESCRIPTION)
     train.add_argument("--config", required=True, help="YAML config (e.g. configs/aql_v2_config.yaml)")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override one config value (YAML scalar), repeatable: --set training.batch_size=64")
-    train.add_argument("--output-dir", default=None, help="where metrics.jsonl and checkpoint.pt go (default logging.output_dir)")
+    train.add_argument("--output-dir", default=None, help="where config.yaml, metrics.jsonl and checkpoint.pt go "
+                                                          "(default logging.output_dir)")
     once = train.add_mutually_exclusive_group()
     once.add_argument("--resume", action="store_true", help="continue the run in the output folder from its newest checkpoint "
                                                             "that verifies (a fresh start when there is none)")
     once.add_argument("--overwrite", action="store_true", help="delete the run already in the output folder (checkpoints, "
                                                                "metrics.jsonl) and start over")
-    commands.add_parser("info", help="backends, versions, devices")
-    demo = commands.add_parser("demo", help="MNIST-1D: all data, AQL (stale, budget 0.2), a random 20%% per epoch and "
-                                              "all data for the same sample count, with a plot")
-    demo.add_argument("--output-dir", default="runs/demo")
+    command("info", "backends, versions, devices",
+            "Print which backends aql_kernels runs on here (and why not the others), the versions of aql, torch and "
+            "the optional packages, and the devices.")
+    demo = command("demo", "MNIST-1D: all data, AQL (budget 0.2), a random 20%% per epoch and all data for the same "
+                           "sample count, with a plot",
+                   "The MNIST-1D demo (no network): four runs with the same seed and model: all data every epoch, AQL "
+                   "(budget 0.2), a random 20%% each epoch and all data for as many samples as AQL; prints test accuracy, "
+                   "samples back-propagated and AQL overhead, and writes a plot of accuracy against samples.")
+    demo.add_argument("--output-dir", default="runs/demo", help="where the four runs, the summary JSON and the plot go "
+                                                                "(default runs/demo)")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                       help="override a value of configs/mnist1d_demo.yaml for every run")
-    experiment = commands.add_parser("experiment", help="the design document's experiments (uncertainty: OOD AUROC and cost "
-                                                          "of the estimators on MNIST-1D; efficiency: the selection study)")
+    experiment = command("experiment", "the design document's experiments (uncertainty: OOD AUROC and cost of the "
+                                       "estimators on MNIST-1D; efficiency: the selection study)")
     experiment.add_argument("name", choices=["uncertainty", "efficiency"], help="which experiment")
     experiment.add_argument("--config", default="configs/experiments/mnist1d_efficiency.yaml",
                             help="efficiency: the study's YAML (methods, budgets, seeds, learning-rate grid)")
@@ -282,60 +365,89 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.add_argument("--output-dir", default=None, help="where the JSON and the PNG go (default runs/experiment_uncertainty; "
                                                                 "efficiency: results/experiments/efficiency, runs/experiment_efficiency_quick with --quick)")
     experiment.add_argument("--seed", type=int, default=0, help="seed of the model, training and OOD draws (default 0)")
-    bench = commands.add_parser("bench", help="run the pytest-benchmark suites of benchmarks/ and summarise them")
+    bench = command("bench", "run the pytest-benchmark suites of benchmarks/ and summarise them",
+                    "Run the pytest-benchmark suites of the repository's benchmarks/ folder in a subprocess, then print "
+                    "benchmarks/summarize.py's table of the JSON they wrote.")
     bench.add_argument("-k", dest="expression", default=None, metavar="EXPR", help="pytest -k expression selecting benchmarks")
     bench.add_argument("--json", dest="json_path", default=None, metavar="PATH",
                        help="where pytest-benchmark writes its JSON (default runs/bench/bench_<UTC time>.json in the repository)")
     return parser
 
 
-def main(argv=None) -> int:
-    from .config import ConfigError, load_config
+def one_line_error(error: BaseException) -> str | None:
+    """The one-line message `main` prints for an error a user fixes from the message (aql.errors.AQLError,
+    config, checkpoint, non-finite training, bench, study, a missing file, a device out of memory), or
+    None for anything else (a bug: its traceback is wanted)."""
+    user_errors: list[type] = [AQLError, FileNotFoundError, BenchError]
+    # only modules already imported can have raised their errors; importing the others here would cost seconds
+    for module, name in (("aql.training.checkpoint", "CheckpointError"), ("aql.training.trainer", "NonFiniteError"),
+                         ("aql.efficiency", "StudyError")):
+        if module in sys.modules:
+            user_errors.append(getattr(sys.modules[module], name))
+    if isinstance(error, tuple(user_errors)):
+        message = str(error)
+    elif type(error).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError (torch.cuda.OutOfMemoryError)
+        first = (str(error).strip().splitlines() or ["out of memory"])[0]
+        message = (f"the device ran out of memory ({first}); lower training.batch_size, or training.eval_batch_size / "
+                   "training.eval_memory_mb when it happens in evaluation")
+    elif isinstance(error, (TypeError, ValueError)) and str(error).startswith("aql.experiments."):
+        message = str(error)
+    else:
+        return None
+    return " ".join(message.split()) or type(error).__name__
 
+
+def _debug_requested(args) -> bool:
+    return bool(getattr(args, "debug", False)) or os.environ.get("AQL_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _run(args) -> int:
+    from .config import load_config
+
+    if args.command == "info":
+        print(info_text())
+    elif args.command == "train":
+        config = load_config(args.config, args.overrides)
+        result = run_training(config, output_dir=args.output_dir, resume=args.resume, overwrite=args.overwrite)
+        _print_result(result)
+    elif args.command == "demo":
+        run_demo(args.output_dir, overrides=args.overrides)
+    elif args.command == "experiment" and args.name == "efficiency":
+        from .efficiency import run_efficiency_experiment
+
+        default = "runs/experiment_efficiency_quick" if args.quick else "results/experiments/efficiency"
+        run_efficiency_experiment(args.config, args.output_dir or default, quick=args.quick)
+    elif args.command == "experiment":
+        from .experiments import EXPERIMENTS
+
+        EXPERIMENTS[args.name](args.output_dir or "runs/experiment_uncertainty", samples=args.samples, epochs=args.epochs,
+                               seed=args.seed)
+    elif args.command == "bench":
+        return run_bench(args.expression, args.json_path)
+    return 0
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as `aql: warning: <message>` lines (their source line is for --debug)."""
+    print(f"aql: warning: {' '.join(str(message).split())}", file=sys.stderr if file is None else file, flush=True)
+
+
+def main(argv=None) -> int:
+    """`python -m aql ...`; returns the exit code: 0, 2 for an error reported as one line
+    (`aql: error: <message>` on stderr; `--debug` or AQL_DEBUG=1 raise it with its traceback instead),
+    130 when interrupted."""
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "info":
-            print(info_text())
-        elif args.command == "train":
-            from .training.checkpoint import CheckpointError
-            from .training.trainer import NonFiniteError
-
-            config = load_config(args.config, args.overrides)
-            try:
-                result = run_training(config, output_dir=args.output_dir, resume=args.resume, overwrite=args.overwrite)
-            except (CheckpointError, NonFiniteError) as error:  # one line: the file or the step, and what is wrong
-                print(f"error: {error}", file=sys.stderr)
-                return 2
-            _print_result(result)
-        elif args.command == "demo":
-            run_demo(args.output_dir, overrides=args.overrides)
-        elif args.command == "experiment" and args.name == "efficiency":
-            from .efficiency import StudyError, run_efficiency_experiment
-
-            default = "runs/experiment_efficiency_quick" if args.quick else "results/experiments/efficiency"
-            try:
-                run_efficiency_experiment(args.config, args.output_dir or default, quick=args.quick)
-            except StudyError as error:
-                print(f"error: {error}", file=sys.stderr)
-                return 2
-        elif args.command == "experiment":
-            from .experiments import EXPERIMENTS
-
-            args.output_dir = args.output_dir or "runs/experiment_uncertainty"
-
-            try:
-                EXPERIMENTS[args.name](args.output_dir, samples=args.samples, epochs=args.epochs, seed=args.seed)
-            except (TypeError, ValueError) as error:
-                if not str(error).startswith("aql.experiments."):
-                    raise
-                print(f"error: {error}", file=sys.stderr)
-                return 2
-        elif args.command == "bench":
-            return run_bench(args.expression, args.json_path)
-    except (ConfigError, FileNotFoundError, BenchError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        with warnings.catch_warnings():
+            if not _debug_requested(args):
+                warnings.showwarning = _show_warning
+            return _run(args)
     except KeyboardInterrupt as error:
         print(f"\n{error or 'interrupted'}", file=sys.stderr)
         return 130
-    return 0
+    except Exception as error:
+        message = one_line_error(error)
+        if message is None or _debug_requested(args):
+            raise
+        print(f"aql: error: {message}", file=sys.stderr)
+        return 2

@@ -13,12 +13,15 @@ the YAML file (named with its line), seeds outside [0, 2**32 - 1].
 `SELECTION_STRATEGIES` here is read from that registry, so a new strategy needs no edit of this file).
 PyYAML reads `3e-4` as a string (YAML 1.1 wants a dot in a float), so float fields accept numeric strings.
 Command-line overrides `section.key=value` are parsed as YAML scalars and validated the same way.
+`save_config(config, path)` writes a Config back as YAML (every run folder holds its resolved
+`config.yaml` beside `metrics.jsonl`); `load_config` reads it back to an equal Config.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import typing
 import warnings
 from dataclasses import dataclass, field
@@ -26,6 +29,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
+
+from .errors import AQLError
 
 __all__ = [
     "ConfigError",
@@ -36,6 +41,7 @@ __all__ = [
     "DataConfig",
     "Config",
     "load_config",
+    "save_config",
     "config_from_dict",
     "parse_override",
     "MODEL_TYPES",
@@ -48,7 +54,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(AQLError, ValueError):
     """A configuration value that is not allowed; the message names the key, the value and the rule."""
 
 
@@ -56,7 +62,9 @@ MODEL_TYPES = ("mnist1d_cnn", "gpt2")
 UNCERTAINTY_METHODS = ("laplace", "ensemble", "mc_dropout")
 SCORES = ("loss", "entropy", "el2n")
 SCORERS = ("model", "estimator")
+#: the data sets known by name; data.name also takes any Hugging Face `datasets` name or a local path
 DATASETS = ("mnist1d", "wikitext103", "text_files")
+#: the tokenizers known by name; data.tokenizer also takes any Hugging Face tokenizer name or folder
 TOKENIZERS = ("auto", "gpt2", "byte")
 PRECISIONS = ("auto", "bf16", "fp32")
 #: the largest seed: numpy's generator takes [0, 2**32 - 1], and the per-epoch orders seed torch
@@ -108,7 +116,11 @@ class TrainingConfig:
     epochs: int = 1  # passes over the training set (over its selected subset)
     weight_decay: float = 0.01
     grad_clip: float = 1.0  # max global grad norm; 0 = off
-    eval_batch_size: int = 512
+    # samples per evaluation batch; 0 = automatic: as many as keep the float32 logits of one batch
+    # (samples x tokens x outputs x 4 bytes) within eval_memory_mb (10 sequences of 128 tokens at GPT-2's
+    # 50257 outputs, the whole split for MNIST-1D)
+    eval_batch_size: int = 0
+    eval_memory_mb: float = 256.0
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
     cpu_threads: int = 0  # torch.set_num_threads for CLI runs; 0 = torch's default
     # An optimizer step whose loss or gradient is not finite is skipped (no parameter, Fisher or score
@@ -174,7 +186,7 @@ class LoggingConfig:
     wandb_tags: list[str] = field(default_factory=lambda: ["aql-v2", "wikitext-103"])
     output_dir: str = "runs/aql"  # metrics.jsonl and checkpoint.pt go here
     keep_checkpoints: int = 2  # checkpoint.pt and the previous ones (checkpoint.1.pt, ...): resume falls back to them
-    progress_bar: bool = True
+    progress_bar: bool = True  # training, evaluation and tokenisation progress (shown only on a terminal)
     test_every_epoch: bool = False  # also evaluate the test split after every epoch (learning curves)
 
 
@@ -182,7 +194,13 @@ class LoggingConfig:
 class DataConfig:
     """`data:` — what to train on (`aql.data.build_datasets`)."""
 
-    name: str = "wikitext103"  # mnist1d | wikitext103 | text_files
+    # mnist1d | wikitext103 (the hub's wikitext, subset wikitext-103-raw-v1) | text_files (the lists
+    # below) | any Hugging Face `datasets` name (streamed from the hub, or read from the local cache
+    # offline) | a local path: a text file, a folder of .txt files (files named train / valid / test
+    # become those splits), or a dataset saved with `save_to_disk`
+    name: str = "wikitext103"
+    subset: Optional[str] = None  # Hugging Face data sets: the configuration (e.g. wikitext-2-raw-v1)
+    text_column: str = "text"  # Hugging Face and saved data sets: the column holding the text
     cache_dir: str = "data_cache"
     # mnist1d: generated locally by the mnist1d package
     num_samples: int = 10000  # train + test
@@ -191,8 +209,13 @@ class DataConfig:
     data_seed: int = 42
     # text
     seq_len: int = 128
-    tokenizer: str = "auto"  # auto (GPT-2 if it loads offline, else bytes) | gpt2 | byte
-    max_train_tokens: int = 10_000_000  # tokens read from the training stream (0 = all)
+    # auto (GPT-2 from the local Hugging Face cache, else bytes) | byte | gpt2 | any Hugging Face
+    # tokenizer name or folder (the local cache first, the hub unless HF_HUB_OFFLINE=1). CLI runs print
+    # the tokenizer chosen and set model.vocab_size to its vocabulary.
+    tokenizer: str = "auto"
+    # tokens read from the training stream (0 = all); a source without a validation split holds out
+    # val_fraction of these sequences (the last ones) as val
+    max_train_tokens: int = 10_000_000
     max_eval_tokens: int = 500_000
     text_files: list[str] = field(default_factory=list)  # text_files: training files
     val_text_files: list[str] = field(default_factory=list)
@@ -324,7 +347,8 @@ def _validate(config: Config) -> None:
     _at_least("training.epochs", t.epochs, 1)
     _range("training.weight_decay", t.weight_decay, 0.0, math.inf)
     _range("training.grad_clip", t.grad_clip, 0.0, math.inf)
-    _at_least("training.eval_batch_size", t.eval_batch_size, 1)
+    _at_least("training.eval_batch_size", t.eval_batch_size, 0)
+    _range("training.eval_memory_mb", t.eval_memory_mb, 0.0, math.inf, low_open=True)
     _choice("training.precision", t.precision, PRECISIONS)
     _at_least("training.cpu_threads", t.cpu_threads, 0)
     _at_least("training.max_nonfinite_steps", t.max_nonfinite_steps, 1)
@@ -367,20 +391,32 @@ def _validate(config: Config) -> None:
     if lg.wandb_project == "":
         raise ConfigError("logging.wandb_project: '' is not a project name; use null for no wandb")
 
-    _choice("data.name", d.name, DATASETS)
+    if not d.name.strip():
+        raise ConfigError(f"data.name: {d.name!r} names no data set; use one of {', '.join(DATASETS)}, a Hugging Face "
+                          "`datasets` name or a local path (a text file, a folder of .txt files, a saved dataset)")
     _at_least("data.num_samples", d.num_samples, 20)
     _range("data.data_seed", d.data_seed, 0, MAX_SEED)
     _range("data.train_split", d.train_split, 0.0, 1.0, low_open=True, high_open=True)
     _range("data.val_fraction", d.val_fraction, 0.0, 1.0, high_open=True)
     _at_least("data.seq_len", d.seq_len, 1)
-    _choice("data.tokenizer", d.tokenizer, TOKENIZERS)
+    if not d.tokenizer.strip():
+        raise ConfigError(f"data.tokenizer: {d.tokenizer!r} names no tokenizer; use one of {', '.join(TOKENIZERS)} or a "
+                          "Hugging Face tokenizer name or folder")
+    if d.subset == "":
+        raise ConfigError("data.subset: '' names no configuration; use null for the data set's default")
+    if d.subset is not None and d.name in DATASETS:
+        raise ConfigError(f"data.subset: {d.subset!r} applies to Hugging Face data sets, not to data.name {d.name!r}; "
+                          "use null")
+    if not d.text_column:
+        raise ConfigError("data.text_column: '' names no column; the default is text")
     _at_least("data.max_train_tokens", d.max_train_tokens, 0)
     _at_least("data.max_eval_tokens", d.max_eval_tokens, 0)
     if d.name == "text_files" and not d.text_files:
         raise ConfigError("data.text_files: [] must list at least one file when data.name is text_files")
 
     if m.type == "gpt2" and d.name == "mnist1d":
-        raise ConfigError("data.name: 'mnist1d' does not fit model.type 'gpt2'; use wikitext103 or text_files")
+        raise ConfigError("data.name: 'mnist1d' does not fit model.type 'gpt2'; use wikitext103, a Hugging Face data set "
+                          "or a local text path")
     if m.type == "mnist1d_cnn" and d.name != "mnist1d":
         raise ConfigError(f"data.name: {d.name!r} does not fit model.type 'mnist1d_cnn'; use mnist1d")
     if m.type == "gpt2" and d.seq_len > m.n_positions:
@@ -481,6 +517,21 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                                       f"(first at line {first[key] + 1}); each section and key may appear once")
                 first[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep=deep)
+
+
+def save_config(config: Config, path: str | os.PathLike) -> Path:
+    """Writes `config` as YAML to `path` (atomically: a temporary file, then a rename); `load_config`
+    reads it back to an equal Config. Returns the path."""
+    if not isinstance(config, Config):
+        raise TypeError(f"aql.config.save_config: config must be an aql.config.Config, got {type(config).__name__}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "# the resolved configuration of this run (every key, defaults included)\n"
+    text += yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=False)
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
+    return path
 
 
 def load_config(path: str | Path | None = None, overrides=()) -> Config:

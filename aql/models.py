@@ -13,6 +13,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .errors import require
+
 __all__ = ["MNIST1DCNN", "GPT2LM", "MODEL_REGISTRY", "register_model", "build_model", "count_parameters"]
 
 
@@ -58,7 +60,8 @@ class GPT2LM(nn.Module):
     def __init__(self, *, n_layers: int = 12, n_heads: int = 12, d_model: int = 768, vocab_size: int = 50257,
                  n_positions: int = 1024, dropout: float = 0.0):
         super().__init__()
-        from transformers import GPT2Config, GPT2LMHeadModel
+        transformers = require("transformers", "data", "model.type: gpt2")
+        GPT2Config, GPT2LMHeadModel = transformers.GPT2Config, transformers.GPT2LMHeadModel
 
         # GPT-2's end-of-text id (50256) only exists in its own vocabulary; use the last id otherwise.
         eos = 50256 if vocab_size > 50256 else vocab_size - 1

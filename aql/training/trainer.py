@@ -129,13 +129,14 @@ from torch.nn.parallel import DistributedDataParallel
 from aql_kernels import cross_entropy_with_scores, softmax_scores
 
 from .. import distributed
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, save_config
 from ..strategies import STRATEGIES, SelectionStrategy, StrategyContext
 from ..strategies.base import split_selection
 from .batches import EpochLoader, PendingSamples, gather, sample_view, split_batch
 from .checkpoint import (CHECKPOINT_FORMAT, CheckpointError, checkpoint_files, read_checkpoint, remove_stale_temporaries,
                          rng_states, set_rng_states, write_checkpoint)
 from .clock import OverheadClock, overhead_percent
+from .outputs import eval_batch_size, model_logits, num_outputs
 from .schedule import WarmupCosine
 
 __all__ = ["AQLv2Trainer", "resolve_device", "NonFiniteError", "RESUME_BREAKING", "config_differences"]
@@ -451,7 +452,7 @@ class AQLv2Trainer:
         y = y.to(self.device, non_blocking=True)
         batch = x.shape[0]
         with self._autocast():
-            logits = self._train_model(x)
+            logits = model_logits(self._train_model(x))
         targets = y.reshape(-1)
         if logits.dim() != 2 or logits.shape[0] != targets.shape[0]:
             raise ValueError(f"aql.trainer: the model must return 2-D logits with one row per target, got {tuple(logits.shape)} "
@@ -624,7 +625,7 @@ class AQLv2Trainer:
         was_training = self.model.training
         self.model.eval()
         with torch.no_grad(), self._autocast():
-            logits = self.model(x)
+            logits = model_logits(self.model(x))
         self.model.train(was_training)
         targets = y.reshape(-1)
         return softmax_scores(*sample_view(logits, targets, x.shape[0]), ignore_index=self.ignore_index)
@@ -806,12 +807,17 @@ class AQLv2Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
         count = torch.zeros((), dtype=torch.int64, device=self.device)
-        size = self.config.training.eval_batch_size
-        for start in range(0, len(dataset), size):
+        t = self.config.training
+        size = eval_batch_size(t.eval_batch_size, rows_per_sample=getattr(dataset, "tokens_per_sample", 1),
+                               outputs=num_outputs(self.config.model), memory_mb=t.eval_memory_mb)
+        from tqdm.auto import tqdm  # a bar on a terminal only (disable=None), unless logging.progress_bar is off
+
+        for start in tqdm(range(0, len(dataset), size), disable=None if self.config.logging.progress_bar else True,
+                          leave=False, desc="evaluating", unit="batch", dynamic_ncols=True):
             x, y = gather(dataset, torch.arange(start, min(start + size, len(dataset))))
             x, y = x.to(self.device), y.to(self.device)
             with self._autocast():
-                logits = self.model(x)
+                logits = model_logits(self.model(x))
             targets = y.reshape(-1)
             valid = targets != self.ignore_index
             loss_sum += F.cross_entropy(logits.float(), targets, ignore_index=self.ignore_index, reduction="sum").double()
@@ -951,6 +957,7 @@ class AQLv2Trainer:
         if not self._is_main:
             return  # rank 0 logs and writes files
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(self.config, self.output_dir / "config.yaml")  # the resolved config beside metrics.jsonl
         if self._wandb_module is not None and self._wandb is None:
             lg = self.config.logging
             self._wandb = self._wandb_module.init(project=lg.wandb_project, tags=list(lg.wandb_tags), config=self.config.to_dict(),

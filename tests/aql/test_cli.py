@@ -112,7 +112,7 @@ def test_train_refuses_a_folder_with_a_run_and_reports_a_damaged_checkpoint_in_o
     capsys.readouterr()
     assert main(args) == 2  # neither --resume nor --overwrite
     err = capsys.readouterr().err
-    assert err.startswith("error: output folder") and "already holds a run" in err and err.count("\n") == 1
+    assert err.startswith("aql: error: output folder") and "already holds a run" in err and err.count("\n") == 1
     assert main([*args, "--overwrite"]) == 0
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["event"] for r in records].count("fit") == 1
@@ -123,16 +123,16 @@ def test_train_refuses_a_folder_with_a_run_and_reports_a_damaged_checkpoint_in_o
     checkpoint.write_bytes(bytes(data))
     assert main([*args, "--resume"]) == 2
     err = capsys.readouterr().err
-    assert err == f"error: output folder {out_dir}: no usable checkpoint: checkpoint {checkpoint}: checksum mismatch " \
+    assert err == f"aql: error: output folder {out_dir}: no usable checkpoint: checkpoint {checkpoint}: checksum mismatch " \
                   f"{err.split('checksum mismatch ', 1)[1]}" and err.count("\n") == 1 and "Traceback" not in err
     with pytest.raises(SystemExit):  # argparse: not allowed together
         main([*args, "--resume", "--overwrite"])
 
 
 @pytest.mark.parametrize("override, message", [
-    ("seed=-1", "error: seed: -1 is outside [0, 4294967295]"),
-    ("model.num_classes=5", "error: model.num_classes: 5 is too small for the training labels"),
-    pytest.param("device=cuda", "error: device: 'cuda' requested but torch.cuda.is_available() is False",
+    ("seed=-1", "aql: error: seed: -1 is outside [0, 4294967295]"),
+    ("model.num_classes=5", "aql: error: model.num_classes: 5 is too small for the training labels"),
+    pytest.param("device=cuda", "aql: error: device: 'cuda' requested but torch.cuda.is_available() is False",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")),
 ])
 def test_run_time_config_errors_are_one_line(override, message, tmp_path, capsys):

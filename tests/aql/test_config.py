@@ -91,6 +91,13 @@ BAD = [
     ({"model": {"type": "mnist1d_cnn"}, "data": {"name": "mnist1d", "num_samples": 5}}, ["data.num_samples", ">= 20"]),
     ({"data": {"seq_len": 2048}}, ["data.seq_len", "n_positions"]),
     ({"data": {"name": "text_files"}}, ["data.text_files", "at least one"]),
+    ({"data": {"name": " "}}, ["data.name", "names no data set", "local path"]),
+    ({"data": {"tokenizer": ""}}, ["data.tokenizer", "names no tokenizer", "Hugging Face"]),
+    ({"data": {"subset": ""}}, ["data.subset", "null"]),
+    ({"data": {"subset": "wikitext-2-raw-v1"}}, ["data.subset", "'wikitext-2-raw-v1'", "not to data.name 'wikitext103'"]),
+    ({"data": {"text_column": ""}}, ["data.text_column", "text"]),
+    ({"training": {"eval_batch_size": -1}}, ["training.eval_batch_size", "-1", ">= 0"]),
+    ({"training": {"eval_memory_mb": 0}}, ["training.eval_memory_mb", "0.0", "outside"]),
     ({"device": "tpu"}, ["device", "'tpu'", "cuda"]),
     ({"seed": "zero"}, ["seed", "'zero'", "integer"]),
 ]
@@ -205,3 +212,42 @@ def test_duplicate_yaml_keys_are_an_error_naming_key_and_line(text, key, line, f
 def test_reliability_keys_are_validated(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+def test_data_name_and_tokenizer_take_any_name_or_path():
+    config = config_from_dict({"data": {"name": "someone/corpus", "subset": "small", "text_column": "body",
+                                        "tokenizer": "EleutherAI/gpt-neox-20b"}})
+    assert (config.data.name, config.data.subset, config.data.text_column) == ("someone/corpus", "small", "body")
+    assert config.data.tokenizer == "EleutherAI/gpt-neox-20b"
+    assert config_from_dict({"data": {"name": "path/to/file.txt"}}).data.name == "path/to/file.txt"
+    # the evaluation batch is automatic by default (sized by eval_memory_mb), a number when given
+    assert Config().training.eval_batch_size == 0 and Config().training.eval_memory_mb == 256.0
+    assert config_from_dict({"training": {"eval_batch_size": 64}}).training.eval_batch_size == 64
+
+
+def test_config_errors_are_aql_errors():
+    from aql.errors import AQLError
+
+    with pytest.raises(AQLError):
+        config_from_dict({"seed": -1})
+    assert issubclass(ConfigError, ValueError)
+
+
+@pytest.mark.parametrize("path, overrides", [(DEMO, []), (TEMPLATE, ["data.name=corpus.txt", "model.vocab_size=283"]),
+                                             (None, ["data.subset=x", "data.name=a/b", "aql_v2.strategy_options.batch_tolerance=0.5"])])
+def test_save_config_round_trips_through_load_config(path, overrides, tmp_path):
+    import warnings
+
+    from aql.config import save_config
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the template's unimplemented keys
+        config = load_config(path, overrides)
+        written = save_config(config, tmp_path / "run" / "config.yaml")
+        assert written == tmp_path / "run" / "config.yaml"
+        again = load_config(written)
+    assert again == config
+    assert yaml.safe_load(written.read_text())["model"]["vocab_size"] == config.model.vocab_size
+    assert not list((tmp_path / "run").glob(".*tmp*"))  # no temporary left behind
+    with pytest.raises(TypeError, match="config must be an aql.config.Config, got dict"):
+        save_config(config.to_dict(), tmp_path / "x.yaml")

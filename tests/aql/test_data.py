@@ -12,16 +12,19 @@ import numpy as np
 import pytest
 import torch
 
+from aql.config import config_from_dict
 from aql.data import (
     ByteTokenizer,
     IndexedTensorDataset,
     build_datasets,
     hf_text_dataset,
     load_tokenizer,
+    local_data_path,
     mnist1d_datasets,
     text_file_dataset,
     token_sequences,
 )
+from aql.errors import DataError, DataNotFoundError, TokenizerError
 
 
 @pytest.fixture(autouse=True)
@@ -154,7 +157,7 @@ def test_hf_in_memory_dataset_and_streaming_view():
     assert dataset.targets.tolist() == [w[1:] for w in expected]
     streamed = hf_text_dataset(table.to_iterable_dataset(), ByteTokenizer(), 9)
     assert torch.equal(streamed.inputs, dataset.inputs)
-    with pytest.raises(KeyError, match="no column 'body'"):
+    with pytest.raises(DataError, match="no column 'body'.*data.text_column"):
         hf_text_dataset(table, ByteTokenizer(), 9, text_column="body")
 
 
@@ -165,15 +168,18 @@ def test_tokenizers_offline():
     assert auto.name in ("gpt2", "byte")
     assert all(0 <= t < auto.vocab_size for t in auto.encode("Hello world"))
     if auto.name == "byte":
-        with pytest.raises(RuntimeError, match="not in the local Hugging Face cache"):
+        assert "auto: the GPT-2 tokenizer is not in the local Hugging Face cache" in auto.description
+        with pytest.raises(TokenizerError, match="'gpt2' is not in the local Hugging Face cache.*HF_HUB_OFFLINE.*byte"):
             load_tokenizer("gpt2")
-    with pytest.raises(ValueError, match="name must be one of auto, gpt2, byte"):
-        load_tokenizer("bpe")
+    # any other name is looked up (the cache only, the hub being off): one clear error, never a download
+    with pytest.raises(TokenizerError, match="'no-such/tokenizer' is not in the local Hugging Face cache"):
+        load_tokenizer("no-such/tokenizer")
+    with pytest.raises(TokenizerError, match="name must be a non-empty str"):
+        load_tokenizer("")
+    assert issubclass(TokenizerError, ValueError)
 
 
 def test_build_datasets_from_config(tmp_path):
-    from aql.config import config_from_dict
-
     (tmp_path / "train.txt").write_text("\n".join(_random_texts(60)), encoding="utf-8")
     (tmp_path / "val.txt").write_text("\n".join(_random_texts(20)), encoding="utf-8")
     config = config_from_dict({"data": {"name": "text_files", "tokenizer": "byte", "seq_len": 8,
@@ -183,3 +189,143 @@ def test_build_datasets_from_config(tmp_path):
     config = config_from_dict({"model": {"type": "mnist1d_cnn"}, "data": {"name": "mnist1d", "num_samples": 100, "cache_dir": str(tmp_path)}})
     train, val, test = build_datasets(config.data)
     assert (len(train), len(val), len(test)) == (72, 8, 20)
+
+
+# ------------------------------------------------------------------------------------ data.name: local paths
+def _text_config(name, **data):
+    return config_from_dict({"data": {"name": name, "tokenizer": "byte", "seq_len": 8, **data}}).data
+
+
+def _windows(dataset):
+    return torch.cat([dataset.inputs, dataset.targets[:, -1:]], dim=1).tolist()
+
+
+def _write(path, texts):
+    path.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    return [line + "\n" for line in texts]
+
+
+def test_a_local_text_file_trains_and_holds_out_its_last_sequences_as_val(tmp_path):
+    lines = _write(tmp_path / "corpus.txt", _random_texts(80))
+    expected = _reference_windows(lines, 8)
+    train, val, test = build_datasets(_text_config(str(tmp_path / "corpus.txt"), val_fraction=0.25))
+    n_val = round(0.25 * len(expected))
+    assert test is None and len(val) == n_val and len(train) == len(expected) - n_val
+    assert _windows(train) + _windows(val) == expected  # contiguous: val is the tail of the text
+    assert train.name == "corpus.txt" and "held out as val" in val.name
+    train, val, _ = build_datasets(_text_config(str(tmp_path / "corpus.txt"), val_fraction=0.0))
+    assert val is None and _windows(train) == expected
+    limited, _, _ = build_datasets(_text_config(str(tmp_path / "corpus.txt"), val_fraction=0.0, max_train_tokens=60))
+    assert _windows(limited) == _reference_windows(lines, 8, max_tokens=60)
+
+
+def test_a_folder_of_text_files_maps_file_names_onto_splits(tmp_path):
+    folder = tmp_path / "wikitext-like"
+    folder.mkdir()
+    train_lines = _write(folder / "wiki.train.raw", _random_texts(60))
+    val_lines = _write(folder / "wiki.valid.raw", _random_texts(30))
+    test_lines = _write(folder / "test.txt", _random_texts(30))
+    (folder / "notes.md").write_text("not a text suffix: ignored")
+    (folder / ".hidden.txt").write_text("hidden: ignored " * 20)
+    train, val, test = build_datasets(_text_config(str(folder)))
+    assert _windows(train) == _reference_windows(train_lines, 8)
+    assert _windows(val) == _reference_windows(val_lines, 8)
+    assert _windows(test) == _reference_windows(test_lines, 8)
+    # files that name no split all train, in sorted order; val is then held out from them
+    plain = tmp_path / "plain"
+    (plain / "sub").mkdir(parents=True)
+    b = _write(plain / "b.txt", _random_texts(40))
+    a = _write(plain / "sub" / "a.txt", _random_texts(40))  # sub/a.txt sorts after b.txt
+    train, val, test = build_datasets(_text_config(str(plain), val_fraction=0.1))
+    assert test is None and _windows(train) + _windows(val) == _reference_windows(b + a, 8)
+
+
+def test_a_dataset_saved_to_disk_is_read_with_its_splits(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    train_texts, val_texts = _random_texts(60), _random_texts(30)
+    saved = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"body": train_texts}),
+                                  "validation": datasets.Dataset.from_dict({"body": val_texts})})
+    saved.save_to_disk(str(tmp_path / "saved"))
+    train, val, test = build_datasets(_text_config(str(tmp_path / "saved"), text_column="body"))
+    assert test is None
+    assert _windows(train) == _reference_windows(train_texts, 8) and _windows(val) == _reference_windows(val_texts, 8)
+    with pytest.raises(DataError, match="data.text_column: saved split 'train' has no column 'text'"):
+        build_datasets(_text_config(str(tmp_path / "saved")))
+    # one Dataset (no splits): it trains, val held out
+    datasets.Dataset.from_dict({"text": train_texts}).save_to_disk(str(tmp_path / "single"))
+    train, val, _ = build_datasets(_text_config(str(tmp_path / "single"), val_fraction=0.2))
+    assert _windows(train) + _windows(val) == _reference_windows(train_texts, 8) and len(val) > 0
+
+
+def test_local_paths_that_cannot_train_are_one_line_data_errors(tmp_path):
+    assert local_data_path("Salesforce/wikitext") is None  # a hub name
+    assert local_data_path(str(tmp_path)) == tmp_path
+    with pytest.raises(DataNotFoundError, match="data.name: no file or folder at .*missing.txt"):
+        build_datasets(_text_config("missing.txt"))
+    with pytest.raises(FileNotFoundError):  # still what library callers catch
+        build_datasets(_text_config("./nothing/here"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="holds no text files"):
+        build_datasets(_text_config(str(tmp_path / "empty")))
+    (tmp_path / "only_test").mkdir()
+    _write(tmp_path / "only_test" / "test.txt", _random_texts(20))
+    with pytest.raises(DataError, match="has test files but none for training"):
+        build_datasets(_text_config(str(tmp_path / "only_test")))
+    _write(tmp_path / "short.txt", ["ab"])
+    with pytest.raises(DataError, match="fewer than seq_len"):
+        build_datasets(_text_config(str(tmp_path / "short.txt")))
+
+
+# ------------------------------------------------------------------------------ data.name: Hugging Face names
+def test_a_hub_name_offline_says_it_could_not_be_reached_and_how_to_use_local_text():
+    with pytest.raises(DataError) as caught:
+        build_datasets(_text_config("wikitext103"))
+    message = str(caught.value)
+    assert message.startswith("data.name: could not reach the data set 'wikitext' (subset 'wikitext-103-raw-v1')")
+    assert "HF_HUB_OFFLINE" in message and "--set data.name=path/to/file.txt" in message and "\n" not in message
+    with pytest.raises(DataError, match="could not reach the data set 'someone/corpus'"):
+        build_datasets(_text_config("someone/corpus"))
+
+
+def test_a_hub_name_loads_its_splits_by_name_and_subset(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    texts = {"train": _random_texts(50), "dev": _random_texts(20), "test": _random_texts(20), "other": _random_texts(5)}
+    calls = []
+
+    def fake_load_dataset(name, subset, *, streaming):
+        calls.append((name, subset, streaming))
+        tables = {split: datasets.Dataset.from_dict({"text": t}) for split, t in texts.items()}
+        return datasets.IterableDatasetDict({k: v.to_iterable_dataset() for k, v in tables.items()}) if streaming \
+            else datasets.DatasetDict(tables)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    train, val, test = build_datasets(_text_config("someone/corpus", subset="small"))
+    assert calls == [("someone/corpus", "small", False)]  # the hub is off: read the local cache, no streaming
+    assert _windows(train) == _reference_windows(texts["train"], 8)
+    assert _windows(val) == _reference_windows(texts["dev"], 8) and _windows(test) == _reference_windows(texts["test"], 8)
+    assert train.name == "small/train" and val.name == "small/dev"
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("HF_DATASETS_OFFLINE")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE")
+    streamed, _, _ = build_datasets(_text_config("wikitext103"))
+    assert calls[-1] == ("wikitext", "wikitext-103-raw-v1", True)  # online: streamed
+    assert torch.equal(streamed.inputs, train.inputs)
+
+
+def test_tokenisation_progress_shows_on_a_terminal_only(monkeypatch):
+    import io
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    texts = _random_texts(50)
+    quiet = token_sequences(texts, ByteTokenizer(), 8)
+    for progress, shown in ((True, True), (False, False)):
+        terminal = Terminal()
+        with monkeypatch.context() as patch:
+            patch.setattr(sys, "stderr", terminal)
+            windows = token_sequences(texts, ByteTokenizer(), 8, progress=progress, desc="tokenising demo")
+        assert torch.equal(windows, quiet)
+        assert ("tokenising demo" in terminal.getvalue()) is shown
