@@ -416,7 +416,7 @@ def format_lm_report(study: LMStudyConfig, summary: Mapping[str, Any]) -> str:
     """One markdown table: test perplexity (mean ± std over seeds) and what each method spent."""
     target = summary.get("target")
     lines = ["| method | test perplexity | val perplexity | tokens back-propagated | tokens scored | FLOPs (scoring incl.) "
-             "| training wall-clock | AQL overhead | lr | within all-data ppl + std |",
+             "| training wall-clock | AQL time / other training time | lr | within all-data ppl + std |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for method in study.methods:
         row = summary["rows"].get(method.name)
