@@ -244,8 +244,9 @@ def prepare_data(study: LMStudyConfig, *, progress: bool = False) -> dict[str, A
 # ----------------------------------------------------------------------------------------- one run
 def _schedule(study: LMStudyConfig, method: Method, num_samples: int) -> tuple[int, int, int]:
     """(epochs, max_steps, optimizer steps) of a run. `epochs_scale: budget` trains all data for
-    budget x epochs exactly: ceil(budget x epochs) epochs cut at the step where the tokens
-    back-propagated match the budget (the trainer's schedule reaches zero at that step)."""
+    budget x epochs: ceil(budget x epochs) epochs cut after round(budget x epochs x steps per epoch)
+    optimizer steps, the steps a budget-sized epoch plan makes (the trainer's schedule reaches zero
+    there); its tokens match the budget's up to the partial last batch of each selected epoch."""
     budget = 1.0 if method.strategy == "none" else study.budget
     per_epoch = max(1, round_half_up(budget * num_samples))  # SelectionStrategy.samples_per_epoch
     steps_per_epoch = max(1, math.ceil(math.ceil(per_epoch / study.batch_size) / study.gradient_accumulation))
