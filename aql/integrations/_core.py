@@ -29,27 +29,7 @@ from aql.sampling import SelectionSampler
 from aql.strategies import SelectionStrategy
 from aql.training.clock import OverheadClock, overhead_percent
 
-__all__ = ["SelectionSession", "per_sample_scores", "INSTALL_HINTS", "require"]
-
-#: the optional extra that provides each framework, as `pip install` names it
-INSTALL_HINTS = {
-    "transformers": 'pip install "aql[huggingface]"',
-    "lightning": 'pip install "aql[lightning]"',
-}
-
-
-def require(module: str, where: str):
-    """Imports `module`, or raises ImportError naming the `pip install` command of its extra."""
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError as error:
-        top = module.split(".")[0]
-        hint = INSTALL_HINTS.get(top, f"pip install {top}")
-        raise ImportError(f"aql.integrations.{where} needs the optional dependency {top!r}, which is not installed "
-                          f"({error}); install it with: {hint}") from error
-
+__all__ = ["SelectionSession", "per_sample_scores"]
 
 def per_sample_scores(logits: torch.Tensor, targets: torch.Tensor, *, shift: bool = False, ignore_index: int = -100):
     """No-grad `aql_kernels.SoftmaxScores` with one row per sample: `[N, V]` logits with `[N]` targets

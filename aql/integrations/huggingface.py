@@ -49,10 +49,13 @@ from collections.abc import Mapping
 
 import torch
 
-from ._core import SelectionSession, require
+from aql.errors import require
 
-transformers = require("transformers", "huggingface")
-require("accelerate", "huggingface")  # the Trainer needs it with PyTorch; say so at import, not at the first train()
+from ._core import SelectionSession
+
+transformers = require("transformers", "huggingface", "aql.integrations.huggingface")
+# the Trainer needs accelerate with PyTorch: say so at import, not at the first train()
+require("accelerate", "huggingface", "aql.integrations.huggingface")
 
 import aql_kernels  # noqa: E402
 

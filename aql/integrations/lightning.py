@@ -49,9 +49,11 @@ from torch.utils.data import DataLoader
 from aql._checks import check_bool
 from aql.sampling import WithIndices
 
-from ._core import SelectionSession, per_sample_scores, require
+from aql.errors import require
 
-pl = require("lightning.pytorch", "lightning")
+from ._core import SelectionSession, per_sample_scores
+
+pl = require("lightning.pytorch", "lightning", "aql.integrations.lightning")
 
 __all__ = ["AQLCallback"]
 
