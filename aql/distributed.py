@@ -7,23 +7,24 @@ is the one `aql_kernels.topk_mask` would make on the concatenation of the shards
 largest in the selectors' order (`aql_kernels.order_keys`: NaN below -inf, -0.0 equal to +0.0), ties
 at the threshold to the lowest (rank, index). No score leaves its rank:
 
-1. one all-reduce (max) of 3 + R int64 (k, -k, a bad-argument flag and each rank's size in its own
-   slot): every rank checks that all passed the same k and that k is at most the total;
-2. the exact k-th largest key, most significant digit first (`aql_kernels.threshold_from_histograms`):
+1. the exact k-th largest key, most significant digit first (`aql_kernels.threshold_from_histograms`):
    per digit, each rank's `aql_kernels.digit_histogram` of the keys under the prefix found so far,
-   summed by an all-reduce; the default digits (8, 8, 8, 8) make four rounds of 256 int64 = 2 KiB;
-3. one all-reduce of R int64 (each rank's count of keys equal to the threshold), whose exclusive prefix
+   summed by an all-reduce; the first round also carries each rank's k and shard size (2 R + 1 int64),
+   so every rank checks that all passed the same k and that k is at most the total, and raises alike;
+   the default digits (11, 11, 10) make three rounds of 16, 16 and 8 KiB;
+2. one all-reduce of R int64 (each rank's count of keys equal to the threshold), whose exclusive prefix
    tells each rank how many of its ties the first k take;
-4. locally, `aql_kernels.topk_mask(shard, greater + ties taken)`: the keys above the threshold and
+3. locally, `aql_kernels.topk_mask(shard, greater + ties taken)`: the keys above the threshold and
    the first ties of the shard, which is the rank's part of the global selection.
 
 Bytes all-reduced per selection (payload per rank; a ring all-reduce sends about twice that):
-24 + 16 R + 8 * sum(2**b for b in digit_bits) bytes in 2 + len(digit_bits) all-reduces: 8216 + 16 R
-bytes in 6 all-reduces with the default digits (24 + 8 R bytes in one when k is 0 or the total; twice
-as much when `index` orders ties and the tie group at the threshold spans ranks and is partly taken). Each digit round reads the shard once
-(`digit_histogram`), so the local work is 4 reads of the scores plus the final `topk_mask`; the host
-reads each histogram (the walk picks the next prefix on the host). Measured cost: see
-`benchmarks/bench_distributed.py`.
+8 + 24 R + 8 * sum(2**b for b in digit_bits) bytes in 1 + len(digit_bits) all-reduces: 40968 + 24 R
+bytes in 4 all-reduces with the default digits (the first round only when k is 0 or the total; twice
+as much when `index` orders ties and the tie group at the threshold spans ranks and is partly taken).
+Fewer, larger rounds win where an all-reduce costs a round trip whatever its size (see the benchmark,
+which also times the 8-bit digits: 8 KiB in 5 all-reduces). Each digit round reads the shard once
+(`digit_histogram`), so the local work is 3 reads of the scores plus the final `topk_mask`; the host
+reads each histogram (the walk picks the next prefix on the host).
 
 Epoch plans. A rank trains positions r, r + R, r + 2R, ... of the plan that every rank computes
 (`shard_indices`): the union over ranks of batch i of size b is positions [i R b, (i + 1) R b) of the
@@ -53,8 +54,8 @@ __all__ = ["is_initialized", "world_size", "rank", "is_main", "init_from_env", "
            "broadcast_object", "gather_objects", "global_topk_mask", "global_topk_indices", "selection_bytes",
            "shard_indices", "SampleOwnership", "union_of_disjoint_masks", "DIGIT_BITS"]
 
-#: the digits of the global threshold walk: 4 all-reduces of 256 int64 (2 KiB each)
-DIGIT_BITS = (8, 8, 8, 8)
+#: the digits of the global threshold walk: 3 all-reduces of 2048, 2048 and 1024 int64 (16, 16, 8 KiB)
+DIGIT_BITS = (11, 11, 10)
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INDEX_LIMIT = 0x7F800000  # the largest index `_index_keys` maps (to +0.0)
 
@@ -140,7 +141,7 @@ def gather_objects(value: Any, dst: int = 0, group=None) -> list | None:
 # ------------------------------------------------------------------------------------- exact selection
 def selection_bytes(world: int, digit_bits: Sequence[int] = DIGIT_BITS) -> int:
     """Bytes each rank contributes to the all-reduces of one `global_topk_mask` (0 < k < total)."""
-    return 24 + 16 * world + 8 * sum(1 << int(b) for b in digit_bits)
+    return 8 + 24 * world + 8 * sum(1 << int(b) for b in digit_bits)
 
 
 def _check_digits(where: str, digit_bits) -> tuple[int, ...]:
@@ -228,24 +229,31 @@ def _local_topk_mask(values: torch.Tensor, k: int, group, schedule: tuple[int, .
         chosen = by_index.index_select(0, torch.sort(keys, descending=True, stable=True).indices[:k])
         return torch.zeros(values.shape[0], dtype=torch.bool, device=values.device).index_fill_(0, chosen, True)
     device = values.device
-    # round 1: the same k everywhere and k <= total (every rank raises alike, none waits forever); each
-    # rank's size sits in its own slot, so the maximum carries all of them
-    head = torch.zeros(3 + world, dtype=torch.int64, device=device)
-    head[0], head[1], head[2], head[3 + rank(group)] = k, -k, int(bad_index), values.shape[0]
-    head = all_reduce_max(head, group).tolist()
-    if head[0] != -head[1]:
-        raise ValueError(f"aql.{where}: every rank must pass the same k, got k from {-head[1]} to {head[0]}")
-    if head[2]:
+    me = rank(group)
+    # round 1, one all-reduce (sum): the first digit's histogram, each rank's k and size in its own slot,
+    # and the count of bad arguments, so that every rank checks the same k, k <= total and raises alike
+    first = aql_kernels.digit_histogram(values, 0, 0, schedule[0])
+    head = torch.zeros(2 * world + 1, dtype=torch.int64, device=device)
+    head[me], head[world + me], head[2 * world] = k, values.shape[0], int(bad_index)
+    summed = all_reduce_sum(torch.cat([first, head]), group)
+    info = summed[first.shape[0]:].tolist()
+    ks, sizes = info[:world], info[world:2 * world]
+    if min(ks) != max(ks):
+        raise ValueError(f"aql.{where}: every rank must pass the same k, got k from {min(ks)} to {max(ks)}")
+    if info[2 * world]:
         raise ValueError(f"aql.{where}: index must be in [0, {_INDEX_LIMIT}] on every rank; a rank passed one outside")
-    sizes = head[3:]
     total = sum(sizes)
     if k > total:
         raise ValueError(f"aql.{where}: k must be in [0, {total}] (the scores of all {world} ranks), got {k}")
     if k == 0 or k == total:
         return torch.full((values.shape[0],), k > 0, dtype=torch.bool, device=device)
     local_histograms: list[torch.Tensor] = []
+    first_round = [summed[:first.shape[0]]]
 
     def histogram(prefix: int, prefix_bits: int, bits: int) -> torch.Tensor:
+        if first_round:  # the walk's first call: (0, 0, schedule[0]), all-reduced above
+            local_histograms.append(first)
+            return first_round.pop()
         counts = aql_kernels.digit_histogram(values, prefix, prefix_bits, bits)
         local_histograms.append(counts)
         return all_reduce_sum(counts.clone(), group)
@@ -259,7 +267,6 @@ def _local_topk_mask(values: torch.Tensor, k: int, group, schedule: tuple[int, .
         digit = (found.key >> shift) & ((1 << bits) - 1)
         greater += int(counts[digit + 1:].sum())
     equal = int(local_histograms[-1][found.key & ((1 << schedule[-1]) - 1)])
-    me = rank(group)
     equals = torch.zeros(world, dtype=torch.int64, device=device)
     equals[me] = equal
     counts = all_reduce_sum(equals, group).tolist()

@@ -106,6 +106,7 @@ def _adversarial_cases(generator: torch.Generator):
     case(split(half, 150), 123)
     case(split(normal, 400), 300, digit_bits=(12, 10, 10))
     case(split(few, 100), 200, digit_bits=(16, 16))
+    case(split(special.repeat(3), 20), 30, digit_bits=(8, 8, 8, 8))
     # only some entries valid
     valid = torch.rand(1037, generator=generator) < 0.6
     case(split(normal, 500), 311, valid=split(valid, 500))
@@ -153,7 +154,7 @@ def test_global_selection_in_one_process_is_the_kernel():
     expected = torch.zeros(999, dtype=torch.bool)
     expected[index.argsort()] = aql_kernels.topk_mask(ties[index.argsort()], 400)
     assert torch.equal(distributed.global_topk_mask(ties, 400, index=index), expected)
-    assert distributed.selection_bytes(2) == 24 + 32 + 8 * 4 * 256
+    assert distributed.selection_bytes(2) == 8 + 24 * 2 + 8 * (2048 + 2048 + 1024)
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -246,7 +247,7 @@ def _data(n: int = 384):
     return IndexedTensorDataset(x[:n].contiguous(), y[:n].contiguous()), IndexedTensorDataset(x[n:].contiguous(), y[n:].contiguous())
 
 
-def _config(output_dir, **training):
+def _config(output_dir, aql_v2=(), **training):
     from aql.config import config_from_dict
 
     return config_from_dict({
@@ -255,7 +256,7 @@ def _config(output_dir, **training):
         "data": {"name": "mnist1d"},
         "training": {"batch_size": 32, "learning_rate": 3e-3, "warmup_steps": 2, "max_steps": 0, "gradient_accumulation": 4,
                      "epochs": 4, "eval_batch_size": 512, **training},
-        "aql_v2": {"selection_strategy": "stale", "query_budget": 0.5, "exploration": 0.25, "target_overhead": 1.0},
+        "aql_v2": {"selection_strategy": "stale", "query_budget": 0.5, "exploration": 0.25, "target_overhead": 1.0, **dict(aql_v2)},
         "logging": {"log_every": 1, "eval_every": 0, "save_every": 0, "wandb_project": None, "output_dir": str(output_dir),
                     "progress_bar": False},
     })
@@ -315,7 +316,8 @@ def _two_rank_runs(rank: int, world: int, folder: str):
     out["uneven_samples"] = [m["samples_backpropagated"] for m in uneven.history]
     for strategy in ("online", "ranked"):
         try:
-            _train(_refused(folder, strategy))
+            options = {"balanced": False} if strategy == "online" else {}
+            _train(_config(f"{folder}/{strategy}", aql_v2={"selection_strategy": strategy, "strategy_options": options}))
         except ConfigError as error:
             out[strategy] = str(error)
     try:
@@ -323,15 +325,6 @@ def _two_rank_runs(rank: int, world: int, folder: str):
     except ConfigError as error:
         out["odd_batch"] = str(error)
     return out
-
-
-def _refused(folder, strategy):
-    from aql.config import config_from_dict
-
-    raw = _config(f"{folder}/{strategy}").to_dict()
-    raw["aql_v2"]["selection_strategy"] = strategy
-    raw["aql_v2"]["strategy_options"] = {"balanced": False} if strategy == "online" else {}
-    return config_from_dict(raw)
 
 
 def test_two_rank_training_is_deterministic_resumes_and_matches_one_rank(tmp_path):
