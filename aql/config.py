@@ -138,6 +138,10 @@ class AQLConfig:
     fisher_update_freq: int = 1  # optimizer steps between Fisher (or ensemble) updates
     prior_precision: float = 1.0
     n_ensemble: int = 3
+    # The ensemble's students: `model:` keys replaced in a copy of the model config (e.g. {n_layers: 1,
+    # d_model: 192, n_heads: 3}); empty: the model with hidden widths / 4 (`shrink_model`), or, for a
+    # model it cannot shrink (GPT-2), aql.uncertainty.student_overrides of the model config
+    ensemble_student: dict[str, Any] = field(default_factory=dict)
     mc_samples: int = 10
     # Data selection
     query_budget: float = 0.2  # fraction of the training set back-propagated per epoch, in (0, 1]
@@ -358,6 +362,11 @@ def _validate(config: Config) -> None:
     _at_least("aql_v2.fisher_update_freq", a.fisher_update_freq, 1)
     _range("aql_v2.prior_precision", a.prior_precision, 0.0, math.inf, low_open=True)
     _at_least("aql_v2.n_ensemble", a.n_ensemble, 1)
+    if not isinstance(a.ensemble_student, dict):
+        raise ConfigError(f"aql_v2.ensemble_student must be a mapping of model: keys, got {a.ensemble_student!r}")
+    unknown = sorted(set(a.ensemble_student) - ({f.name for f in dataclasses.fields(ModelConfig)} - {"type"}))
+    if unknown:
+        raise ConfigError(f"aql_v2.ensemble_student: unknown model keys {unknown}; allowed: every model: key but type")
     _at_least("aql_v2.mc_samples", a.mc_samples, 1)
     _range("aql_v2.query_budget", a.query_budget, 0.0, 1.0, low_open=True)
     _at_least("aql_v2.buffer_size", a.buffer_size, 1)

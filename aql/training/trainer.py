@@ -400,7 +400,8 @@ class AQLv2Trainer:
             head = getattr(self.model, "head", None)
             return uncertainty.LaplacianUncertainty(self.model, head=head, ema_decay=a.fisher_ema_decay, prior_precision=a.prior_precision)
         if a.uncertainty_method == "ensemble":
-            return uncertainty.EnsembleUncertainty(self.model, n_ensemble=a.n_ensemble)
+            factory = uncertainty.config_student_factory(self.model, self.config.model, a.ensemble_student)
+            return uncertainty.EnsembleUncertainty(self.model, n_ensemble=a.n_ensemble, student_factory=factory)
         return uncertainty.MCDropoutUncertainty(self.model, n_samples=a.mc_samples)
 
     def _strategy_context(self) -> StrategyContext:

@@ -9,7 +9,7 @@
 """
 
 from .base import UncertaintyEstimator
-from .ensemble import EnsembleUncertainty, shrink_model
+from .ensemble import EnsembleUncertainty, config_student_factory, shrink_model, student_overrides
 from .laplacian import METHODS as LAPLACE_METHODS, LaplacianUncertainty, Uncertainty
 from .mc_dropout import MCDropoutEstimate, MCDropoutUncertainty
 
@@ -21,5 +21,7 @@ __all__ = [
     "MCDropoutUncertainty",
     "Uncertainty",
     "UncertaintyEstimator",
+    "config_student_factory",
     "shrink_model",
+    "student_overrides",
 ]

@@ -16,7 +16,7 @@ from aql._checks import check_int, check_interval
 
 from .base import UncertaintyEstimator
 
-__all__ = ["EnsembleUncertainty", "shrink_model"]
+__all__ = ["EnsembleUncertainty", "shrink_model", "student_overrides", "config_student_factory"]
 
 _WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)
@@ -93,6 +93,55 @@ def shrink_model(model: nn.Module, factor: int = 4) -> nn.Module:
         parent_name, _, child = name.rpartition(".")
         setattr(student.get_submodule(parent_name), child, replacement)
     return student
+
+
+def student_overrides(model_config, factor: int = 4) -> dict[str, Any]:
+    """The `model:` keys of a student `factor` times narrower (and shallower) than `model_config`
+    (an `aql.config.ModelConfig`): gpt2 keeps its vocabulary and positions and gets
+    max(1, n_layers // factor) layers, max(1, n_heads // factor) heads and d_model // factor rounded
+    down to a multiple of the heads; mnist1d_cnn gets its channels divided by `factor`."""
+    factor = check_int("uncertainty.student_overrides", "factor", factor, low=1)
+    if model_config.type == "gpt2":
+        heads = max(1, model_config.n_heads // factor)
+        width = max(heads, model_config.d_model // factor // heads * heads)
+        return {"n_layers": max(1, model_config.n_layers // factor), "n_heads": heads, "d_model": width}
+    if model_config.type == "mnist1d_cnn":
+        return {"channels": [max(1, c // factor) for c in model_config.channels]}
+    raise ValueError(f"aql.uncertainty.student_overrides: no default student for model.type {model_config.type!r}; "
+                     "set aql_v2.ensemble_student")
+
+
+def config_student_factory(model, model_config, student: dict[str, Any] | None = None) -> Callable[[], nn.Module]:
+    """The ensemble's student factory for a model built from `model_config` (`aql_v2.ensemble_student`):
+
+    - `student` given (a mapping of `model:` keys, e.g. {"n_layers": 1, "d_model": 64}): students are
+      `aql.models.build_model` of `model_config` with those keys replaced;
+    - else `shrink_model(model, 4)` when it can shrink the model (plain stacks of Linear / Conv layers);
+    - else (e.g. GPT-2, whose embeddings `shrink_model` cannot shrink) the config with
+      `student_overrides(model_config)`.
+
+    A student must map the same inputs to logits of the same shape as the main model."""
+    import dataclasses
+
+    from aql.models import build_model
+
+    if student:
+        if not isinstance(student, dict):
+            raise TypeError(f"aql.uncertainty.config_student_factory: student must be a mapping of model: keys, got {type(student).__name__}")
+        known = {f.name for f in dataclasses.fields(model_config)} - {"type"}
+        unknown = sorted(set(student) - known)
+        if unknown:
+            raise ValueError(f"aql_v2.ensemble_student: unknown model keys {unknown}; allowed: {sorted(known)}")
+        overrides = dict(student)
+    else:
+        try:
+            shrink_model(model, 4)
+        except ValueError:
+            overrides = student_overrides(model_config)
+        else:
+            return lambda: shrink_model(model, 4)
+    student_config = dataclasses.replace(model_config, **overrides)
+    return lambda: build_model(student_config)
 
 
 class EnsembleUncertainty(UncertaintyEstimator):
@@ -184,9 +233,11 @@ class EnsembleUncertainty(UncertaintyEstimator):
         self.steps += 1
         return losses.detach().mean()
 
-    def estimate_uncertainty(self, data: torch.Tensor) -> torch.Tensor:
-        """sum over classes of the variance over students of softmax(student(data)), float32 [N]."""
+    def estimate_uncertainty(self, data: torch.Tensor, *, per_sample: str = "mean") -> torch.Tensor:
+        """sum over classes of the variance over students of softmax(student(data)), float32 [N]
+        (token rows reduced by `per_sample`)."""
         data = self._check_data("estimate_uncertainty", data)
+        per_sample = self._check_per_sample("estimate_uncertainty", per_sample)
         modes = [s.training for s in self.students]
         total = total_squares = None
         try:
@@ -204,7 +255,8 @@ class EnsembleUncertainty(UncertaintyEstimator):
                 s.train(mode)
         mean = total / self.n_ensemble
         # population variance E[p^2] - E[p]^2, clamped against rounding below zero
-        return (total_squares / self.n_ensemble - mean * mean).clamp_min_(0.0).sum(dim=1)
+        values = (total_squares / self.n_ensemble - mean * mean).clamp_min_(0.0).sum(dim=1)
+        return self._per_sample("estimate_uncertainty", values, data.shape[0], per_sample)
 
     def state_dict(self) -> dict[str, Any]:
         return {"students": [s.state_dict() for s in self.students], "optimizer": self.optimizer.state_dict(), "steps": self.steps}

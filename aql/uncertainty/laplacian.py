@@ -373,7 +373,7 @@ class LaplacianUncertainty(UncertaintyEstimator):
         try:
             with torch.enable_grad():
                 output = self.model(data)
-                logits = self._logits("update_fisher", getattr(output, "logits", output))
+                logits = self._logits("update_fisher", output)
                 flat_targets = targets.reshape(-1)
                 if flat_targets.shape[0] != logits.shape[0]:
                     raise self._fail("update_fisher", f"targets must have one class per logits row ({logits.shape[0]}), got shape {tuple(targets.shape)}")
@@ -573,7 +573,7 @@ class LaplacianUncertainty(UncertaintyEstimator):
         finally:
             self._capture = False
             self._features = [None] * len(self.layers)
-        logits = self._logits(method, getattr(output, "logits", output))
+        logits = self._logits(method, output)
         read = self._density if self.method == "mahalanobis" else [len(self.layers) - 1]  # what the score reads
         if any(features[i] is None for i in read):
             raise self._fail(method, "a layer of `layers` (or the head) was not called during the forward pass")
@@ -583,18 +583,20 @@ class LaplacianUncertainty(UncertaintyEstimator):
                              f"{logits.shape[0]} logits rows")
         return logits, features
 
-    def estimate_uncertainty(self, data: torch.Tensor) -> torch.Tensor:
+    def estimate_uncertainty(self, data: torch.Tensor, *, per_sample: str = "mean") -> torch.Tensor:
         """float32 [N]: the epistemic score of `method` (score="epistemic") or the predictive entropy
-        (score="entropy"); one forward pass."""
+        (score="entropy"), token rows reduced by `per_sample`; one forward pass."""
         data = self._check_data("estimate_uncertainty", data)
+        per_sample = self._check_per_sample("estimate_uncertainty", per_sample)
         if self.score == "entropy":
             with torch.no_grad():
-                output = self.model(data)
-                logits = self._logits("estimate_uncertainty", getattr(output, "logits", output))
-                return aql_kernels.softmax_scores(logits if logits.dtype in _SCORE_DTYPES else logits.float()).entropy
-        _, features = self._forward("estimate_uncertainty", data)
-        with torch.no_grad():
-            return self._epistemic(features)
+                logits = self._logits("estimate_uncertainty", self.model(data))
+                values = aql_kernels.softmax_scores(logits if logits.dtype in _SCORE_DTYPES else logits.float()).entropy
+        else:
+            _, features = self._forward("estimate_uncertainty", data)
+            with torch.no_grad():
+                values = self._epistemic(features)
+        return self._per_sample("estimate_uncertainty", values, data.shape[0], per_sample)
 
     def estimate(self, data: torch.Tensor) -> Uncertainty:
         """Predictive entropy, the epistemic score and all softmax statistics of one forward pass."""

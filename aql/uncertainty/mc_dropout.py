@@ -83,9 +83,12 @@ class MCDropoutUncertainty(UncertaintyEstimator):
                 module.training = training
         return MCDropoutEstimate(torch.cat(entropies), torch.cat(informations))
 
-    def estimate_uncertainty(self, data: torch.Tensor) -> torch.Tensor:
+    def estimate_uncertainty(self, data: torch.Tensor, *, per_sample: str = "mean") -> torch.Tensor:
+        """`score` of `estimate` per sample (token rows reduced by `per_sample`)."""
+        per_sample = self._check_per_sample("estimate_uncertainty", per_sample)
         result = self.estimate(data)
-        return result.entropy if self.score == "entropy" else result.mutual_information
+        values = result.entropy if self.score == "entropy" else result.mutual_information
+        return self._per_sample("estimate_uncertainty", values, data.shape[0], per_sample)
 
     def state_dict(self) -> dict[str, Any]:
         return {}  # nothing is learned: the model carries everything
