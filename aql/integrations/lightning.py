@@ -22,11 +22,12 @@ Hooks: the epoch's plan at `on_train_epoch_start`; the batch's scores queued at 
 and handed to the strategy once its optimizer step has run (all micro-batches of an accumulated
 step together); the Fisher update at `on_before_optimizer_step` (the gradients there are unscaled and
 not yet clipped); the strategy's write-back at `on_train_epoch_end`, where `aql/overhead_pct` (the AQL
-machinery's time as a percentage of the rest of the epoch's training time; the fused loss's own cost
-counts as training) and `aql/data_selected` (the share of the training set the epoch trained on) are
-logged with `pl_module.log`. The strategy's state (the score table, the plan, the random state) and
-the estimator's are saved in Lightning's checkpoints (`state_dict` / `load_state_dict`), so a run
-resumed with `trainer.fit(..., ckpt_path=...)` selects what the uninterrupted run would have.
+machinery's time as a percentage of the rest of the epoch's time, validation included when it runs
+inside the epoch; the fused loss's own cost counts as training) and `aql/data_selected` (the share of
+the training set the epoch trained on) are logged with `pl_module.log`. The strategy's state (the
+score table, the plan, the random state) and the estimator's are saved in Lightning's checkpoints
+(`state_dict` / `load_state_dict`), so a run resumed with `trainer.fit(..., ckpt_path=...)` selects
+what the uninterrupted run would have.
 
 The LR schedule: the DataLoader is built once; its length (and so `trainer.estimated_stepping_batches`)
 counts `strategy.samples_per_epoch` samples per epoch, and each epoch the sampler draws that epoch's
