@@ -38,7 +38,7 @@ from ._checks import check_int
 
 __all__ = ["auroc", "uncertainty_mlp", "ood_inputs", "relative_cost", "run_uncertainty_experiment",
            "format_uncertainty_table", "plot_uncertainty", "summarize_uncertainty_runs", "format_uncertainty_summary",
-           "LAPLACE_VARIANTS", "EXPERIMENTS"]
+           "LAPLACE_VARIANTS", "EXPERIMENTS", "training_step_overhead"]
 
 # Numbers measured elsewhere (DESIGN.md), printed beside ours for orientation, never as ours.
 REFERENCE_POINTS = (
@@ -124,6 +124,86 @@ LAPLACE_VARIANTS = (
     ("laplace_diagonal", {"method": "diagonal"}),
     ("laplace_prior", {"method": "prior"}),
 )
+
+
+def training_step_overhead(*, batch_size: int = 128, steps: int = 50, rounds: int = 15, distill_steps: int = 2,
+                           n_ensemble: int = 3, seed: int = 0, quiet: bool = False) -> dict:
+    """What each estimator adds to a training step of Experiment 1's MLP, measured inside the training
+    loop: blocks of `steps` optimizer steps (forward, loss, backward, AdamW step) of each variant,
+    interleaved round by round in one process; per variant the median over `rounds` of its block time
+    divided by the bare block's (F.cross_entropy, no estimator) of the same round, as a % overhead.
+
+    Variants: `bare`; `mc_dropout` (nothing during training: the same step, so its figure is the noise
+    floor); `entropy` (the fused `cross_entropy_with_scores`, whose statistics give the predictive
+    entropy of the training batch); `laplace` (the default `LaplacianUncertainty`: its forward hooks and
+    `update_from_grads` after each backward); `laplace_kfac` (the K-FAC option); `ensemble`
+    (`distill_steps` distillation steps of `n_ensemble` students after each step). Data: random MNIST-1D
+    shaped batches (the cost does not depend on the values)."""
+    import aql_kernels
+
+    from .uncertainty import EnsembleUncertainty, LaplacianUncertainty
+
+    where = "experiments.training_step_overhead"
+    for name, value, low in (("batch_size", batch_size, 1), ("steps", steps, 1), ("rounds", rounds, 1),
+                             ("distill_steps", distill_steps, 1), ("n_ensemble", n_ensemble, 2)):
+        check_int(where, name, value, low=low)
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(steps, batch_size, 40, generator=generator)
+    y = torch.randint(0, 10, (steps, batch_size), generator=generator)
+
+    def variant(name):
+        torch.manual_seed(seed)
+        model = uncertainty_mlp(0.1)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2)
+        estimator = None
+        if name == "laplace":
+            estimator = LaplacianUncertainty(model, dataset_size=8000)
+        elif name == "laplace_kfac":
+            estimator = LaplacianUncertainty(model, dataset_size=8000, method="kfac")
+        elif name == "ensemble":
+            estimator = EnsembleUncertainty(model, n_ensemble=n_ensemble)
+
+        def block():
+            start = time.perf_counter()
+            for i in range(steps):
+                logits = model(x[i])
+                if name == "entropy":
+                    loss, _ = aql_kernels.cross_entropy_with_scores(logits, y[i])
+                else:
+                    loss = F.cross_entropy(logits, y[i])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if name in ("laplace", "laplace_kfac"):
+                    estimator.update_from_grads(batch_size=batch_size, check=False)
+                optimizer.step()
+                if name == "ensemble":
+                    for _ in range(distill_steps):
+                        estimator.train_ensemble(x[i])
+            return time.perf_counter() - start
+
+        return block
+
+    names = ("bare", "mc_dropout", "entropy", "laplace", "laplace_kfac", "ensemble")
+    blocks = {name: variant(name) for name in names}
+    for block in blocks.values():
+        block()  # warm-up
+    times = {name: [] for name in names}
+    for _ in range(rounds):
+        for name in names:
+            times[name].append(blocks[name]())
+    result = {"settings": {"batch_size": batch_size, "steps_per_block": steps, "rounds": rounds, "distill_steps": distill_steps,
+                           "n_ensemble": n_ensemble, "model": "MLP 40-256-256-10, dropout 0.1", "torch_threads": torch.get_num_threads()},
+              "bare_step_ms": statistics.median(times["bare"]) / steps * 1e3, "variants": {}}
+    for name in names:
+        ratios = [t / b for t, b in zip(times[name], times["bare"])]
+        result["variants"][name] = {"step_ms": statistics.median(times[name]) / steps * 1e3,
+                                    "overhead_percent": 100.0 * (statistics.median(ratios) - 1.0),
+                                    "overhead_percent_iqr": [100.0 * (q - 1.0) for q in statistics.quantiles(ratios, n=4)[::2]]
+                                    if len(ratios) > 1 else None}
+        if not quiet:
+            v = result["variants"][name]
+            print(f"  {name:13s} {v['step_ms']:.3f} ms/step, {v['overhead_percent']:+.1f}% against the bare step", flush=True)
+    return result
 
 
 def run_uncertainty_experiment(output_dir: str | os.PathLike = "runs/experiment_uncertainty", *, samples: int = 10000,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import json
 import sys
 
@@ -159,3 +160,17 @@ def test_summary_of_runs_is_the_mean_and_sample_std_per_method():
         summarize_uncertainty_runs([run(0, {"a": 0.6, "b": 0.9}), run(1, {"a": 0.8})])
     with pytest.raises(ValueError, match="results must be a non-empty list"):
         summarize_uncertainty_runs([])
+
+
+def test_training_step_overhead_times_every_variant_against_the_bare_step(one_thread):
+    from aql.experiments import training_step_overhead
+
+    result = training_step_overhead(batch_size=16, steps=2, rounds=2, quiet=True)
+    assert set(result["variants"]) == {"bare", "mc_dropout", "entropy", "laplace", "laplace_kfac", "ensemble"}
+    assert result["variants"]["bare"]["overhead_percent"] == 0.0
+    for name, v in result["variants"].items():
+        assert v["step_ms"] > 0 and math.isfinite(v["overhead_percent"]), name
+    # the ensemble runs 2 x 3 student steps (each with a teacher forward) after every training step
+    assert result["variants"]["ensemble"]["step_ms"] > result["variants"]["bare"]["step_ms"]
+    with pytest.raises(ValueError, match="rounds"):
+        training_step_overhead(rounds=0)
