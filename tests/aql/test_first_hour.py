@@ -243,7 +243,7 @@ def test_a_tokenizer_cached_by_name_works_offline(tokenizer_folder, tmp_path):
 
 # -------------------------------------------------------------------------------------- --version, --help
 def test_version():
-    import tomllib
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
     import aql
 
