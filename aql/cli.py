@@ -348,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = command("demo", "MNIST-1D: all data, AQL (budget 0.2), a random 20%% per epoch and all data for the same "
                            "sample count, with a plot",
                    "The MNIST-1D demo (no network): four runs with the same seed and model: all data every epoch, AQL "
-                   "(budget 0.2), a random 20%% each epoch and all data for as many samples as AQL; prints test accuracy, "
+                   "(budget 0.2), a random 20% each epoch and all data for as many samples as AQL; prints test accuracy, "
                    "samples back-propagated and AQL overhead, and writes a plot of accuracy against samples.")
     demo.add_argument("--output-dir", default="runs/demo", help="where the four runs, the summary JSON and the plot go "
                                                                 "(default runs/demo)")

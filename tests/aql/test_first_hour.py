@@ -275,6 +275,7 @@ def test_every_command_and_option_says_what_it_does(capsys):
         assert caught.value.code == 0
         out = capsys.readouterr().out
         assert out.startswith(f"usage: python -m aql {name}") and sub.description.split()[0] in out
+        assert "%%" not in out  # descriptions are not %-formatted, help strings are
     for action in parser._actions:
         assert action.help, action.dest
 
