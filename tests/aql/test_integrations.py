@@ -400,3 +400,55 @@ def test_hf_refuses_what_it_cannot_honour(tmp_path):
                    compute_loss_func=lambda *a, **k: 0)
     with pytest.raises(TypeError, match="items must be mappings of features"):
         IndexedFeatures([(1, 2)])[0]
+
+
+def test_hf_takes_a_datasets_dataset_with_unused_columns(tmp_path):
+    transformers = _transformers()
+    datasets = pytest.importorskip("datasets")
+    from aql.integrations.huggingface import AQLTrainer
+
+    items = _token_data(16, seed=4)
+    table = {key: [item[key].tolist() for item in items] for key in ("input_ids", "attention_mask", "labels")}
+    table["text"] = [f"sample {i}" for i in range(16)]  # a column the model does not take: removed before collation
+    dataset = datasets.Dataset.from_dict(table)
+    dataset.set_format("torch", columns=["input_ids", "attention_mask", "labels"], output_all_columns=True)
+    model = _gpt2(transformers)
+    strategy = StaleStrategy(16, query_budget=0.5, exploration=0.0)
+    trainer = AQLTrainer(model=model, args=_args(transformers, tmp_path, num_train_epochs=2), train_dataset=dataset, strategy=strategy)
+    trainer.train()
+    assert strategy.store.seen.all()  # two epochs at budget 0.5: every sample scored at its own index
+    torch.testing.assert_close(strategy.store.scores, _reference_sequence_losses(model, items), rtol=1e-5, atol=1e-6)
+
+
+def test_lightning_sequence_logits_are_scored_per_sequence_with_shift():
+    pl = _lightning()
+    from aql.integrations.lightning import AQLCallback
+
+    vocab, length, n = 11, 7, 12
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, vocab, (n, length), generator=g)
+    labels = ids.clone()
+    labels[::3, 4:] = -100  # padding in every third sequence
+    data = torch.utils.data.TensorDataset(ids, labels)
+
+    class TinyLM(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(vocab, 8)
+            self.head = nn.Linear(8, vocab)
+
+        def training_step(self, batch, batch_idx):
+            x, y, index = batch
+            return {"loss": self.head(self.embed(x)).sum() * 0.0, "logits": self.head(self.embed(x)), "targets": y, "index": index}
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    module = TinyLM()
+    strategy = StaleStrategy(n, query_budget=1.0, exploration=0.0)
+    _fit(pl, module, AQLCallback(strategy, shift=True), data, epochs=1)
+    with torch.no_grad():
+        logits = module.head(module.embed(ids)).double()
+    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="none").view(n, -1)
+    valid = (labels[:, 1:] != -100).double()
+    torch.testing.assert_close(strategy.store.scores, ((nll * valid).sum(1) / valid.sum(1)).float(), rtol=1e-5, atol=1e-6)
