@@ -11,4 +11,5 @@ neither framework; importing an adapter without its extra raises an ImportError 
 `pip install` command.
 """
 
-__all__ = ["huggingface", "lightning"]
+# nothing is imported here: `from aql.integrations import huggingface` imports the one adapter asked for
+__all__: list[str] = []
