@@ -67,6 +67,7 @@ class SoftmaxScores(NamedTuple):
 
 
 _REDUCTIONS = ("mean", "sum", "none")
+_SCORE_FIELDS = ("lse", "entropy", "maxprob", "margin", "loss", "el2n")  # the float fields of SoftmaxScores
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
@@ -93,16 +94,37 @@ def _unit_columns(logits: torch.Tensor) -> tuple[torch.Tensor, int]:
     return logits, (logits.stride(0) if n > 1 else v)
 
 
-def _empty_outputs(logits: torch.Tensor, with_targets: bool) -> SoftmaxScores:
-    """Uninitialised outputs for the launchers (loss and el2n None without targets)."""
-    n = logits.shape[0]
+def _empty_outputs(logits: torch.Tensor, with_targets: bool, *, shared: bool = True) -> SoftmaxScores:
+    """Uninitialised outputs for the launchers (loss and el2n None without targets).
 
-    def floats():
-        return torch.empty(n, device=logits.device, dtype=torch.float32)
+    shared: the float fields are the rows of one [F, N] buffer, in _SCORE_FIELDS order (two
+    allocations instead of seven: ~5 us less per call on the 2-CPU machine, and the per-sample
+    reduction of sequences reads the buffer as it is); the registered op, whose outputs must not
+    alias each other, allocates them apart."""
+    n, device = logits.shape[0], logits.device
+    count = 6 if with_targets else 4
+    if shared:
+        floats = torch.empty((count, n), device=device, dtype=torch.float32).unbind(0)
+    else:
+        floats = [torch.empty(n, device=device, dtype=torch.float32) for _ in range(count)]
+    argmax = torch.empty(n, device=device, dtype=torch.int64)
+    if with_targets:
+        lse, entropy, maxprob, margin, loss, el2n = floats
+        return SoftmaxScores(lse, entropy, maxprob, margin, argmax, loss, el2n)
+    return SoftmaxScores(*floats, argmax)
 
-    return SoftmaxScores(lse=floats(), entropy=floats(), maxprob=floats(), margin=floats(),
-                         argmax=torch.empty(n, device=logits.device, dtype=torch.int64),
-                         loss=floats() if with_targets else None, el2n=floats() if with_targets else None)
+
+def _shared_buffer(scores: SoftmaxScores, names) -> torch.Tensor | None:
+    """The [F, N] buffer whose rows are the fields `names` (in order), when _empty_outputs shared one."""
+    base = scores.lse._base
+    if base is None or base.dim() != 2 or base.shape[0] != len(names):
+        return None
+    start, step = base.data_ptr(), base.stride(0) * 4
+    for i, name in enumerate(names):
+        field = getattr(scores, name)
+        if field._base is not base or field.data_ptr() != start + i * step:
+            return None
+    return base
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -705,7 +727,8 @@ def _from_op(outputs: _OpOutputs, with_targets: bool) -> SoftmaxScores:
 @torch.library.custom_op("aql::softmax_scores", mutates_args=())
 def _softmax_scores_op(logits: torch.Tensor, targets: Optional[torch.Tensor], ignore_index: int) -> _OpOutputs:
     """The SoftmaxScores fields in order; loss and el2n are empty without targets."""
-    return _op_outputs(_FORWARD[_choose(logits.device)](logits, targets, ignore_index), logits)
+    out = _empty_outputs(logits, targets is not None, shared=False)
+    return _op_outputs(_FORWARD[_choose(logits.device)](logits, targets, ignore_index, out), logits)
 
 
 @_softmax_scores_op.register_fake
@@ -821,12 +844,14 @@ def _reduce(rows: torch.Tensor, reduction: str, denominator) -> torch.Tensor:
 
 
 def _rows_gradient(grad_loss: torch.Tensor, reduction: str, n: int, denominator) -> torch.Tensor:
-    """d loss / d L_i as an [N] vector (the derivative of _reduce)."""
+    """d loss / d L_i as a float32 [N] vector (the derivative of _reduce)."""
     if reduction == "none":
         return grad_loss
-    if reduction == "mean":
-        grad_loss = grad_loss / denominator
-    return grad_loss.float().expand(n).contiguous()
+    if grad_loss.dtype != torch.float32:
+        grad_loss = grad_loss.float()
+    if reduction == "mean":  # one op writes the contiguous vector
+        return torch.div(grad_loss.expand(n), denominator)
+    return grad_loss.expand(n).contiguous()
 
 
 def _loss_gradient(logits, targets, lse, grad_rows, ignore_index: int, weight, label_smoothing: float, inplace: bool,
@@ -854,23 +879,32 @@ class _CrossEntropy(torch.autograd.Function):
     """The autograd of cross_entropy_with_scores, on both routes: the forward (statistics and the
     reduced loss) and the backward kernel in one node (an op's autograd plus sum / div would be three).
 
-    Outputs: (loss, *SoftmaxScores fields without loss, nll, denominator), nll the kernel's per-row
-    loss, None when it *is* the loss (reduction="none", unweighted, unsmoothed). Only the loss is
-    differentiable."""
+    settings = (ignore_index, reduction, inplace_backward, eager, label_smoothing). In eager mode
+    (`scores_out` a list) the loss is the only output and the SoftmaxScores leave through
+    `scores_out`: every output of a Function costs autograd bookkeeping (~10 us for eight
+    non-differentiable outputs on the 2-CPU machine). Otherwise (`scores_out` None: torch.compile and
+    the tracers, which must see every tensor leave) the outputs are (loss, *SoftmaxScores fields
+    without loss, nll, denominator), nll None when it *is* the loss (reduction="none", unweighted,
+    unsmoothed). Only the loss is differentiable."""
 
     # forward(ctx, ...) rather than forward + setup_context: with setup_context, Function.apply binds
     # the arguments with inspect.signature on every call, ~40 us of the ~260 us of a fwd+bwd of
     # [512, 10] logits on the 2-core CI-class CPU. (torch.func transforms refuse either form here: the
-    # registered ops have no functorch rules.)
+    # registered ops have no functorch rules.) The settings travel as one argument: Function.apply
+    # walks its arguments in Python.
     @staticmethod
-    def forward(ctx, logits, targets, ignore_index, reduction, inplace_backward, eager, weight, label_smoothing):
+    def forward(ctx, logits, targets, weight, settings, scores_out):
+        ignore_index, reduction, _, eager, label_smoothing = settings
         scores = _forward(logits, targets, ignore_index, eager)
         rows, denominator = _loss_rows(logits, targets, scores.loss, scores.lse, ignore_index, reduction, weight,
                                        label_smoothing)
         loss = _reduce(rows, reduction, denominator)
-        nll = None if loss is scores.loss else scores.loss
         ctx.save_for_backward(logits, targets, scores.lse, denominator, weight)
-        ctx.settings = (ignore_index, reduction, inplace_backward, eager, label_smoothing)
+        ctx.settings = settings
+        if scores_out is not None:
+            scores_out.append(scores)
+            return loss
+        nll = None if loss is scores.loss else scores.loss
         outputs = (loss, scores.lse, scores.entropy, scores.maxprob, scores.margin, scores.argmax, scores.el2n, nll,
                    denominator)
         ctx.mark_non_differentiable(*(t for t in outputs[1:] if t is not None))
@@ -882,7 +916,7 @@ class _CrossEntropy(torch.autograd.Function):
         ignore_index, reduction, inplace_backward, eager, label_smoothing = ctx.settings
         grad_rows = _rows_gradient(grad_loss, reduction, logits.shape[0], denominator)
         grad = _loss_gradient(logits, targets, lse, grad_rows, ignore_index, weight, label_smoothing, inplace_backward, eager)
-        return grad, None, None, None, None, None, None, None
+        return grad, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -898,7 +932,6 @@ class _CrossEntropy(torch.autograd.Function):
 # transposed [T, B, V]) are copied once by reshape; pass the whole tensor with shift=True instead.
 
 _PER_SAMPLE = ("mean", "sum", "none")
-_SCORE_FIELDS = ("lse", "entropy", "maxprob", "margin", "loss", "el2n")  # the float fields, reduced per sample
 
 
 class _Sequences(NamedTuple):
@@ -967,7 +1000,11 @@ def _per_sample(scores: SoftmaxScores, layout: _Sequences, ignore_index: int) ->
     if layout.per_sample == "none":
         return SoftmaxScores(*(None if x is None else _positions(x, layout).contiguous() for x in scores))
     names = [name for name in _SCORE_FIELDS if getattr(scores, name) is not None]
-    stacked = torch.stack([_positions(getattr(scores, name), layout) for name in names])  # [F, B, T']
+    buffer = _shared_buffer(scores, names)
+    if buffer is not None:  # the fields are already the rows of one [F, B * T] tensor
+        stacked = buffer.view(len(names), layout.batch, layout.length)[:, :, :layout.scored]
+    else:
+        stacked = torch.stack([_positions(getattr(scores, name), layout) for name in names])  # [F, B, T']
     if layout.targets is None:
         total, count = stacked.sum(dim=2), layout.scored
     else:
@@ -1068,9 +1105,17 @@ def cross_entropy_with_scores(logits: torch.Tensor, targets: torch.Tensor, *, ig
         _check_inplace_backward(op, rows, logits)
     eager = _dispatch.eager(rows, row_targets, weight)
     if torch.is_grad_enabled() and logits.requires_grad:
-        loss, lse, entropy, maxprob, margin, argmax, el2n, nll, _ = _CrossEntropy.apply(
-            rows, row_targets, ignore_index, reduction, inplace_backward, eager, weight, label_smoothing)
-        scores = SoftmaxScores(lse, entropy, maxprob, margin, argmax, loss.detach() if nll is None else nll, el2n)
+        settings = (ignore_index, reduction, inplace_backward, eager, label_smoothing)
+        if eager:
+            scores_out = []
+            loss = _CrossEntropy.apply(rows, row_targets, weight, settings, scores_out)
+            scores = scores_out[0]
+            if reduction == "none" and weight is None and label_smoothing == 0.0:  # the loss *is* scores.loss
+                scores = scores._replace(loss=loss.detach())
+        else:
+            loss, lse, entropy, maxprob, margin, argmax, el2n, nll, _ = _CrossEntropy.apply(
+                rows, row_targets, weight, settings, None)
+            scores = SoftmaxScores(lse, entropy, maxprob, margin, argmax, loss.detach() if nll is None else nll, el2n)
     else:
         scores = _forward(rows, row_targets, ignore_index, eager)
         per_row, denominator = _loss_rows(rows, row_targets, scores.loss, scores.lse, ignore_index, reduction, weight,
