@@ -1009,7 +1009,7 @@ class AQLv2Trainer:
         where = "aql.trainer.AQLv2Trainer.load_state_dict"
         saved_world = state.get("world_size", 1)
         if saved_world != self.world_size:
-            raise ValueError(f"{where}: the checkpoint was written by {saved_world} rank(s), this run has {self.world_size}; "
+            raise CheckpointError(f"{where}: the checkpoint was written by {saved_world} rank(s), this run has {self.world_size}; "
                              "resume with the same number of processes (torchrun --nnodes / --nproc_per_node)")
         if self.world_size > 1:
             state = {**state, **state["ranks"][self.rank]}  # this rank's own part
