@@ -452,3 +452,35 @@ def test_lightning_sequence_logits_are_scored_per_sequence_with_shift():
     nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="none").view(n, -1)
     valid = (labels[:, 1:] != -100).double()
     torch.testing.assert_close(strategy.store.scores, ((nll * valid).sum(1) / valid.sum(1)).float(), rtol=1e-5, atol=1e-6)
+
+
+def test_hf_with_a_tokenizer_and_the_language_modelling_collator(tmp_path):
+    transformers = _transformers()
+    tokenizers = pytest.importorskip("tokenizers")
+
+    from aql.integrations.huggingface import AQLTrainer
+
+    words = [f"w{i}" for i in range(VOCAB - 2)]
+    model = tokenizers.models.WordLevel({w: i for i, w in enumerate(["[UNK]", "[PAD]", *words])}, unk_token="[UNK]")
+    backend = tokenizers.Tokenizer(model)
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]")
+    g = torch.Generator().manual_seed(6)
+    texts = [" ".join(words[int(j)] for j in torch.randint(0, len(words), (int(torch.randint(3, T + 1, (), generator=g)),), generator=g))
+             for _ in range(12)]
+    train_dataset = [dict(tokenizer(text)) for text in texts]  # lists of ids of different lengths: the collator pads
+    collator = transformers.DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    gpt2 = _gpt2(transformers)
+    strategy = StaleStrategy(12, query_budget=0.5, exploration=0.0)
+    trainer = AQLTrainer(model=gpt2, args=_args(transformers, tmp_path, num_train_epochs=2), train_dataset=train_dataset,
+                         data_collator=collator, processing_class=tokenizer, strategy=strategy)
+    trainer.train()
+    # each sequence alone, unpadded: the mean next-token NLL of the frozen model (learning rate 0)
+    expected = []
+    for item in train_dataset:
+        ids = torch.tensor(item["input_ids"]).unsqueeze(0)
+        with torch.no_grad():
+            logits = gpt2(input_ids=ids).logits.double()
+        expected.append(F.cross_entropy(logits[0, :-1], ids[0, 1:]).float())
+    assert strategy.store.seen.all()
+    torch.testing.assert_close(strategy.store.scores, torch.stack(expected), rtol=1e-5, atol=1e-5)
