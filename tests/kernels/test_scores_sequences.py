@@ -451,3 +451,31 @@ def test_sequences_on_every_implementation(monkeypatch, name):
     _assert_close(loss, want, 1e-4, 3e-5, "loss")
     _assert_close(x.grad, want_grad, *GRAD_TOLERANCES[torch.float32], "gradient")
     _assert_per_sample(scores, _reference_per_sample(x.detach(), targets, True, "mean"), "mean", b, t - 1)
+
+
+def test_tracing_modes_see_sequences_through_the_registered_ops():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        logits = torch.empty(3, 6, 40, requires_grad=True)
+        targets = torch.zeros(3, 6, dtype=torch.int64)
+        scores = softmax_scores(logits.detach(), targets, shift=True, per_sample="none")
+        loss, per_sequence = cross_entropy_with_scores(logits, targets, shift=True, label_smoothing=0.1,
+                                                       weight=torch.ones(40), reduction="none")
+    assert scores.lse.shape == (3, 5) and scores.argmax.shape == (3, 5)
+    assert loss.shape == (15,) and per_sequence.entropy.shape == (3,) and per_sequence.argmax is None
+
+
+def test_int32_targets_with_shift_and_a_wide_ignore_index():
+    # the shifted targets are int64: an ignore_index outside int32 still fills the last column
+    b, t, v = 2, 5, 12
+    logits = torch.randn(b, t, v, requires_grad=True)
+    targets = torch.randint(0, v, (b, t), dtype=torch.int32)
+    wide = -(2**40)
+    loss, scores = cross_entropy_with_scores(logits, targets, shift=True, ignore_index=wide, reduction="sum")
+    loss.backward()
+    x64 = logits.detach().double().requires_grad_(True)
+    want = F.cross_entropy(x64[:, :-1].reshape(-1, v), targets[:, 1:].reshape(-1).long(), reduction="sum")
+    want.backward()
+    _assert_close(loss, want, 1e-4, 3e-5, "loss")
+    _assert_close(logits.grad, x64.grad, *GRAD_TOLERANCES[torch.float32], "gradient")
