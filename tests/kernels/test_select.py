@@ -9,6 +9,7 @@ import math
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -305,6 +306,106 @@ def test_native_writes_every_output_byte():
         check_selection(scores, k, order, mask.bool(), indices, threshold)
     with pytest.raises(_native.NativeError, match="k must be in"):
         _native.CPU.call("aql_topk_select", _native.pointer(scores), n, n + 1, None, None, None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the CPU mask pass: bounds on special values, every instruction-set variant, several threads
+# ---------------------------------------------------------------------------------------------------
+# Values whose keys sit at the edges that the AVX-512 mask pass treats specially: NaN (key 0, with
+# payloads and the sign bit), -inf, the negative subnormals next to -0.0 (keys 0x7ffffffe,
+# 0x7ffffffd: a candidate range can end at 0x7fffffff, which is no score's key), both zeros (one
+# key), the positive subnormals, +inf.
+_EDGE_VALUES = torch.tensor(
+    [0x7FC00000, 0xFFC00000 - 2**32, 0x7F800001, 0xFF800000 - 2**32, 0x80000002 - 2**32, 0x80000001 - 2**32, 0x80000000 - 2**32,
+     0x00000000, 0x00000001, 0x00000002, 0x00800000, 0x3F800000, 0x7F7FFFFF, 0x7F800000],
+    dtype=torch.int64,
+).to(torch.int32).view(torch.float32)
+
+
+def edge_scores(n: int, generator: torch.Generator) -> torch.Tensor:
+    """n scores drawn from _EDGE_VALUES (many ties) and a few normal values."""
+    x = _EDGE_VALUES[torch.randint(0, _EDGE_VALUES.numel(), (n,), generator=generator)]
+    spread = torch.rand(n, generator=generator) < 0.2
+    x[spread] = torch.randn(int(spread.sum()), generator=generator)
+    return x
+
+
+def tie_ks(scores: torch.Tensor, order: np.ndarray) -> list[int]:
+    """k = 0, n, and around each group of ties: the k that takes none of it, one, two, all but one,
+    all of it."""
+    keys = sel.order_keys(scores).numpy()[order]
+    bounds = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1], True])
+    n = scores.shape[0]
+    ks = {0, n}
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        if stop - start > 1:
+            ks.update({int(start), int(start) + 1, int(start) + 2, int(stop) - 1, int(stop)})
+    return sorted(k for k in ks if 0 <= k <= n)
+
+
+_CPU_VARIANTS = [isa for isa in _native.CpuIsa if isa != _native.CpuIsa.NATIVE]
+
+
+@pytest.fixture(params=_CPU_VARIANTS, ids=lambda isa: isa.name.lower())
+def select_variant(request):
+    """The CPU library's selector in one instruction-set variant (skipped where it cannot run)."""
+    require_native()
+    if not _native.CPU.has("aql_cpu_set_isa"):
+        pytest.skip("the CPU library is built without runtime dispatch")
+    previous = _native.CPU.cpu_isa()
+    if _native.CPU.function("aql_cpu_set_isa")(int(request.param)) != 0:
+        pytest.skip(f"variant {request.param.name} does not run here: {_native.CPU.last_error()}")
+    yield request.param
+    assert _native.CPU.function("aql_cpu_set_isa")(int(previous)) == 0
+
+
+# 1021: every score is sampled, the candidate range is one 22-bit prefix; 300007: a sampled range of
+# prefixes; neither is a multiple of the 16-lane vectors.
+@pytest.mark.parametrize("n", [1021, 300007])
+def test_native_ties_at_special_values_every_variant(select_variant, n):
+    generator = torch.Generator().manual_seed(n)
+    scores = edge_scores(n, generator)
+    order = numpy_order(scores)
+    for k in tie_ks(scores, order):
+        check_selection(scores, k, order, *run_implementation("native", scores, k))
+
+
+@pytest.mark.parametrize("distribution", ["uniform", "normal", "sorted"])
+def test_native_many_ks_every_variant(select_variant, distribution):
+    """The mask pass writes key > a provisional bound and fixes the candidates on the wrong side of
+    the exact threshold afterwards: k from far below to far above the sample's estimate puts the exact
+    threshold on both sides of it."""
+    torch.manual_seed(7)
+    n = 200003
+    scores = make_scores(distribution, n)
+    order = numpy_order(scores)
+    for k in (1, 17, n // 5 - 1000, n // 5 - 3, n // 5, n // 5 + 5, n // 5 + 777, n // 2, n - 17, n - 1):
+        check_selection(scores, k, order, sel._run(scores, k, "mask", "native"), None, sel._run(scores, k, "threshold", "native"))
+
+
+_TWO_THREADS_SCRIPT = """
+import torch
+from tests.kernels.test_select import make_scores, edge_scores, numpy_order, check_selection, run_implementation
+torch.manual_seed(3)
+n = 2**20 + 37
+cases = [make_scores(d, n) for d in ("uniform", "all_equal", "nans", "sample_decoys")] + [edge_scores(n, torch.Generator().manual_seed(1))]
+for scores in cases:
+    order = numpy_order(scores)
+    for k in (0, 1, n // 5, n // 2 + 1, n - 1, n):
+        check_selection(scores, k, order, *run_implementation("native", scores, k))
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_native_two_threads_chunks():
+    """Two OpenMP threads (a fresh process: the thread count is fixed when OpenMP starts): several
+    chunks per thread, each writing its candidates into its own slot range."""
+    require_native()
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, "-c", _TWO_THREADS_SCRIPT], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -11,20 +11,24 @@
 //   1. the top 12 bits of 65536 evenly spaced scores: the digits of the sample ranks around k s / n
 //      (see sample_ranks); when they span at most 4 digits, the 22-bit prefixes of the samples
 //      in those digits: the key range [low, high] (whole 12-bit digits, or 22-bit prefixes);
-//   2. one pass that writes the mask (key > high), compacts the keys and indices of the scores in
-//      [low, high] (the candidates) and counts the scores above high; the k-th largest is a candidate
-//      exactly when above < k <= above + candidates;
+//   2. one pass that writes the mask (key > provisional, the top of the digit or prefix that holds
+//      the sample's own estimate of the k-th largest, in [low, high]), compacts the keys and indices
+//      of the scores in [low, high] (the candidates) and counts the scores above high; the k-th
+//      largest is a candidate exactly when above < k <= above + candidates;
 //   3. only after a miss: the exact histogram of the top 12 bits, its bucket, and pass 2 again with
 //      that single digit;
 //   4. digit passes over the candidates only (12 + 10 + 10 bits, less what the range fixes
 //      already): the exact k-th key T and the number t of elements equal to T that the first k take;
 //   5. when t is less than the number of T-equal elements, digit passes over the indices of the
 //      T-equal candidates find the t-th smallest of those indices (the cutoff);
-//   6. the candidates with key > T, or key == T and index <= cutoff, are set in the mask;
+//   6. the candidates whose mask byte from pass 2 is not (key > T, or key == T and index <= cutoff)
+//      get that value (those between the estimate and T: ~10% of them for uniform scores);
 //   7. indices, when asked for: per-chunk count of the mask, exclusive scan, ascending write.
 // Reads of the scores: 1 (mask + compaction; 3 after a miss), plus one write of the mask; candidate
 // passes touch 12 bytes per candidate (about 2% of the scores for uniform [0, 1) scores at k = 0.2 n,
-// fewer for spread-out ones; all of them when all are equal).
+// fewer for spread-out ones; all of them when all are equal). Under AVX-512 the mask pass compares a
+// two-instruction signed "order" of the float bits with bounds derived from [low, high] (order_lower,
+// order_upper) instead of computing every key.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -65,6 +69,41 @@ constexpr int kBuckets = 1 << kFirstBits;
 constexpr int64_t kParallelScores = int64_t{1} << 20;
 constexpr int64_t kParallelCandidates = int64_t{1} << 22;
 constexpr int kChunksPerThread = 8;
+// Slots after each chunk's candidates that mask_and_compact may overwrite (one vector's worth).
+constexpr int64_t kCompactSlack = 16;
+
+// The candidate arrays of one calling thread, kept from call to call: new pages cost a page fault and
+// a zero fill each, ~0.5 ms per call for the 190k candidates of 10^7 uniform scores. Only the pages
+// that candidates reach are ever resident; after a call that reached more than kKeepCandidates of
+// them the arrays are released, so a kept buffer holds at most ~kKeepCandidates * 12 bytes.
+constexpr int64_t kKeepCandidates = int64_t{1} << 21;
+
+struct CandidateScratch {
+  std::unique_ptr<uint32_t[]> keys;   // not std::vector: no zero fill of pages no candidate reaches
+  std::unique_ptr<int64_t[]> indices;
+  size_t capacity = 0;
+
+  void release_if_large(int64_t used) {
+    if (used > kKeepCandidates) {
+      keys.reset();
+      indices.reset();
+      capacity = 0;
+    }
+  }
+};
+
+CandidateScratch &candidate_scratch(size_t capacity) {
+  thread_local CandidateScratch scratch;
+  if (scratch.capacity < capacity) {
+    scratch.keys.reset();  // the old arrays go before the new ones are mapped
+    scratch.indices.reset();
+    scratch.capacity = 0;
+    scratch.keys.reset(new uint32_t[capacity]);
+    scratch.indices.reset(new int64_t[capacity]);
+    scratch.capacity = capacity;
+  }
+  return scratch;
+}
 
 struct Pick {
   uint32_t digit;          // the bucket that holds the wanted element
@@ -127,50 +166,124 @@ void histogram_top_digit(const float *scores, int64_t begin, int64_t end, uint64
   }
 }
 
-// Mask (key > high) and the keys and indices of the scores whose key is in [low, high], for
-// scores[begin, end), candidates written from `out` on; returns where they end and adds the number of
-// scores above high to *above. Per block, one vectorised loop computes the keys, the mask bytes and a
-// 0/1 "is a candidate" byte per score; the candidates are then picked eight flag bytes at a time with
-// ctz, so the scalar work follows the number of candidates, not of the scores. The mask goes through a
-// local buffer: stores through a uint8_t pointer may alias anything and kept the loop scalar.
-int64_t mask_and_compact(const float *scores, int64_t begin, int64_t end, uint32_t low, uint32_t high, uint8_t *selected,
-                         uint32_t *keys_out, int64_t *indices_out, int64_t out, int64_t *above_count) {
-  int64_t above_total = 0;
-#if defined(__AVX512F__)
-  // AVX-512: compress-stores instead of a loop over flag bits. That loop's unpredictable trip count
-  // cost about 6 ns per candidate (3.7 ms for the 625k candidates of 10^7 uniform scores, one core of
-  // the 2-core Xeon CI-class CPU).
-  const __m512i low_v = _mm512_set1_epi32(static_cast<int>(low));
-  const __m512i high_v = _mm512_set1_epi32(static_cast<int>(high));
-  const __m512i sign = _mm512_set1_epi32(static_cast<int>(0x80000000u));
-  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
-  const __m512i infinity = _mm512_set1_epi32(0x7f800000);
-  const __m512i one = _mm512_set1_epi32(1);
-  const __m512i lanes_low = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
-  const __m512i lanes_high = _mm512_set_epi64(15, 14, 13, 12, 11, 10, 9, 8);
-  for (; begin + 16 <= end; begin += 16) {
-    const __m512i bits = _mm512_loadu_si512(scores + begin);
-    const __m512i magnitude = _mm512_and_si512(bits, abs_mask);
-    const __m512i canonical = _mm512_maskz_mov_epi32(_mm512_test_epi32_mask(magnitude, magnitude), bits);
-    const __m512i flip = _mm512_or_si512(_mm512_srai_epi32(canonical, 31), sign);
-    const __m512i key = _mm512_maskz_mov_epi32(_mm512_cmple_epu32_mask(magnitude, infinity), _mm512_xor_si512(canonical, flip));
-    const __mmask16 above = _mm512_cmpgt_epu32_mask(key, high_v);
-    above_total += __builtin_popcount(above);
-    if (selected != nullptr) {
-      _mm_storeu_si128(reinterpret_cast<__m128i *>(selected + begin), _mm512_cvtepi32_epi8(_mm512_maskz_mov_epi32(above, one)));
-    }
-    const __mmask16 candidate = _mm512_mask_cmple_epu32_mask(_mm512_cmpge_epu32_mask(key, low_v), key, high_v);
-    if (candidate != 0) {
-      _mm512_mask_compressstoreu_epi32(keys_out + out, candidate, key);
-      const __m512i base = _mm512_set1_epi64(begin);
-      const __mmask8 low = static_cast<__mmask8>(candidate & 0xff), high = static_cast<__mmask8>(candidate >> 8);
-      _mm512_mask_compressstoreu_epi64(indices_out + out, low, _mm512_add_epi64(base, lanes_low));
-      const int low_count = __builtin_popcount(low);
-      _mm512_mask_compressstoreu_epi64(indices_out + out + low_count, high, _mm512_add_epi64(base, lanes_high));
-      out += low_count + __builtin_popcount(high);
-    }
+// The signed "order" of a score's bits: b ^ 0x7fffffff for negative floats, b for positive ones. It
+// is monotone in the float order, equal to key ^ 0x80000000 (as int32) on every non-NaN score but
+// -0.0, which gets -1 (just below +0.0 at 0: nothing lies between them), and it puts NaN outside
+// [order(-inf), order(+inf)]. Two vector operations instead of the eight of float_key; the bounds
+// below absorb the two exceptions.
+constexpr int32_t kOrderNegInf = static_cast<int32_t>(0x807fffffu);  // order of -inf
+constexpr int32_t kOrderPosInf = 0x7f800000;                          // order of +inf
+
+// The largest order of a non-NaN score whose key is <= high (kOrderNegInf - 1 when only NaN's is).
+inline int32_t order_upper(uint32_t high) {
+  if (high >= 0xff800000u) return kOrderPosInf;
+  if (high >= 0x007fffffu) {
+    // Keys in [0x007fffff, 0x7ffffffe] are negative floats, [0x80000000, 0xff800000] positive ones
+    // and +-0.0; 0x7fffffff is no score's key, its nearest one below is 0x7ffffffe.
+    const uint32_t key = high == 0x7fffffffu ? 0x7ffffffeu : high;
+    return static_cast<int32_t>(key ^ 0x80000000u);
   }
+  return kOrderNegInf - 1;
+}
+
+// The smallest order of a non-NaN score whose key is >= low (kOrderPosInf + 1 when none is).
+inline int32_t order_lower(uint32_t low) {
+  if (low <= 0x007fffffu) return kOrderNegInf;
+  if (low == 0x7fffffffu || low == 0x80000000u) return -1;  // both zeros
+  if (low <= 0xff800000u) return static_cast<int32_t>(low ^ 0x80000000u);
+  return kOrderPosInf + 1;
+}
+
+// The mask (key > provisional) and the keys and indices of the scores whose key is in [low, high]
+// (the candidates), for scores[begin, end), candidates written from `out` on; returns where they end
+// and adds the number of scores with key > high to *above_high. low <= provisional <= high: the
+// mask bytes of candidates are provisional (phase 6 corrects those on the wrong side of the exact
+// threshold), all others final. Writes up to kCompactSlack slots past the returned end.
+#if defined(__AVX512F__)
+inline __m512i float_keys512(__m512i bits) {  // float_key on 16 lanes
+  const __m512i magnitude = _mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff));
+  const __m512i canonical = _mm512_maskz_mov_epi32(_mm512_test_epi32_mask(magnitude, magnitude), bits);
+  const __m512i flip = _mm512_or_si512(_mm512_srai_epi32(canonical, 31), _mm512_set1_epi32(static_cast<int>(0x80000000u)));
+  return _mm512_maskz_mov_epi32(_mm512_cmple_epu32_mask(magnitude, _mm512_set1_epi32(0x7f800000)), _mm512_xor_si512(canonical, flip));
+}
+
+// AVX-512, per block of kCompactBlock scores: signed compares of the order (mask: order > the
+// provisional bound and not NaN; candidate: lower <= order <= upper, or NaN when low == 0,
+// kNaNCandidates), the mask as bytes, and the candidates' block offsets compressed into a register
+// and stored whole (the memory form of vpcompress is microcoded on AMD Zen 4: 14.3 ms of 19 ms for
+// 10^7 uniform scores, one core of the 2-core EPYC CI machine; a branch on "any candidate"
+// mispredicts). Then the block's candidates become keys (gathered from the block, still in L1) and
+// indices, and those above the provisional key are counted (they are in the mask count but not
+// above high). Compressing the offsets only, not the scores too: 2.6 -> 2.2 ms on that core.
+constexpr int kCompactBlock = 2048;
+
+template <bool kNaNCandidates>
+int64_t mask_and_compact_avx512(const float *scores, int64_t begin, int64_t end, uint32_t low, uint32_t high, uint32_t provisional,
+                                uint8_t *selected, uint32_t *keys_out, int64_t *indices_out, int64_t out, int64_t *above_high) {
+  const __m512i lower = _mm512_set1_epi32(order_lower(low)), upper = _mm512_set1_epi32(order_upper(high));
+  const __m512i mask_bound = _mm512_set1_epi32(order_upper(provisional));
+  const __m512i positive_infinity = _mm512_set1_epi32(kOrderPosInf), negative_infinity = _mm512_set1_epi32(kOrderNegInf);
+  const __m512i magnitude_bits = _mm512_set1_epi32(0x7fffffff);
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i sixteen = _mm512_set1_epi32(16), provisional_key = _mm512_set1_epi32(static_cast<int>(provisional));
+  const __m128i ones = _mm_set1_epi8(1);
+  alignas(64) uint32_t offsets[kCompactBlock + kCompactSlack];
+  int64_t masked = 0, candidates_masked = 0;
+  while (begin + 16 <= end) {
+    const int64_t block_end = begin + std::min<int64_t>(kCompactBlock, (end - begin) & ~int64_t{15});
+    int count = 0;
+    __m512i offset = lanes;
+    for (int64_t i = begin; i < block_end; i += 16) {
+      const __m512i bits = _mm512_loadu_si512(scores + i);
+      // order = bits ^ ((bits >> 31) & 0x7fffffff): ternary-logic immediate 0x78 is a ^ (b & c).
+      const __m512i order = _mm512_ternarylogic_epi32(bits, _mm512_srai_epi32(bits, 31), magnitude_bits, 0x78);
+      const __mmask16 below_nan = _mm512_cmple_epi32_mask(order, positive_infinity);
+      const __mmask16 above = _mm512_mask_cmpgt_epi32_mask(below_nan, order, mask_bound);
+      masked += __builtin_popcount(above);
+      if (selected != nullptr) _mm_storeu_si128(reinterpret_cast<__m128i *>(selected + i), _mm_maskz_mov_epi8(above, ones));
+      __mmask16 candidate = _mm512_mask_cmple_epi32_mask(_mm512_cmpge_epi32_mask(order, lower), order, upper);
+      if constexpr (kNaNCandidates) {
+        candidate |= static_cast<__mmask16>(~_mm512_mask_cmpge_epi32_mask(below_nan, order, negative_infinity));
+      }
+      _mm512_storeu_si512(offsets + count, _mm512_maskz_compress_epi32(candidate, offset));
+      offset = _mm512_add_epi32(offset, sixteen);
+      count += __builtin_popcount(candidate);
+    }
+    // Offsets -> keys and indices, 16 candidates at a time (about 2% of the scores for uniform
+    // scores at k = 0.2 n).
+    const __m512i block_begin = _mm512_set1_epi64(begin);
+    for (int j = 0; j < count; j += 16) {
+      const __mmask16 lanes_in = count - j >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (count - j)) - 1u);
+      const __m512i offset16 = _mm512_load_si512(offsets + j);
+      const __m512i key = float_keys512(_mm512_mask_i32gather_epi32(_mm512_setzero_si512(), lanes_in, offset16, scores + begin, 4));
+      _mm512_mask_storeu_epi32(keys_out + out + j, lanes_in, key);
+      candidates_masked += __builtin_popcount(_mm512_mask_cmpgt_epu32_mask(lanes_in, key, provisional_key));
+      _mm512_mask_storeu_epi64(indices_out + out + j, static_cast<__mmask8>(lanes_in),
+                               _mm512_add_epi64(block_begin, _mm512_cvtepu32_epi64(_mm512_castsi512_si256(offset16))));
+      _mm512_mask_storeu_epi64(indices_out + out + j + 8, static_cast<__mmask8>(lanes_in >> 8),
+                               _mm512_add_epi64(block_begin, _mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64(offset16, 1))));
+    }
+    out += count;
+    begin = block_end;
+  }
+  *above_high += masked - candidates_masked;
+  return out;
+}
 #endif
+
+int64_t mask_and_compact(const float *scores, int64_t begin, int64_t end, uint32_t low, uint32_t high, uint32_t provisional,
+                         uint8_t *selected, uint32_t *keys_out, int64_t *indices_out, int64_t out, int64_t *above_high) {
+#if defined(__AVX512F__)
+  out = low == 0 ? mask_and_compact_avx512<true>(scores, begin, end, low, high, provisional, selected, keys_out, indices_out, out, above_high)
+                 : mask_and_compact_avx512<false>(scores, begin, end, low, high, provisional, selected, keys_out, indices_out, out, above_high);
+  begin += (end - begin) & ~int64_t{15};
+#endif
+  // The scalar form (and the last n % 16 scores under AVX-512). Per block, one vectorised loop
+  // computes the keys, the mask bytes and a 0/1 "is a candidate" byte per score; the candidates are
+  // then picked eight flag bytes at a time with ctz, so the scalar work follows the number of
+  // candidates, not of the scores. The mask goes through a local buffer: stores through a uint8_t
+  // pointer may alias anything and kept the loop scalar.
+  int64_t above_total = 0;
   uint32_t keys[kBlock];
   uint8_t above[kBlock];
   uint8_t is_candidate[kBlock + 8];
@@ -181,7 +294,7 @@ int64_t mask_and_compact(const float *scores, int64_t begin, int64_t end, uint32
       const uint32_t key = float_key(scores[i + j]);
       const uint32_t in_range = key - low <= high - low;  // low <= key <= high
       keys[j] = key;
-      above[j] = key > high;
+      above[j] = key > provisional;
       above_block += key > high;
       is_candidate[j] = static_cast<uint8_t>(in_range);
       any |= in_range;
@@ -202,7 +315,7 @@ int64_t mask_and_compact(const float *scores, int64_t begin, int64_t end, uint32
       }
     }
   }
-  *above_count += above_total;
+  *above_high += above_total;
   return out;
 }
 
@@ -259,36 +372,56 @@ aql_status select_topk(const float *scores, int64_t n, int64_t k, uint8_t *mask,
   // ---- 1-3: sampled top-digit range, mask + candidate compaction, exact pass after a miss -------
   // The scores are cut into fixed chunks, several per thread, handed out dynamically: a thread that
   // the OS preempts does not hold the others at a barrier. Chunk c writes its candidates from
-  // position chunk_begin(c) on (it has at most that many scores); they are moved together after.
+  // output_begin(c) on (room for all its scores and kCompactSlack more); they stay there.
   const int threads = thread_count(n, kParallelScores);
   const int chunks = threads == 1 ? 1 : threads * kChunksPerThread;
   std::vector<uint64_t> hist(kBuckets, 0u);
   // The guess: the top digits of the sample ranks around k s / n (see sample_ranks), and when they span
   // at most 4 digits, the 22-bit prefixes of the samples in them: the candidates are the keys in
-  // [low, high].
-  // Each sample is its own cache line: software prefetches keep ~16 of those misses in flight, and the
-  // keys are kept for the second look (both looks took ~1.3 ms at n = 10^7 without them, ~0.8 ms with
-  // them, on the 2-core Xeon CI-class CPU).
+  // [low, high]. The mask pass writes key > provisional, the top of the digit (or prefix) that holds
+  // the sample's own estimate of the k-th largest, so that phase 6 rewrites only the candidates
+  // between that estimate and the exact threshold (~18k instead of ~100k of the 190k candidates for
+  // 10^7 uniform scores, whose bytes lie on most lines of the mask).
+  // Each sample is its own cache line: software prefetches keep kAhead of those misses in flight, and
+  // the keys are kept for the second look.
   const int64_t samples = std::min(n, kSample);
-  const int64_t quotient = n / samples, remainder = n % samples;
-  const auto position = [&](int64_t j) { return j * quotient + (j * remainder) / samples; };
   std::vector<uint32_t> sample_keys(static_cast<size_t>(samples));
-  constexpr int64_t kAhead = 16;
-  for (int64_t j = 0; j < samples; ++j) {
-    if (j + kAhead < samples) __builtin_prefetch(scores + position(j + kAhead));
-    sample_keys[j] = float_key(scores[position(j)]);
-    ++hist[sample_keys[j] >> (32 - kFirstBits)];
+  {
+    // Positions floor(j n / s) = j q + floor(j r / s), the second term carried without a division.
+    std::vector<int64_t> positions(static_cast<size_t>(samples));
+    const int64_t quotient = n / samples, remainder = n % samples;
+    int64_t carry = 0, fraction = 0;
+    for (int64_t j = 0; j < samples; ++j) {
+      positions[j] = j * quotient + carry;
+      fraction += remainder;
+      if (fraction >= samples) {
+        fraction -= samples;
+        ++carry;
+      }
+    }
+    constexpr int64_t kAhead = 32;
+    for (int64_t j = 0; j < samples; ++j) {
+      if (j + kAhead < samples) __builtin_prefetch(scores + positions[j + kAhead]);
+      sample_keys[j] = float_key(scores[positions[j]]);
+      ++hist[sample_keys[j] >> (32 - kFirstBits)];
+    }
   }
   int64_t rank_high = 0, rank_low = 0;
   sample_ranks(n, k, samples, &rank_high, &rank_low);
   const bool open_top = rank_high < 1, open_bottom = rank_low > samples;
+  // The sample rank of the k-th largest, k s / n rounded, in [1, s].
+  const int64_t rank_center = std::clamp<int64_t>(
+      static_cast<int64_t>((static_cast<unsigned __int128>(k) * static_cast<uint64_t>(samples) + static_cast<uint64_t>(n / 2)) / static_cast<uint64_t>(n)),
+      1, samples);
   const Pick sample_high = pick_bucket(hist.data(), kBuckets, open_top ? 1u : static_cast<uint64_t>(rank_high), true);
   const Pick sample_low = pick_bucket(hist.data(), kBuckets, open_bottom ? 1u : static_cast<uint64_t>(rank_low), true);
+  const uint32_t center_digit = pick_bucket(hist.data(), kBuckets, static_cast<uint64_t>(rank_center), true).digit;
   const uint32_t low_digit = open_bottom ? 0u : sample_low.digit;
   const uint32_t high_digit = open_top ? kBuckets - 1u : sample_high.digit;
   constexpr int kDigitShift = 32 - kFirstBits, kSecondShift = 32 - kFirstBits - kRefineBits;
   uint32_t low = low_digit << kDigitShift;
   uint32_t high = (high_digit << kDigitShift) | ((1u << kDigitShift) - 1u);
+  uint32_t provisional = (center_digit << kDigitShift) | ((1u << kDigitShift) - 1u);
   if (!open_top && !open_bottom && high_digit - low_digit < (kBuckets >> kRefineBits)) {
     // The 22-bit prefixes of the samples in those (at most 4) digits, as offsets from the lowest one.
     const uint32_t base = low_digit << kRefineBits, span = (high_digit + 1u) << kRefineBits;
@@ -297,26 +430,34 @@ aql_status select_topk(const float *scores, int64_t n, int64_t k, uint8_t *mask,
       const uint32_t prefix = sample_keys[j] >> kSecondShift;
       if (prefix >= base && prefix < span) ++hist[prefix - base];
     }
-    // Ranks among them: sample_high.remaining = rank_high - (samples above high_digit).
+    // Ranks among them: sample_high.remaining = rank_high - (samples above high_digit); the center
+    // rank lies between rank_high and rank_low.
     const uint64_t above_digits = static_cast<uint64_t>(rank_high) - sample_high.remaining;
     const uint32_t second_high = pick_bucket(hist.data(), kBuckets, sample_high.remaining, true).digit;
     const uint32_t second_low = pick_bucket(hist.data(), kBuckets, static_cast<uint64_t>(rank_low) - above_digits, true).digit;
+    const uint32_t second_center = pick_bucket(hist.data(), kBuckets, static_cast<uint64_t>(rank_center) - above_digits, true).digit;
     low = (base + second_low) << kSecondShift;
     high = ((base + second_high) << kSecondShift) | ((1u << kSecondShift) - 1u);
+    provisional = ((base + second_center) << kSecondShift) | ((1u << kSecondShift) - 1u);
   }
-  // Not std::vector: zero-filling the candidate arrays cost 2-3 ms at n = 10^7 on the CI-class CPU
-  // (pages that no candidate reaches are never touched).
-  std::unique_ptr<uint32_t[]> candidate_keys(new uint32_t[static_cast<size_t>(n)]);
-  std::unique_ptr<int64_t[]> candidate_indices(new int64_t[static_cast<size_t>(n)]);
+  provisional = std::clamp(provisional, low, high);
+  // The candidate arrays: per calling thread, kept between calls (fresh pages for them cost ~0.5 ms
+  // of page faults per call at n = 10^7), released after a call that filled many pages.
+  // Chunk c writes its candidates from output_begin(c) on: its first score's position plus
+  // kCompactSlack slots for each chunk before it (mask_and_compact's full-width stores).
+  const auto output_begin = [&](int c) { return chunk_begin(n, c, chunks) + kCompactSlack * c; };
+  CandidateScratch &scratch = candidate_scratch(static_cast<size_t>(n) + static_cast<size_t>(kCompactSlack) * static_cast<size_t>(chunks));
+  uint32_t *const candidate_keys = scratch.keys.get();
+  int64_t *const candidate_indices = scratch.indices.get();
   std::vector<int64_t> chunk_candidates(static_cast<size_t>(chunks), 0), chunk_above(static_cast<size_t>(chunks), 0);
   const auto compact_all = [&]() {
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
     for (int c = 0; c < chunks; ++c) {
-      const int64_t begin = chunk_begin(n, c, chunks);
+      const int64_t out = output_begin(c);
       chunk_above[c] = 0;
-      chunk_candidates[c] = mask_and_compact(scores, begin, chunk_begin(n, c + 1, chunks), low, high, selected,
-                                             candidate_keys.get(), candidate_indices.get(), begin, &chunk_above[c]) -
-                            begin;
+      chunk_candidates[c] = mask_and_compact(scores, chunk_begin(n, c, chunks), chunk_begin(n, c + 1, chunks), low, high,
+                                             provisional, selected, candidate_keys, candidate_indices, out, &chunk_above[c]) -
+                            out;
     }
   };
   compact_all();
@@ -357,6 +498,7 @@ aql_status select_topk(const float *scores, int64_t n, int64_t k, uint8_t *mask,
     prefix_bits = kFirstBits;
     remaining = pick.remaining;
     bucket_count = pick.bucket_count;
+    provisional = high;
     compact_all();
   }
   // Chunk c's candidates are at [begins[c], ends[c]): the passes below walk those ranges (moving them
@@ -364,7 +506,7 @@ aql_status select_topk(const float *scores, int64_t n, int64_t k, uint8_t *mask,
   std::vector<int64_t> begins(static_cast<size_t>(chunks)), ends(static_cast<size_t>(chunks));
   int64_t candidates = 0;
   for (int c = 0; c < chunks; ++c) {
-    begins[c] = chunk_begin(n, c, chunks);
+    begins[c] = output_begin(c);
     ends[c] = begins[c] + chunk_candidates[c];
     candidates += chunk_candidates[c];
   }
@@ -373,8 +515,8 @@ aql_status select_topk(const float *scores, int64_t n, int64_t k, uint8_t *mask,
   };
 
   // ---- 4: exact key on the candidates (12 + 10 + 10 bits, less what the range fixed) -------------
-  const uint32_t *keys = candidate_keys.get();
-  const int64_t *positions = candidate_indices.get();
+  const uint32_t *keys = candidate_keys;
+  const int64_t *positions = candidate_indices;
   while (prefix_bits < 32) {
     const int bits = prefix_bits == 0 ? kFirstBits : std::min(kRefineBits, 32 - prefix_bits);
     const int shift = 32 - prefix_bits - bits;
@@ -419,17 +561,18 @@ aql_status select_topk(const float *scores, int64_t n, int64_t k, uint8_t *mask,
     cutoff = static_cast<int64_t>(index_prefix);
   }
 
-  // ---- 6: boundary candidates into the mask -----------------------------------------------------
+  // ---- 6: the candidates whose provisional mask byte (key > provisional) is wrong -----------------
   if (selected != nullptr) {
 #pragma omp parallel for num_threads(thread_count(candidates, kParallelCandidates)) schedule(dynamic, 1)
     for (int c = 0; c < chunks; ++c) {
       for (int64_t i = begins[c]; i < ends[c]; ++i) {
-        // Branch-free: about half the candidates go each way.
         const uint32_t key = keys[i];
-        selected[positions[i]] = (key > threshold_key) | ((key == threshold_key) & (positions[i] <= cutoff));
+        const bool wanted = (key > threshold_key) | ((key == threshold_key) & (positions[i] <= cutoff));
+        if (wanted != (key > provisional)) selected[positions[i]] = wanted;
       }
     }
   }
+  scratch.release_if_large(candidates);
   if (threshold != nullptr) *threshold = key_to_float(threshold_key);
 
   // ---- 7: ascending indices from the mask (count, exclusive scan, write) ------------------------
