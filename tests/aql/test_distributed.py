@@ -119,10 +119,27 @@ def _adversarial_cases(generator: torch.Generator):
     return cases
 
 
-def test_global_selection_equals_one_process_on_the_concatenation(tmp_path):
+def _selection_worker(rank: int, world: int, cases, ownership_inputs):
+    return _select_cases(rank, world, cases), _ownership(rank, world, *ownership_inputs)
+
+
+@pytest.fixture(scope="module")
+def selection_run(tmp_path_factory):
+    """One 2-rank spawn for the selection and ownership tests: (cases, ownership inputs, per-rank results)."""
     generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
     cases = _adversarial_cases(generator)
-    results = run_ranks(tmp_path, _select_cases, cases)
+    n = 203
+    plans = [torch.randperm(n, generator=generator)[:61], torch.randperm(n, generator=generator)[:77]]
+    keys = torch.randn(n, generator=generator)
+    keys[torch.randperm(n, generator=generator)[:20]] = 0.5  # ties
+    ownership_inputs = (n, plans, keys, 90)
+    results = run_ranks(tmp_path_factory.mktemp("selection"), _selection_worker, cases, ownership_inputs)
+    return cases, ownership_inputs, results
+
+
+def test_global_selection_equals_one_process_on_the_concatenation(selection_run):
+    cases, _, both = selection_run
+    results = [both[r][0] for r in range(WORLD)]
     for i, (shards, k, valid, _, index) in enumerate(cases):
         union = torch.cat([results[r][0][i] for r in range(WORLD)])
         scores = torch.cat(shards)
@@ -182,13 +199,9 @@ def _ownership(rank: int, world: int, num_samples: int, plans, merged_keys, k):
     return initially, ownership.held.clone(), ownership.topk_indices(keys, k), union
 
 
-def test_ownership_selects_from_the_latest_writer(tmp_path):
-    generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
-    n = 203
-    plans = [torch.randperm(n, generator=generator)[:61], torch.randperm(n, generator=generator)[:77]]
-    keys = torch.randn(n, generator=generator)
-    keys[torch.randperm(n, generator=generator)[:20]] = 0.5  # ties
-    results = run_ranks(tmp_path, _ownership, n, plans, keys, 90)
+def test_ownership_selects_from_the_latest_writer(selection_run):
+    _, (n, plans, keys, k), both = selection_run
+    results = [both[r][1] for r in range(WORLD)]
     held = [results[r][1] for r in range(WORLD)]
     assert torch.equal(held[0] ^ held[1], torch.ones(n, dtype=torch.bool))  # every sample held by exactly one rank
     assert torch.equal(results[0][0], torch.arange(n) % 2 == 0)
@@ -197,7 +210,7 @@ def test_ownership_selects_from_the_latest_writer(tmp_path):
     for plan in plans:
         expected_holder[plan] = torch.arange(plan.numel()) % 2
     assert torch.equal(held[1], expected_holder == 1)
-    expected = aql_kernels.topk_indices(keys, 90)
+    expected = aql_kernels.topk_indices(keys, k)
     for r in range(WORLD):
         assert torch.equal(results[r][2], expected)
         assert torch.equal(results[r][3], torch.ones(n, dtype=torch.bool))
