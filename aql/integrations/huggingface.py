@@ -145,8 +145,6 @@ class AQLTrainerMixin:
         self._aql_where = where
         self._aql_shift = shift_labels if shift_labels is not None else self._model_shifts_labels()
         self._check_setup()
-        if self.train_dataset is not None:
-            self.train_dataset = IndexedFeatures(self.train_dataset)
         self.add_callback(AQLCallback(self))
 
     def _model_shifts_labels(self) -> bool:
@@ -179,8 +177,11 @@ class AQLTrainerMixin:
             raise NotImplementedError(f"aql.{where}: one process on one device only (world_size {args.world_size}, n_gpu "
                                       f"{args.n_gpu}): each rank would keep its own score table; run one process per "
                                       "device is not supported yet (set CUDA_VISIBLE_DEVICES to one GPU)")
+        self._check_train_dataset()
+
+    def _check_train_dataset(self) -> None:
         if self.train_dataset is not None and len(self.train_dataset) != self.aql_session.strategy.num_samples:
-            raise ValueError(f"aql.{where}: the strategy plans over {self.aql_session.strategy.num_samples} samples but "
+            raise ValueError(f"aql.{self._aql_where}: the strategy plans over {self.aql_session.strategy.num_samples} samples but "
                              f"train_dataset has {len(self.train_dataset)}")
 
     # -- the Trainer's extension points -------------------------------------------------------------
@@ -188,6 +189,14 @@ class AQLTrainerMixin:
         super()._set_signature_columns_if_needed()
         if INDEX_KEY not in self._signature_columns:  # the index passes the unused-column removal
             self._signature_columns.append(INDEX_KEY)
+
+    def get_train_dataloader(self):
+        """The Trainer's training DataLoader over the training set with each item's index added
+        (`IndexedFeatures`), drawn by the strategy's sampler."""
+        if self.train_dataset is not None and not isinstance(self.train_dataset, IndexedFeatures):
+            self._check_train_dataset()  # also when train_dataset was replaced after construction
+            self.train_dataset = IndexedFeatures(self.train_dataset)
+        return super().get_train_dataloader()
 
     def _get_train_sampler(self, *args, **kwargs):
         return self.aql_session.sampler
@@ -213,7 +222,10 @@ class AQLTrainerMixin:
             shift=self._aql_shift and sequence, per_sample="mean" if sequence else None)
         if scaled:
             loss = loss / num_items_in_batch
-        if model.training and index is not None:
+        if model.training:
+            if index is None:
+                raise ValueError(f"aql.{self._aql_where}.compute_loss: a training batch without {INDEX_KEY!r}: the per-sample "
+                                 "scores cannot be written back (batches come from get_train_dataloader, whose dataset adds it)")
             self.aql_session.record(index, scores)
         return (loss, outputs) if return_outputs else loss
 

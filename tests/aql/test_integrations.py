@@ -400,6 +400,10 @@ def test_hf_refuses_what_it_cannot_honour(tmp_path):
                    compute_loss_func=lambda *a, **k: 0)
     with pytest.raises(TypeError, match="items must be mappings of features"):
         IndexedFeatures([(1, 2)])[0]
+    trainer = AQLTrainer(model=model, args=_args(transformers, tmp_path), train_dataset=items, strategy=StaleStrategy(4))
+    model.train()
+    with pytest.raises(ValueError, match="a training batch without 'aql_index'"):
+        trainer.compute_loss(model, transformers.default_data_collator(items))
 
 
 def test_hf_takes_a_datasets_dataset_with_unused_columns(tmp_path):
