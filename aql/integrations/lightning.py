@@ -110,6 +110,18 @@ class AQLCallback(pl.Callback):
         self.session.start_clock(pl_module.device)
         self._delivered_step = trainer.global_step
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        loaders = trainer.train_dataloader
+        loaders = list(loaders.values()) if isinstance(loaders, Mapping) else list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
+        if not any(self._draws_from_sampler(loader) for loader in loaders):
+            raise ValueError(f"aql.{self._where}: the training DataLoader does not draw from the callback's sampler, so the "
+                             "strategy's selection would not be applied; build it with callback.dataloader(dataset, ...) "
+                             "(or DataLoader(WithIndices(dataset), sampler=callback.sampler, ...))")
+
+    def _draws_from_sampler(self, loader) -> bool:
+        batch_sampler = getattr(loader, "batch_sampler", None)
+        return getattr(loader, "sampler", None) is self.sampler or getattr(batch_sampler, "sampler", None) is self.sampler
+
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self.session.begin_epoch(trainer.current_epoch)
 

@@ -19,6 +19,7 @@ from torch import nn
 
 import aql_kernels
 from aql.integrations._core import SelectionSession
+from aql.sampling import WithIndices
 from aql.strategies import STRATEGIES, RandomStrategy, StaleStrategy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -234,6 +235,11 @@ def test_lightning_contract_errors():
         callback._unpack({"loss": torch.tensor(1.0)})
     with pytest.raises(TypeError, match="shift must be a bool"):
         AQLCallback(StaleStrategy(N), shift="yes")
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[callback])
+    shuffled = torch.utils.data.DataLoader(WithIndices(_classification_data()), batch_size=4, shuffle=True)
+    with pytest.raises(ValueError, match="does not draw from the callback's sampler"):
+        trainer.fit(_lightning_module(pl), train_dataloaders=shuffled)
     assert isinstance(callback, pl.Callback)
 
 
