@@ -174,9 +174,9 @@ class AQLTrainerMixin:
             raise ValueError(f"aql.{where}: the strategy decides which samples an epoch trains on and in which order; "
                              f"TrainingArguments train_sampling_strategy must be 'random' (and group_by_length False), got {sampling!r}")
         if args.world_size > 1 or args.n_gpu > 1:
-            raise NotImplementedError(f"aql.{where}: one process on one device only (world_size {args.world_size}, n_gpu "
-                                      f"{args.n_gpu}): each rank would keep its own score table; run one process per "
-                                      "device is not supported yet (set CUDA_VISIBLE_DEVICES to one GPU)")
+            raise NotImplementedError(f"aql.{where}: one process on one device only (got world_size {args.world_size}, n_gpu "
+                                      f"{args.n_gpu}): each rank or replica would keep its own score table, and merging them is "
+                                      "not supported yet; set CUDA_VISIBLE_DEVICES to one GPU")
         self._check_train_dataset()
 
     def _check_train_dataset(self) -> None:
