@@ -479,3 +479,19 @@ def test_int32_targets_with_shift_and_a_wide_ignore_index():
     want.backward()
     _assert_close(loss, want, 1e-4, 3e-5, "loss")
     _assert_close(logits.grad, x64.grad, *GRAD_TOLERANCES[torch.float32], "gradient")
+
+
+@pytest.mark.parametrize("shape", [(6, 9), (2, 3, 9)], ids=["matrix", "sequences"])
+def test_scores_changed_in_place_before_backward(shape):
+    # the loss saves lse for its backward: changing another field in place must not look like a
+    # change of lse to autograd (one shared buffer would share its version counter)
+    logits = torch.randn(*shape, requires_grad=True)
+    targets = torch.randint(0, 9, shape[:-1])
+    options = {"per_sample": "none"} if len(shape) == 3 else {}
+    loss, scores = cross_entropy_with_scores(logits * 1.0, targets, **options)
+    for field in ("entropy", "maxprob", "margin", "loss", "el2n"):
+        getattr(scores, field).mul_(2.0)
+    loss.backward()
+    x64 = logits.detach().double().requires_grad_(True)
+    F.cross_entropy(x64.reshape(-1, 9), targets.reshape(-1)).backward()
+    _assert_close(logits.grad, x64.grad, *GRAD_TOLERANCES[torch.float32], "gradient")
