@@ -22,9 +22,10 @@ Bytes all-reduced per selection (payload per rank; a ring all-reduce sends about
 bytes in 4 all-reduces with the default digits (the first round only when k is 0 or the total; twice
 as much when `index` orders ties and the tie group at the threshold spans ranks and is partly taken).
 Fewer, larger rounds win where an all-reduce costs a round trip whatever its size (see the benchmark,
-which also times the 8-bit digits: 8 KiB in 5 all-reduces). Each digit round reads the shard once
-(`digit_histogram`), so the local work is 3 reads of the scores plus the final `topk_mask`; the host
-reads each histogram (the walk picks the next prefix on the host).
+which also times the 8-bit digits: 8 KiB in 5 all-reduces). The first digit's histogram reads the
+shard; the later ones read only the scores under the first digit's prefix (one interval of floats:
+`under_prefix`, two comparisons and a compaction), so the local work is about 3 reads of the shard
+and the final `topk_mask`; the host reads each histogram (the walk picks the next prefix on the host).
 
 Epoch plans. A rank trains positions r, r + R, r + 2R, ... of the plan that every rank computes
 (`shard_indices`): the union over ranks of batch i of size b is positions [i R b, (i + 1) R b) of the
@@ -52,7 +53,7 @@ from ._checks import check_bool, check_int, check_tensor
 
 __all__ = ["is_initialized", "world_size", "rank", "is_main", "init_from_env", "barrier", "all_reduce_sum", "all_reduce_max",
            "broadcast_object", "gather_objects", "global_topk_mask", "global_topk_indices", "selection_bytes",
-           "shard_indices", "SampleOwnership", "union_of_disjoint_masks", "DIGIT_BITS"]
+           "shard_indices", "SampleOwnership", "union_of_disjoint_masks", "under_prefix", "DIGIT_BITS"]
 
 #: the digits of the global threshold walk: 3 all-reduces of 2048, 2048 and 1024 int64 (16, 16, 8 KiB)
 DIGIT_BITS = (11, 11, 10)
@@ -206,6 +207,29 @@ def global_topk_indices(scores: torch.Tensor, k: int, *, group=None, valid: torc
     return torch.nonzero(global_topk_mask(scores, k, group=group, valid=valid, digit_bits=digit_bits)).squeeze(1)
 
 
+def under_prefix(scores: torch.Tensor, prefix: int, prefix_bits: int) -> torch.Tensor:
+    """The scores whose key (`aql_kernels.order_keys`) has its top `prefix_bits` equal to `prefix`, in
+    their order, as float32: the keys under a prefix are one interval of floats (plus NaN when the
+    interval starts at key 0), so two comparisons find them without computing a key."""
+    values = scores.to(torch.float32)
+    low = prefix << (32 - prefix_bits)
+    high = low | ((1 << (32 - prefix_bits)) - 1)
+    nan = low == 0
+    # clamp to keys that floats have: 0x007fffff is -inf, 0xff800000 +inf, and 0x7fffffff would be
+    # -0.0, whose key is +0.0's (0x80000000): below it the interval ends at the smallest negative
+    low, high = max(low, 0x007FFFFF), min(high, 0xFF800000)
+    if high == 0x7FFFFFFF:
+        high = 0x7FFFFFFE
+    if low <= high:
+        low_value, high_value = aql_kernels.key_to_float(torch.tensor([low, high])).tolist()
+        inside = (values >= low_value) & (values <= high_value)
+        if nan:
+            inside |= torch.isnan(values)
+    else:
+        inside = torch.isnan(values) if nan else torch.zeros_like(values, dtype=torch.bool)
+    return values[inside]
+
+
 def _index_keys(index: torch.Tensor) -> torch.Tensor:
     """float32 whose selection order is ascending `index`: key 0xFF800000 - index (+inf for index 0,
     then the non-negative floats downwards), so the top-e of these are the e lowest indices."""
@@ -250,11 +274,15 @@ def _local_topk_mask(values: torch.Tensor, k: int, group, schedule: tuple[int, .
     local_histograms: list[torch.Tensor] = []
     first_round = [summed[:first.shape[0]]]
 
+    candidates: list[torch.Tensor] = []
+
     def histogram(prefix: int, prefix_bits: int, bits: int) -> torch.Tensor:
         if first_round:  # the walk's first call: (0, 0, schedule[0]), all-reduced above
             local_histograms.append(first)
             return first_round.pop()
-        counts = aql_kernels.digit_histogram(values, prefix, prefix_bits, bits)
+        if not candidates:  # later digits read only the scores under the first digit's prefix
+            candidates.append(under_prefix(values, prefix, prefix_bits))
+        counts = aql_kernels.digit_histogram(candidates[0], prefix, prefix_bits, bits)
         local_histograms.append(counts)
         return all_reduce_sum(counts.clone(), group)
 

@@ -174,6 +174,23 @@ def test_global_selection_in_one_process_is_the_kernel():
     assert distributed.selection_bytes(2) == 8 + 24 * 2 + 8 * (2048 + 2048 + 1024)
 
 
+def test_under_prefix_keeps_exactly_the_keys_under_the_prefix():
+    generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    bits = torch.randint(-2**31, 2**31 - 1, (4000,), generator=generator, dtype=torch.int64).to(torch.int32)
+    special = torch.tensor([float("nan"), -0.0, 0.0, float("inf"), -float("inf"), 1e-45, -1e-45, 3.4e38, -3.4e38, 1.0, -1.0])
+    values = torch.cat([bits.view(torch.float32), special, torch.randn(500, generator=generator)])
+    keys = aql_kernels.order_keys(values)
+    for prefix_bits in (1, 2, 9, 11, 12):
+        prefixes = set((keys >> (32 - prefix_bits)).tolist()) | {0, (1 << prefix_bits) - 1, (0x7FFFFFFF >> (32 - prefix_bits))}
+        for prefix in prefixes:
+            expected = values[(keys >> (32 - prefix_bits)) == prefix]
+            got = distributed.under_prefix(values, prefix, prefix_bits)
+            assert torch.equal(aql_kernels.order_keys(got), aql_kernels.order_keys(expected)), (prefix_bits, prefix)
+    half = torch.randn(300, generator=generator).bfloat16()
+    expected = half.float()[(aql_kernels.order_keys(half) >> 21) == 0x7F8 >> 0]
+    assert torch.equal(distributed.under_prefix(half, 0x7F8, 11), expected)
+
+
 @pytest.mark.parametrize("bad, match", [
     (dict(scores=torch.zeros(3, 2), k=1), "scores must be 1-D"),
     (dict(scores=torch.zeros(3, dtype=torch.int64), k=1), "scores must have dtype"),
