@@ -2,9 +2,9 @@
 
 At these shapes the arithmetic is a few microseconds; what is timed is the Python layer (argument
 checks, dispatch, autograd plumbing, allocation) and the C call. Every case runs interleaved with its
-torch peer in one process: each repeat times every case once (a block of `--calls` calls), the
-printed figure is the median over `--repeats` repeats of the per-call time, so that drifts in the
-machine's load hit both columns alike.
+torch peer in one process: each repeat times every case once (a block of `--calls` calls; aql and
+its peer take turns going first), the printed figure is the median over `--repeats` repeats of the
+per-call time, so that drifts in the machine's load hit both columns alike.
 
 Cases (CPU, float32; targets with ~10% ignore_index):
   fwd+bwd   cross_entropy_with_scores(x, t)[0].backward()  vs  F.cross_entropy(x, t).backward()
@@ -105,10 +105,14 @@ def main(argv=None) -> None:
     for label, aql, peer in cases:  # warm-up (first-call dispatch choice, allocator)
         _time_block(aql, 20)
         _time_block(peer, 20)
-    for _ in range(args.repeats):
-        for label, aql, peer in cases:
-            times[label][0].append(_time_block(aql, args.calls))
-            times[label][1].append(_time_block(peer, args.calls))
+    for repeat in range(args.repeats):
+        for label, aql, peer in cases:  # who goes first alternates: the second of a pair runs on warmer caches
+            if repeat % 2:
+                times[label][1].append(_time_block(peer, args.calls))
+                times[label][0].append(_time_block(aql, args.calls))
+            else:
+                times[label][0].append(_time_block(aql, args.calls))
+                times[label][1].append(_time_block(peer, args.calls))
     load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (load average {load}); torch "
           f"{torch.__version__}, {args.threads} thread(s), OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; "
