@@ -40,13 +40,6 @@ __all__ = ["auroc", "uncertainty_mlp", "ood_inputs", "relative_cost", "run_uncer
            "format_uncertainty_table", "plot_uncertainty", "summarize_uncertainty_runs", "format_uncertainty_summary",
            "LAPLACE_VARIANTS", "EXPERIMENTS", "training_step_overhead"]
 
-# Numbers measured elsewhere (DESIGN.md), printed beside ours for orientation, never as ours.
-REFERENCE_POINTS = (
-    ("10-pass MC dropout BALD (elsewhere)", 0.65, 24.0),
-    ("last-layer diagonal Laplace, popular library (elsewhere)", 0.61, 50.0),
-)
-
-
 def auroc(in_distribution: torch.Tensor, out_of_distribution: torch.Tensor) -> float:
     """Area under the ROC curve of separating `out_of_distribution` scores (positives, expected higher)
     from `in_distribution` scores: the probability that a random positive scores above a random
@@ -332,7 +325,6 @@ def run_uncertainty_experiment(output_dir: str | os.PathLike = "runs/experiment_
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
         "laplace_options": {name: options for name, options in LAPLACE_VARIANTS},
-        "reference_points_measured_elsewhere": [{"method": m, "auroc": a, "relative_cost": c} for m, a, c in REFERENCE_POINTS],
     }
     output_dir.mkdir(parents=True, exist_ok=True)
     result["plot"] = str(plot_uncertainty(methods, output_dir / "experiment_uncertainty.png"))
@@ -387,7 +379,7 @@ def format_uncertainty_summary(summary: dict) -> str:
 
 
 def format_uncertainty_table(result: dict) -> str:
-    """The per-method table of a `run_uncertainty_experiment` result, then the reference points."""
+    """The per-method table of a `run_uncertainty_experiment` result."""
     header = ("method", "auroc_shuffled", "auroc_noise", "auroc_mean", "x_forward", "call")
     rows = [(name, f"{m['auroc_shuffled']:.3f}", f"{m['auroc_noise']:.3f}", f"{m['auroc_mean']:.3f}",
              f"{m['relative_cost']:.2f}", m["call"]) for name, m in result["methods"].items()]
@@ -395,9 +387,7 @@ def format_uncertainty_table(result: dict) -> str:
     line = lambda r: "  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip()  # noqa: E731
     lines = [f"test accuracy {result['test_accuracy']:.4f}; x_forward: cost of the call relative to one plain forward "
              f"of the model over the same {result['settings']['cost_batch']} rows (median of {result['settings']['cost_rounds']} alternating rounds)",
-             line(header), line(tuple("-" * w for w in widths)), *map(line, rows),
-             "reference points measured elsewhere (DESIGN.md; other code and machine, not these runs):"]
-    lines += [f"  {m}: AUROC ~{a:.2f} at ~{c:.0f}x a forward" for m, a, c in REFERENCE_POINTS]
+             line(header), line(tuple("-" * w for w in widths)), *map(line, rows)]
     return "\n".join(lines)
 
 
@@ -429,3 +419,128 @@ def plot_uncertainty(methods: dict, path: str | os.PathLike) -> Path:
 
 
 EXPERIMENTS = {"uncertainty": run_uncertainty_experiment}
+
+
+# ------------------------------------------------------------------------------ Experiment 1 report
+#: the estimators of Experiment 1's table: (row label, OOD/cost key in the uncertainty summary, step
+#: overhead variant, method of the estimator-driven selection study)
+EXPERIMENT1_ROWS = (
+    ("Laplace default (class-conditional density of the first Linear's input)", "laplace_epistemic", "laplace", "laplace"),
+    ("Laplace K-FAC last layer, marginal-likelihood prior", "laplace_kfac", "laplace_kfac", "laplace_kfac"),
+    ("plain entropy", "entropy", "entropy", "entropy"),
+    ("MC dropout, 10 passes, BALD", "mc_dropout_bald", "mc_dropout", "mc_dropout"),
+    ("distilled ensemble, 3 students", "ensemble_variance", "ensemble", "ensemble"),
+)
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def experiment1_report(results_dir: str | os.PathLike = "results/experiments", *, budget: float = 0.2) -> tuple[str, Path]:
+    """Experiment 1's table (markdown) and figure (`<results_dir>/uncertainty/experiment1.png`) from the
+    committed result files: `uncertainty/summary.json` (OOD AUROC and call cost, 3 seeds),
+    `uncertainty/step_overhead.json` (`training_step_overhead`, one run per seed),
+    `uncertainty/laplace_torch_peer.json` (scripts/laplace_torch_peer.py) and
+    `uncertainty_selection/summary.json` (the selection study driven by each estimator's score)."""
+    from .plots import pyplot, save_png
+
+    root = Path(results_dir)
+    ood = json.loads((root / "uncertainty" / "summary.json").read_text())["methods"]
+    overhead_runs = json.loads((root / "uncertainty" / "step_overhead.json").read_text())["runs"]
+    peer = json.loads((root / "uncertainty" / "laplace_torch_peer.json").read_text())["summary"]["methods"]
+    selection = json.loads((root / "uncertainty_selection" / "summary.json").read_text())["rows"]
+    key = str(float(budget))
+
+    def cell(entry, digits=3):
+        return f"{entry[0]:.{digits}f} ± {entry[1]:.{digits}f}"
+
+    def accuracy(method):
+        row = selection.get(method, {}).get(key) or selection.get(method, {}).get("1.0")
+        return None if row is None else (row["test_accuracy"], row["test_accuracy_std"], row["flops"])
+
+    flops_all = accuracy("all_data")[2]
+    lines = [f"| estimator | OOD AUROC mean | call cost (x forward) | training-step overhead (%) "
+             f"| test accuracy, its score selecting {budget:.0%} | FLOPs (x all data) |",
+             "|---|---|---|---|---|---|"]
+    rows = []
+    for label, ood_key, overhead_key, selection_key in EXPERIMENT1_ROWS:
+        auroc_entry = (ood[ood_key]["auroc_mean"]["mean"], ood[ood_key]["auroc_mean"]["std"])
+        cost_entry = (ood[ood_key]["relative_cost"]["mean"], ood[ood_key]["relative_cost"]["std"])
+        step = _mean_std([r["variants"][overhead_key]["overhead_percent"] for r in overhead_runs])
+        acc = accuracy(selection_key)
+        rows.append((label, auroc_entry, cost_entry, step, acc))
+        lines.append(f"| {label} | {cell(auroc_entry)} | {cell(cost_entry, 2)} | {step[0]:+.1f} ± {step[1]:.1f} | "
+                     f"{cell(acc[:2], 4)} | {acc[2] / flops_all:.2f} |")
+    for name, metrics in peer.items():
+        if name.endswith("_entropy"):
+            label = "laplace-torch " + name.replace("laplace_torch_last_layer_", "last layer ").replace("_entropy", ", GLM predictive entropy")
+            lines.append(f"| {label} | {cell((metrics['auroc_mean']['mean'], metrics['auroc_mean']['std']))} | "
+                         f"{cell((metrics['relative_cost']['mean'], metrics['relative_cost']['std']), 1)} | "
+                         f"fit after training: {metrics['fit_s']['mean']:.1f} s | not run | |")
+    for control, label in (("all_data", "control: all data, every epoch (the target)"), ("all_data_short", f"control: all data for {budget:.0%} of the epochs"),
+                           ("random", f"control: random {budget:.0%}"), ("el2n", f"the online default's score (EL2N), {budget:.0%}")):
+        acc = accuracy(control)
+        lines.append(f"| {label} | | | | {cell(acc[:2], 4)} | {acc[2] / flops_all:.2f} |")
+
+    figure, axes = pyplot().subplots(1, 3, figsize=(15, 4.2))
+    names = [r[0].split(" (")[0].split(",")[0] for r in rows]
+    ypos = range(len(rows))
+    axes[0].barh(ypos, [r[1][0] for r in rows], xerr=[r[1][1] for r in rows], color="tab:blue")
+    for name, metrics in peer.items():
+        if name.endswith("_entropy"):
+            axes[0].axvline(metrics["auroc_mean"]["mean"], color="tab:red", linestyle="--", linewidth=1)
+    axes[0].axvline(0.5, color="grey", linewidth=0.8)
+    axes[0].set_yticks(list(ypos), names)
+    axes[0].set_xlabel("OOD AUROC (shuffled, noise); red: laplace-torch")
+    axes[0].set_xlim(0.4, 1.02)
+    axes[1].barh(ypos, [r[2][0] for r in rows], color="tab:orange", label="call (x forward)")
+    axes[1].set_xscale("log")
+    axes[1].set_yticks(list(ypos), [])
+    axes[1].set_xlabel("cost of a score call (x one forward, log)")
+    axes[2].barh(ypos, [r[4][0] for r in rows], xerr=[r[4][1] for r in rows], color="tab:green")
+    for control, style in (("all_data", "-"), ("random", ":"), ("all_data_short", "--")):
+        axes[2].axvline(accuracy(control)[0], color="black", linestyle=style, linewidth=1, label=control)
+    axes[2].set_yticks(list(ypos), [])
+    axes[2].set_xlabel(f"test accuracy when the score selects {budget:.0%}")
+    low = min(min(r[4][0] for r in rows), accuracy("all_data_short")[0]) - 0.01
+    axes[2].set_xlim(low, 1.0)
+    axes[2].legend(loc="lower left", fontsize=8)
+    figure.suptitle("Experiment 1 on MNIST-1D: out-of-distribution detection, cost, and data efficiency per estimator (3 seeds)")
+    figure.tight_layout()
+    path = save_png(figure, root / "uncertainty" / "experiment1.png")
+    return "\n".join(lines), Path(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m aql.experiments step-overhead | report`: the training-step overhead of each estimator
+    (3 seeds, written to results/experiments/uncertainty/step_overhead.json) and Experiment 1's table
+    and figure from the committed result files."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m aql.experiments", description=main.__doc__)
+    parser.add_argument("what", choices=["step-overhead", "report"])
+    parser.add_argument("--results-dir", default="results/experiments", help="where the result files are (and go)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="step-overhead: one run per seed")
+    args = parser.parse_args(argv)
+    root = Path(args.results_dir)
+    if args.what == "step-overhead":
+        torch.set_num_threads(1)
+        runs = []
+        for seed in args.seeds:
+            print(f"seed {seed}:", flush=True)
+            runs.append({"seed": seed, **training_step_overhead(seed=seed)})
+        out = root / "uncertainty" / "step_overhead.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"command": "python -m aql.experiments step-overhead", "torch": torch.__version__,
+                                   "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()}, "runs": runs}, indent=2))
+        print(f"results: {out}")
+        return 0
+    table, figure = experiment1_report(root)
+    print(table)
+    print(f"\nfigure: {figure}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -89,7 +89,6 @@ def test_uncertainty_experiment_tiny_run_writes_json_and_png(tmp_path, capsys):
     assert written["settings"]["samples"] == 600 and written["settings"]["epochs"] == 1
     assert result["methods"] == written["methods"]
     assert "experiment_uncertainty.json" in out and "experiment_uncertainty.png" in out
-    assert "elsewhere" in out  # the reference points are labelled as not ours
 
 
 def test_uncertainty_experiment_rejects_bad_settings(tmp_path):
@@ -174,3 +173,33 @@ def test_training_step_overhead_times_every_variant_against_the_bare_step(one_th
     assert result["variants"]["ensemble"]["step_ms"] > result["variants"]["bare"]["step_ms"]
     with pytest.raises(ValueError, match="rounds"):
         training_step_overhead(rounds=0)
+
+
+def test_experiment1_report_reads_every_result_file(tmp_path):
+    """The report's table comes from the four result files: change one number, the table shows it."""
+    from aql.experiments import EXPERIMENT1_ROWS, experiment1_report, main
+
+    stat = lambda m, s=0.01: {"mean": m, "std": s, "values": [m]}  # noqa: E731
+    ood = {key: {"auroc_mean": stat(0.5 + 0.05 * i), "relative_cost": stat(1.0 + i)} for i, (_, key, _, _) in enumerate(EXPERIMENT1_ROWS)}
+    ood["laplace_epistemic"]["auroc_mean"] = stat(0.987)
+    runs = [{"variants": {v: {"overhead_percent": 3.0 + seed} for _, _, v, _ in EXPERIMENT1_ROWS}} for seed in range(3)]
+    peer = {"laplace_torch_last_layer_diag_entropy": {"auroc_mean": stat(0.512), "relative_cost": stat(90.0), "fit_s": stat(20.0)}}
+    row = lambda acc, flops: {"0.2": {"test_accuracy": acc, "test_accuracy_std": 0.001, "flops": flops}}  # noqa: E731
+    selection = {key: row(0.9 + 0.01 * i, 2.0) for i, (_, _, _, key) in enumerate(EXPERIMENT1_ROWS)}
+    selection.update(all_data={"1.0": {"test_accuracy": 0.98, "test_accuracy_std": 0.002, "flops": 10.0}},
+                     all_data_short=row(0.95, 2.0), random=row(0.96, 2.0), el2n=row(0.97, 3.0))
+    (tmp_path / "uncertainty").mkdir()
+    (tmp_path / "uncertainty_selection").mkdir()
+    (tmp_path / "uncertainty" / "summary.json").write_text(json.dumps({"methods": ood}))
+    (tmp_path / "uncertainty" / "step_overhead.json").write_text(json.dumps({"runs": runs}))
+    (tmp_path / "uncertainty" / "laplace_torch_peer.json").write_text(json.dumps({"summary": {"methods": peer}}))
+    (tmp_path / "uncertainty_selection" / "summary.json").write_text(json.dumps({"rows": selection}))
+    table, figure = experiment1_report(tmp_path)
+    assert figure.is_file() and figure.stat().st_size > 10_000
+    lines = table.splitlines()
+    assert len(lines) == 2 + len(EXPERIMENT1_ROWS) + 1 + 4
+    default = lines[2]
+    assert "0.987 ± 0.010" in default and "+4.0 ± 1.0" in default and "0.9000 ± 0.0010" in default and "| 0.20 |" in default
+    assert any("laplace-torch" in line and "0.512" in line and "90.0" in line for line in lines)
+    assert any("random 20%" in line and "0.9600" in line for line in lines)
+    assert main(["report", "--results-dir", str(tmp_path)]) == 0
