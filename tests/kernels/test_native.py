@@ -208,6 +208,27 @@ def test_every_cpu_variant_matches_the_references(cpu_variant):
         torch.testing.assert_close(state.double(), want.float().double(), rtol=4e-6, atol=1e-30)
 
 
+@pytest.mark.parametrize("cpu_variant", list(CpuIsa), ids=lambda isa: isa.name.lower(), indirect=True)
+def test_every_cpu_variant_keeps_the_target_out_of_the_sums(cpu_variant):
+    """The forward keeps the target column out of s' and q' with a lane mask in the one vector that
+    holds it and adds exp(x_t - max) to s afterwards: targets at the first and last lane of a vector,
+    at chunk edges (4096), in the last partial vector, with p_t near 1 (el2n without cancellation)
+    and with the target the row's maximum, every row checked against the float64 reference."""
+    v = 2 * 4096 + 37
+    columns = [0, 1, 15, 16, 31, 32, 4095, 4096, 4097, 8191, 8192, v - 37, v - 2, v - 1]
+    torch.manual_seed(11)
+    logits = torch.randn(3 * len(columns), v) * 2
+    targets = torch.tensor(columns * 3)
+    rows = torch.arange(len(columns))
+    logits[len(columns) + rows, targets[: len(columns)]] = 40.0  # p_t = 1 - ~1e-14: q' and s' tiny
+    logits[2 * len(columns) + rows, targets[: len(columns)]] = 9.0  # the target is the maximum, p_t ~ 0.3
+    got = S._FORWARD["native"](logits, targets, -100)
+    _assert_scores_close(got, _expected(logits, targets), *TOLERANCES[torch.float32])
+    el2n = got.el2n[len(columns): 2 * len(columns)].double()
+    want = _expected(logits, targets).el2n[len(columns): 2 * len(columns)]
+    torch.testing.assert_close(el2n, want, rtol=1e-4, atol=0)  # relative, on values of ~1e-7
+
+
 def test_setting_an_unknown_variant_is_refused():
     if not CPU.has("aql_cpu_set_isa"):
         pytest.skip("the CPU library is not built here, or without runtime dispatch")
