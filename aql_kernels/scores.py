@@ -10,10 +10,16 @@ For each row x of ``logits[N, V]`` and p = softmax(x) (computed in float32):
     loss    = lse - x[target]             (0 where target == ignore_index)
     el2n    = ||p - onehot(target)||_2    (0 where target == ignore_index)
 
+The public functions also take sequences, ``logits[B, T, V]`` with ``targets[B, T]``: the kernels
+read them as B * T rows (in place when evenly spaced), shift=True pairs position t with target t + 1,
+and the statistics come back per sequence (``per_sample``). The loss also takes F.cross_entropy's
+label_smoothing and class weight (in torch around the kernels).
+
 Layout of this file: the Triton kernels (forward, backward) and their launchers, the C++ CPU
 launchers (``csrc/cpu/scores.cpp`` through ctypes), the pure-torch reference (the spec), the
-``torch.library`` ops (the forward and the two backwards, with fake implementations), the one
-autograd function of the loss, and the public functions. Every launcher takes and returns the
+``torch.library`` ops (the forward and the two backwards, with fake implementations), the loss's
+weighting, smoothing and reductions with its one autograd function, the sequence layer, and the
+public functions. Every launcher takes and returns the
 statistics as a ``SoftmaxScores``. In plain eager mode the public functions call the chosen launcher
 directly; under torch.compile, tracing, dispatch modes and tensor subclasses they call the registered
 ops (``_dispatch.eager``). The autograd function is the same on both routes.

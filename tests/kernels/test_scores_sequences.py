@@ -358,17 +358,18 @@ def test_compile_fullgraph_sequences():
 
     def step(x, y):
         loss, scores = cross_entropy_with_scores(x, y, shift=True, weight=weight, label_smoothing=0.1)
-        return loss, scores.entropy
+        return loss, scores.entropy, softmax_scores(x.detach(), y, shift=True, per_sample="sum").margin
 
     x = logits.clone().requires_grad_(True)
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    loss, entropy = compiled(x, targets)
+    loss, entropy, margin = compiled(x, targets)
     loss.backward()
     x_eager = logits.clone().requires_grad_(True)
-    eager_loss, eager_entropy = step(x_eager, targets)
+    eager_loss, eager_entropy, eager_margin = step(x_eager, targets)
     eager_loss.backward()
     torch.testing.assert_close(loss, eager_loss)
     torch.testing.assert_close(entropy, eager_entropy, equal_nan=True)
+    torch.testing.assert_close(margin, eager_margin)
     torch.testing.assert_close(x.grad, x_eager.grad)
 
 
