@@ -1045,6 +1045,9 @@ def softmax_scores(logits: torch.Tensor, targets: torch.Tensor | None = None, *,
     "mean" (the default for 3-D; NaN for a sequence without valid positions) or "sum" (0 there) give
     ``[B]`` fields and argmax None; "none" keeps ``[B, T]`` (``[B, T - 1]`` with shift). 2-D logits
     take per_sample None or "none" (each row is a sample).
+
+    The float fields are rows of one buffer (one allocation for six tensors): they share its
+    version counter, so change them out of place if autograd has saved one of them.
     """
     rows, row_targets, layout = _prepare("softmax_scores", logits, targets, ignore_index, shift, per_sample, False)
     scores = _forward(rows, row_targets, ignore_index, _dispatch.eager(rows, row_targets))
