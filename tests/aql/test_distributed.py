@@ -125,8 +125,10 @@ def _selection_worker(rank: int, world: int, cases, ownership_inputs):
 
 @pytest.fixture(scope="module")
 def selection_run(tmp_path_factory):
-    """One 2-rank spawn for the selection and ownership tests: (cases, ownership inputs, per-rank results)."""
-    generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    """One 2-rank spawn for the selection and ownership tests: (cases, ownership inputs, per-rank results);
+    fresh inputs each run, the seed in every failure message."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    generator = torch.Generator().manual_seed(seed)
     cases = _adversarial_cases(generator)
     n = 203
     plans = [torch.randperm(n, generator=generator)[:61], torch.randperm(n, generator=generator)[:77]]
@@ -134,11 +136,11 @@ def selection_run(tmp_path_factory):
     keys[torch.randperm(n, generator=generator)[:20]] = 0.5  # ties
     ownership_inputs = (n, plans, keys, 90)
     results = run_ranks(tmp_path_factory.mktemp("selection"), _selection_worker, cases, ownership_inputs)
-    return cases, ownership_inputs, results
+    return cases, ownership_inputs, results, seed
 
 
 def test_global_selection_equals_one_process_on_the_concatenation(selection_run):
-    cases, _, both = selection_run
+    cases, _, both, seed = selection_run
     results = [both[r][0] for r in range(WORLD)]
     for i, (shards, k, valid, _, index) in enumerate(cases):
         union = torch.cat([results[r][0][i] for r in range(WORLD)])
@@ -152,7 +154,7 @@ def test_global_selection_equals_one_process_on_the_concatenation(selection_run)
         if valid is None and index is None:  # the two single-process oracles agree
             torch.testing.assert_close(expected, aql_kernels.topk_mask(scores, k))
         assert union.dtype == torch.bool and union.shape == scores.shape
-        assert torch.equal(union, expected), f"case {i}: k={k}, sizes {[s.numel() for s in shards]}"
+        assert torch.equal(union, expected), f"seed {seed}, case {i}: k={k}, sizes {[s.numel() for s in shards]}"
         assert int(union.sum()) == k
     for errors in (results[0][1], results[1][1]):
         assert "every rank must pass the same k" in errors[0]
@@ -175,7 +177,8 @@ def test_global_selection_in_one_process_is_the_kernel():
 
 
 def test_under_prefix_keeps_exactly_the_keys_under_the_prefix():
-    generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    seed = int.from_bytes(os.urandom(4), "little")
+    generator = torch.Generator().manual_seed(seed)
     bits = torch.randint(-2**31, 2**31 - 1, (4000,), generator=generator, dtype=torch.int64).to(torch.int32)
     special = torch.tensor([float("nan"), -0.0, 0.0, float("inf"), -float("inf"), 1e-45, -1e-45, 3.4e38, -3.4e38, 1.0, -1.0])
     values = torch.cat([bits.view(torch.float32), special, torch.randn(500, generator=generator)])
@@ -185,7 +188,7 @@ def test_under_prefix_keeps_exactly_the_keys_under_the_prefix():
         for prefix in prefixes:
             expected = values[(keys >> (32 - prefix_bits)) == prefix]
             got = distributed.under_prefix(values, prefix, prefix_bits)
-            assert torch.equal(aql_kernels.order_keys(got), aql_kernels.order_keys(expected)), (prefix_bits, prefix)
+            assert torch.equal(aql_kernels.order_keys(got), aql_kernels.order_keys(expected)), (seed, prefix_bits, prefix)
     half = torch.randn(300, generator=generator).bfloat16()
     expected = half.float()[(aql_kernels.order_keys(half) >> 21) == 0x7F8 >> 0]
     assert torch.equal(distributed.under_prefix(half, 0x7F8, 11), expected)
@@ -217,7 +220,7 @@ def _ownership(rank: int, world: int, num_samples: int, plans, merged_keys, k):
 
 
 def test_ownership_selects_from_the_latest_writer(selection_run):
-    _, (n, plans, keys, k), both = selection_run
+    _, (n, plans, keys, k), both, seed = selection_run
     results = [both[r][1] for r in range(WORLD)]
     held = [results[r][1] for r in range(WORLD)]
     assert torch.equal(held[0] ^ held[1], torch.ones(n, dtype=torch.bool))  # every sample held by exactly one rank
@@ -229,7 +232,7 @@ def test_ownership_selects_from_the_latest_writer(selection_run):
     assert torch.equal(held[1], expected_holder == 1)
     expected = aql_kernels.topk_indices(keys, k)
     for r in range(WORLD):
-        assert torch.equal(results[r][2], expected)
+        assert torch.equal(results[r][2], expected), f"seed {seed}"
         assert torch.equal(results[r][3], torch.ones(n, dtype=torch.bool))
 
 
