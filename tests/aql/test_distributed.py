@@ -119,8 +119,25 @@ def _adversarial_cases(generator: torch.Generator):
     return cases
 
 
+def _sampler(rank: int, world: int):
+    """A plain loop's path: a strategy attached to the group, its plan through SelectionSampler."""
+    from aql.strategies.stale import StaleStrategy
+
+    strategy = StaleStrategy(101, query_budget=0.5, exploration=0.2, seed=4)
+    strategy.attach_process_group()
+    sampler = SelectionSampler(strategy, num_replicas=world, rank=rank)
+    sampler.set_epoch(0)
+    drawn = list(sampler)
+    try:
+        SelectionSampler(strategy, num_replicas=world, rank=1 - rank).__len__()
+        mismatch = None
+    except ValueError as error:
+        mismatch = str(error)
+    return strategy.epoch_plan(0).indices.clone(), drawn, strategy.sharding.held.clone(), mismatch
+
+
 def _selection_worker(rank: int, world: int, cases, ownership_inputs):
-    return _select_cases(rank, world, cases), _ownership(rank, world, *ownership_inputs)
+    return _select_cases(rank, world, cases), _ownership(rank, world, *ownership_inputs), _sampler(rank, world)
 
 
 @pytest.fixture(scope="module")
@@ -234,6 +251,16 @@ def test_ownership_selects_from_the_latest_writer(selection_run):
     for r in range(WORLD):
         assert torch.equal(results[r][2], expected), f"seed {seed}"
         assert torch.equal(results[r][3], torch.ones(n, dtype=torch.bool))
+
+
+def test_sampler_of_an_attached_strategy_records_who_trains_what(selection_run):
+    *_, both, _ = selection_run
+    (plan, drawn0, held0, mismatch), (plan1, drawn1, held1, _) = both[0][2], both[1][2]
+    assert torch.equal(plan, plan1) and plan.numel() == 51  # every rank plans the same epoch
+    assert drawn0 == plan[0::2].tolist() and drawn1 == torch.cat([plan, plan[:1]])[1::2].tolist()  # padded to 52
+    assert torch.equal(held0 ^ held1, torch.ones(101, dtype=torch.bool))
+    assert held0[plan[0::2]].all() and held1[plan[1::2]].all()
+    assert "attached to rank 0 of 2, the sampler was given rank 1 of 2" in mismatch
 
 
 @pytest.mark.parametrize("total, drop_last", [(0, False), (1, False), (10, False), (11, False), (11, True), (3, True)])
