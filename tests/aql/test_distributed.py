@@ -384,6 +384,14 @@ def _two_rank_runs(rank: int, world: int, folder: str):
         _train(_config(f"{folder}/odd", batch_size=33))
     except ConfigError as error:
         out["odd_batch"] = str(error)
+    from aql.models import build_model
+    from aql.trainer import AQLv2Trainer
+
+    config = _config(f"{folder}/wrapped")
+    try:
+        AQLv2Trainer(torch.nn.parallel.DistributedDataParallel(build_model(config.model)), config, train_data=_data()[0])
+    except TypeError as error:
+        out["wrapped"] = str(error)
     return out
 
 
@@ -424,6 +432,24 @@ def test_two_rank_training_is_deterministic_resumes_and_matches_one_rank(tmp_pat
     assert "does not support torch.distributed" in zero["online"] and "aql_v2.selection_strategy" in zero["online"]
     assert "does not support torch.distributed" in zero["ranked"]
     assert "training.batch_size: 33" in zero["odd_batch"]
+    assert "already wrapped in DistributedDataParallel" in zero["wrapped"]
     # a 2-rank checkpoint refuses a 1-process resume
     with pytest.raises(ValueError, match="written by 2 rank"):
         _train(_config(tmp_path / "first"), resume=True)
+
+
+def test_fsdp_is_refused(tmp_path):
+    from aql.models import build_model
+    from aql.trainer import AQLv2Trainer
+
+    class FSDPModule(torch.nn.Module):  # stands for a module sharded by torch.distributed.fsdp.fully_shard
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x)
+
+    config = _config(tmp_path)
+    with pytest.raises(ValueError, match="FSDP is not supported"):
+        AQLv2Trainer(FSDPModule(build_model(config.model)), config, train_data=_data()[0])
