@@ -229,6 +229,38 @@ def test_every_cpu_variant_keeps_the_target_out_of_the_sums(cpu_variant):
     torch.testing.assert_close(el2n, want, rtol=1e-4, atol=0)  # relative, on values of ~1e-7
 
 
+@pytest.mark.parametrize("cpu_variant", list(CpuIsa), ids=lambda isa: isa.name.lower(), indirect=True)
+def test_every_cpu_variant_one_pass_chunks_and_their_fallback(cpu_variant):
+    """The float32 forward sums a chunk in one pass relative to a guessed shift (the running maximum,
+    or the maximum of the row's first 256 logits) and redoes it in two passes when its maximum lies
+    more than 8 above the guess: rows on both sides of that limit, in the first chunk and later ones,
+    with -inf heads, +inf and NaN in later chunks, against the float64 reference."""
+    v = 3 * 4096 + 21
+    torch.manual_seed(5)
+    logits = torch.randn(16, v)
+    targets = torch.randint(0, v, (16,))
+    logits[0, 300] = 7.9 + logits[0, :256].max()         # first chunk, just within the lag: kept, rescaled by e^-7.9
+    logits[1, 300] = 8.5 + logits[1, :256].max()         # first chunk, beyond it: two passes
+    logits[2, 5000] = 30.0                               # a later chunk far above the running maximum
+    logits[3, 4096:] += 7.5                              # every later chunk a little above: several rescales
+    logits[4, :256] = float("-inf")                      # no finite guess from the head
+    logits[5, :4096] = float("-inf")                     # the first chunk all -inf, the next one finite
+    logits[6, 9000] = float("inf")                       # +inf in a later chunk
+    logits[7, 9000] = float("nan")                       # NaN in a later chunk: argmax is its index
+    logits[8] = float("-inf")                            # only -inf
+    logits[9, :256] -= 100.0                             # the head far below the rest
+    logits[10, 4096:8192] = float("-inf")                # an all -inf chunk between finite ones
+    logits[11] *= 1e-30                                  # tiny logits: the maximum near 0
+    logits[12] = logits[12] * 3 + 1e4                    # huge offsets
+    logits[13, torch.randint(0, v, (40,))] = logits[13].max() + 7.99   # many ties for the maximum
+    targets[14] = 300
+    logits[14, 300] = 40.0                               # p_t near 1 in the first chunk, beyond the lag
+    targets[15] = -100
+    got = S._FORWARD["native"](logits, targets, -100)
+    huge = logits.nan_to_num(0, 0, 0).abs().amax(dim=1).double()
+    _assert_scores_close(got, _expected(logits, targets), *TOLERANCES[torch.float32], atol_rows=4e-7 * huge)
+
+
 def test_setting_an_unknown_variant_is_refused():
     if not CPU.has("aql_cpu_set_isa"):
         pytest.skip("the CPU library is not built here, or without runtime dispatch")
