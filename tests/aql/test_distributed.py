@@ -371,6 +371,7 @@ def _two_rank_runs(rank: int, world: int, folder: str):
     out["stopped"] = _outcome(*_train(_config(f"{folder}/resumed"), callbacks=[_interrupt_at(5)]))
     out["resumed"] = _outcome(*_train(_config(f"{folder}/resumed"), resume=True))
     # uneven: 385 samples, a 193-sample plan padded by one sample per epoch; accumulation 1
+    out["random"] = _outcome(*_train(_config(f"{folder}/random", aql_v2={"selection_strategy": "random"}, epochs=2)))
     uneven, _, _ = _train(_config(f"{folder}/uneven", gradient_accumulation=1, epochs=2), n=385)
     out["uneven_steps"] = uneven.step
     out["uneven_samples"] = [m["samples_backpropagated"] for m in uneven.history]
@@ -422,6 +423,12 @@ def test_two_rank_training_is_deterministic_resumes_and_matches_one_rank(tmp_pat
     for single, double in zip(trainer.history, first["history"]):
         assert single["samples_backpropagated"] == double["samples_backpropagated"] == 192
         assert single["train_loss"] == pytest.approx(double["train_loss"], rel=1e-4)
+    # random (no scores, no estimator): the same plans, and the parameters of one process
+    single_random, random_plans, _ = _train(_config(tmp_path / "single_random", aql_v2={"selection_strategy": "random"}, epochs=2))
+    assert all(torch.equal(random_plans[e], zero["random"]["plans"][e]) for e in (0, 1))
+    for key, value in single_random.model.state_dict().items():
+        torch.testing.assert_close(zero["random"]["params"][key], value, rtol=1e-4, atol=1e-5)
+        assert torch.equal(zero["random"]["params"][key], one["random"]["params"][key])
     # only rank 0 wrote records: one per step
     records = [line for line in (tmp_path / "first" / "metrics.jsonl").read_text().splitlines() if '"event": "train"' in line]
     assert len(records) == 8
