@@ -1,22 +1,26 @@
-"""Fused softmax scores against their peers.
+"""Fused softmax scores and the fused loss against their peers, one group per shape.
 
-CPU, N=4096, V=32000 float32 (goal: native >= 15x faster than the eager composite):
-  aql_native            softmax_scores (the C++ library) with targets: all seven statistics
-  torch_eager_composite F.log_softmax, then the statistics in eager torch
-  aql_reference         softmax_scores_reference (the pure-torch spec)
-  memory_floor_sum      logits.sum(dim=1): one plain read of the logits, the floor of any one-pass op
-CPU host overhead, N=512, V=10 (the per-call cost of the Python layer and the C call on a tiny input):
-  aql_softmax_scores / torch_cross_entropy_fwd, aql_cross_entropy_fwd_bwd / torch_cross_entropy_fwd_bwd
-CPU forward+backward, N=4096, V=32000 float32: aql_cross_entropy_fwd_bwd against torch_cross_entropy_fwd_bwd
+CPU forward (`softmax_scores` with targets: all seven statistics), at the small shapes where the
+per-call host cost decides (64x10, 512x10, 256x1000) and at 4096x32000 float32:
+  aql_softmax_scores       the C++ library
+  torch_cross_entropy      F.cross_entropy(reduction="none"): the loss alone, the cheapest torch call
+  torch_eager_composite    F.log_softmax, then the seven statistics in eager torch (`eager_composite`)
+  torch_compile_composite  torch.compile of the same (4096x32000 only; left out with AQL_BENCH_QUICK)
+  memory_floor_sum         logits.sum(dim=1): one plain read of the logits, the floor of a one-pass op
+CPU forward+backward of the mean loss, same shapes: aql_cross_entropy_with_scores against
+  torch_cross_entropy and (4096x32000 only) torch_compile_cross_entropy.
+CPU throughput against V (N=1024, V from 10 to 50257): aql_softmax_scores, torch_cross_entropy and
+  the sum floor, the plot of `make bench`.
 GPU (Triton; skipped without CUDA), forward and forward+backward, float32 and bfloat16:
   aql_triton against the eager composite, torch.compile of the composite, F.cross_entropy and
   Liger-Kernel's cross-entropy when `liger_kernel` is installed (Liger writes its gradient during
   the forward, so it only appears in the fwd+bwd groups). The forward groups also hold
-  device_copy_cuda, a device-to-device copy of the logits whose GB/s counts its read and its write:
-  the goal of the statistics-only pass is >= 90% of that figure.
+  device_copy_cuda, a device-to-device copy of the logits whose GB/s counts its read and its write.
 `bytes` in extra_info is the traffic of a one-pass kernel over the logits (forward: one read;
-forward+backward: two reads and one write), and `GB/s` divides it by the median, so the column says
-how close each case gets to that floor whatever it really moves.
+forward+backward: two reads and one write), `GB/s` divides it by the median, and `fraction_of_read`
+holds that against `x.sum()`'s read bandwidth measured in the same run (benchmarks/conftest.py), so
+the columns say how close each case gets to that floor whatever it really moves. Small shapes record
+no traffic: there the time is host work, not memory.
 
     python -m pytest benchmarks/bench_scores.py --benchmark-only --benchmark-columns=median,iqr,rounds
     python -m pytest benchmarks/bench_scores.py --benchmark-only -k cuda      # GPU cases only
@@ -29,8 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from aql_kernels import _dispatch, _native
-from aql_kernels.scores import cross_entropy_with_scores, softmax_scores, softmax_scores_reference
-from benchmarks.conftest import requires_cuda
+from aql_kernels.scores import cross_entropy_with_scores, softmax_scores
+from benchmarks.conftest import QUICK, record_traffic, requires_cuda
 
 IGNORE = -100
 
@@ -57,78 +61,110 @@ def _inputs(n, v, dtype, device):
     return logits, targets
 
 
-def _record_bandwidth(bench, moved_bytes: int) -> None:
-    benchmark = bench.benchmark
-    benchmark.extra_info["bytes"] = moved_bytes
-    stats = getattr(benchmark, "stats", None)
-    if stats is not None:
-        benchmark.extra_info["GB/s"] = round(moved_bytes / stats.stats.median / 1e9, 2)
-
-
 # ---- CPU ------------------------------------------------------------------------------------------
 
-CPU_N, CPU_V = 4096, 32000
+CPU_SHAPES = {"64x10": (64, 10), "512x10": (512, 10), "256x1000": (256, 1000), "4096x32000": (4096, 32000)}
+LARGE = "4096x32000"
+SWEEP_N = 1024
+SWEEP_V = [10, 1000, 32000] if QUICK else [10, 1000, 8192, 32000, 50257]
+_compiled: dict = {}
 
 
-@pytest.mark.parametrize("case", ["aql_native", "torch_eager_composite", "aql_reference", "memory_floor_sum"])
-def test_scores_cpu(bench, case):
-    if case == "aql_native" and not _native.CPU.has("aql_softmax_scores"):
-        pytest.skip(f"the CPU library lacks aql_softmax_scores: {_native.CPU.reason or 'rebuild it'}")
-    logits, targets = _inputs(CPU_N, CPU_V, torch.float32, "cpu")
-    fn = {
-        "aql_native": lambda: softmax_scores(logits, targets),
-        "torch_eager_composite": lambda: eager_composite(logits, targets),
-        "aql_reference": lambda: softmax_scores_reference(logits, targets),
-        "memory_floor_sum": lambda: logits.sum(dim=1),
-    }[case]
-    bench.benchmark.group = f"scores cpu fwd N={CPU_N} V={CPU_V} float32"
-    bench.benchmark.extra_info.update({"n": CPU_N, "v": CPU_V, "omp_threads": _threads()})
-    bench(fn, rounds=3 if case in ("torch_eager_composite", "aql_reference") else 10)
-    _record_bandwidth(bench, CPU_N * CPU_V * 4)
+def _threads():
+    return _native.CPU.num_threads() if _native.CPU.has("aql_num_threads") else None
 
 
-@pytest.mark.parametrize("case", ["aql_softmax_scores", "torch_cross_entropy_fwd", "aql_cross_entropy_fwd_bwd",
-                                  "torch_cross_entropy_fwd_bwd"])
-def test_scores_cpu_host_overhead(bench, case):
-    if case.startswith("aql") and not _native.CPU.has("aql_softmax_scores"):
-        pytest.skip(f"the CPU library lacks aql_softmax_scores: {_native.CPU.reason or 'rebuild it'}")
-    n, v = 512, 10
-    logits, targets = _inputs(n, v, torch.float32, "cpu")
-    bench.benchmark.group = f"scores cpu host overhead N={n} V={v}"
-    bench.benchmark.extra_info.update({"n": n, "v": v, "omp_threads": _threads()})
+def _require_native(symbol: str) -> None:
+    if not _native.CPU.has(symbol):
+        pytest.skip(f"the CPU library lacks {symbol}: {_native.CPU.reason or 'rebuild it'}")
+
+
+def _compile(key, fn):
+    """torch.compile once per process (a peer that is only timed in the full run)."""
+    if QUICK:
+        pytest.skip("torch.compile peers are left out of the quick run")
+    if key not in _compiled:
+        _compiled[key] = torch.compile(fn)
+    return _compiled[key]
+
+
+def _forward_case(case: str, logits: torch.Tensor, targets: torch.Tensor):
     if case == "aql_softmax_scores":
-        bench(lambda: softmax_scores(logits, targets), rounds=200)
-    elif case == "torch_cross_entropy_fwd":
-        bench(lambda: F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="none"), rounds=200)
-    else:
-        bench(_fwd_bwd_step(case, logits), rounds=200)
+        _require_native("aql_softmax_scores")
+        return lambda: softmax_scores(logits, targets)
+    if case == "torch_cross_entropy":
+        return lambda: F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="none")
+    if case == "torch_eager_composite":
+        return lambda: eager_composite(logits, targets)
+    if case == "torch_compile_composite":
+        compiled = _compile("composite", eager_composite)
+        compiled(logits, targets)  # compile outside the timed rounds
+        return lambda: compiled(logits, targets)
+    return lambda: logits.sum(dim=1)
 
 
-def _fwd_bwd_step(case: str, logits: torch.Tensor):
+def _rounds(n: int, v: int, slow: bool) -> int:
+    if n * v <= 1 << 20:
+        return 100 if QUICK else 300
+    return 2 if slow else (3 if QUICK else 7)
+
+
+@pytest.mark.parametrize("case", ["aql_softmax_scores", "torch_cross_entropy", "torch_eager_composite", "torch_compile_composite",
+                                  "memory_floor_sum"])
+@pytest.mark.parametrize("shape", list(CPU_SHAPES))
+def test_scores_fwd_cpu(bench, case, shape):
+    n, v = CPU_SHAPES[shape]
+    if case == "torch_compile_composite" and shape != LARGE:
+        pytest.skip("torch.compile is timed at 4096x32000 only (one compilation)")
+    logits, targets = _inputs(n, v, torch.float32, "cpu")
+    fn = _forward_case(case, logits, targets)
+    bench.benchmark.group = f"scores cpu fwd {shape} float32"
+    bench.benchmark.extra_info.update({"n": n, "v": v, "omp_threads": _threads(), "peer": case})
+    bench(fn, rounds=_rounds(n, v, case == "torch_eager_composite"))
+    if shape == LARGE:
+        record_traffic(bench, n * v * 4)
+
+
+def _fwd_bwd_step(case: str, logits: torch.Tensor, targets: torch.Tensor):
     logits = logits.clone().requires_grad_(True)
-    targets = torch.randint(0, logits.shape[1], (logits.shape[0],))
-    if case.startswith("aql"):
+    if case == "aql_cross_entropy_with_scores":
+        _require_native("aql_softmax_scores_backward")
+
         def loss_fn(x, t):
             return cross_entropy_with_scores(x, t, ignore_index=IGNORE)[0]
+    elif case == "torch_compile_cross_entropy":
+        loss_fn = _compile("cross_entropy", lambda x, t: F.cross_entropy(x, t, ignore_index=IGNORE))
+        torch.autograd.grad(loss_fn(logits, targets), logits)  # compile outside the timed rounds
     else:
         def loss_fn(x, t):
             return F.cross_entropy(x, t, ignore_index=IGNORE)
     return lambda: torch.autograd.grad(loss_fn(logits, targets), logits)
 
 
-@pytest.mark.parametrize("case", ["aql_cross_entropy_fwd_bwd", "torch_cross_entropy_fwd_bwd"])
-def test_scores_cpu_fwd_bwd(bench, case):
-    if case.startswith("aql") and not _native.CPU.has("aql_softmax_scores_backward"):
-        pytest.skip(f"the CPU library lacks aql_softmax_scores_backward: {_native.CPU.reason or 'rebuild it'}")
-    logits, _ = _inputs(CPU_N, CPU_V, torch.float32, "cpu")
-    bench.benchmark.group = f"scores cpu fwd+bwd N={CPU_N} V={CPU_V} float32"
-    bench.benchmark.extra_info.update({"n": CPU_N, "v": CPU_V, "omp_threads": _threads()})
-    bench(_fwd_bwd_step(case, logits), rounds=3)
-    _record_bandwidth(bench, 3 * CPU_N * CPU_V * 4)
+@pytest.mark.parametrize("case", ["aql_cross_entropy_with_scores", "torch_cross_entropy", "torch_compile_cross_entropy"])
+@pytest.mark.parametrize("shape", list(CPU_SHAPES))
+def test_scores_fwd_bwd_cpu(bench, case, shape):
+    n, v = CPU_SHAPES[shape]
+    if case == "torch_compile_cross_entropy" and shape != LARGE:
+        pytest.skip("torch.compile is timed at 4096x32000 only (one compilation)")
+    logits, targets = _inputs(n, v, torch.float32, "cpu")
+    fn = _fwd_bwd_step(case, logits, targets)
+    bench.benchmark.group = f"scores cpu fwd+bwd {shape} float32"
+    bench.benchmark.extra_info.update({"n": n, "v": v, "omp_threads": _threads(), "peer": case})
+    bench(fn, rounds=_rounds(n, v, False))
+    if shape == LARGE:
+        record_traffic(bench, 3 * n * v * 4)
 
 
-def _threads():
-    return _native.CPU.num_threads() if _native.CPU.has("aql_num_threads") else None
+@pytest.mark.parametrize("case", ["aql_softmax_scores", "torch_cross_entropy", "memory_floor_sum"])
+@pytest.mark.parametrize("v", SWEEP_V)
+def test_scores_throughput_by_vocab_cpu(bench, case, v):
+    logits, targets = _inputs(SWEEP_N, v, torch.float32, "cpu")
+    fn = _forward_case(case, logits, targets)
+    bench.benchmark.group = f"scores cpu fwd throughput N={SWEEP_N} V={v}"
+    bench.benchmark.extra_info.update({"n": SWEEP_N, "v": v, "omp_threads": _threads(), "peer": case, "sweep": "scores_by_vocab"})
+    bench(fn, rounds=_rounds(SWEEP_N, v, False) if v > 1000 else (50 if QUICK else 100))
+    record_traffic(bench, SWEEP_N * v * 4)
 
 
 # ---- CUDA -----------------------------------------------------------------------------------------
@@ -175,7 +211,7 @@ def test_scores_fwd_cuda(bench, case, shape, dtype):
     bench.benchmark.group = f"scores cuda fwd {shape} {dtype}"
     bench.benchmark.extra_info.update({"n": n, "v": v, "dtype": dtype})
     bench(fn, device="cuda", rounds=20)
-    _record_bandwidth(bench, (2 if case == "device_copy_cuda" else 1) * n * v * logits.element_size())
+    record_traffic(bench, (2 if case == "device_copy_cuda" else 1) * n * v * logits.element_size(), device="cuda")
 
 
 @requires_cuda
@@ -210,4 +246,4 @@ def test_scores_fwd_bwd_cuda(bench, case, shape, dtype):
     bench.benchmark.group = f"scores cuda fwd+bwd {shape} {dtype}"
     bench.benchmark.extra_info.update({"n": n, "v": v, "dtype": dtype})
     bench(step, device="cuda", rounds=20)
-    _record_bandwidth(bench, 3 * n * v * logits.element_size())
+    record_traffic(bench, 3 * n * v * logits.element_size(), device="cuda")

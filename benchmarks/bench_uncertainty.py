@@ -22,6 +22,7 @@ from torch import nn
 
 from aql.models import MNIST1DCNN
 from aql.uncertainty import EnsembleUncertainty, LaplacianUncertainty, MCDropoutUncertainty
+from benchmarks.conftest import QUICK
 
 BATCH = 512
 CASES = ["forward", "laplace.estimate_uncertainty", "laplace.estimate", "laplace kfac", "laplace entropy", "mc_dropout x10",
@@ -77,10 +78,10 @@ def test_estimator_cost(bench, case, model_name, device):
         estimator.train_ensemble(data, targets)
         run = lambda: estimator.estimate_uncertainty(data)  # noqa: E731
     run()  # warm-up outside the timed rounds
-    bench(run, device=device, rounds=30)
+    bench(run, device=device, rounds=10 if QUICK else 30)
 
     def forward():
         with torch.no_grad():
             return model(data)
 
-    bench.benchmark.extra_info["relative_to_forward"] = round(_alternating_ratio(run, forward, device), 3)
+    bench.benchmark.extra_info.update(peer=case, relative_to_forward=round(_alternating_ratio(run, forward, device, 5 if QUICK else 15), 3))
