@@ -202,15 +202,24 @@ def global_topk_mask(scores: torch.Tensor, k: int, *, group=None, valid: torch.T
 
 
 def global_topk_indices(scores: torch.Tensor, k: int, *, group=None, valid: torch.Tensor | None = None,
-                        digit_bits: Sequence[int] = DIGIT_BITS) -> torch.Tensor:
+                        index: torch.Tensor | None = None, digit_bits: Sequence[int] = DIGIT_BITS) -> torch.Tensor:
     """int64: the positions (into this rank's `scores`, ascending) where `global_topk_mask` is True."""
-    return torch.nonzero(global_topk_mask(scores, k, group=group, valid=valid, digit_bits=digit_bits)).squeeze(1)
+    mask = global_topk_mask(scores, k, group=group, valid=valid, index=index, digit_bits=digit_bits)
+    return torch.nonzero(mask).squeeze(1)
 
 
 def under_prefix(scores: torch.Tensor, prefix: int, prefix_bits: int) -> torch.Tensor:
     """The scores whose key (`aql_kernels.order_keys`) has its top `prefix_bits` equal to `prefix`, in
     their order, as float32: the keys under a prefix are one interval of floats (plus NaN when the
-    interval starts at key 0), so two comparisons find them without computing a key."""
+    interval starts at key 0), so two comparisons find them without computing a key.
+    scores: 1-D float32 / float16 / bfloat16; 1 <= prefix_bits <= 31; 0 <= prefix < 2**prefix_bits."""
+    where = "distributed.under_prefix"
+    check_tensor(where, "scores", scores, ndim=1, dtypes=_FLOAT_DTYPES)
+    check_int(where, "prefix_bits", prefix_bits, low=1)
+    check_int(where, "prefix", prefix, low=0)
+    if prefix_bits > 31 or prefix >= 1 << prefix_bits:
+        raise ValueError(f"aql.{where}: need prefix_bits in [1, 31] and prefix in [0, 2**prefix_bits), "
+                         f"got prefix_bits={prefix_bits}, prefix={prefix}")
     values = scores.to(torch.float32)
     low = prefix << (32 - prefix_bits)
     high = low | ((1 << (32 - prefix_bits)) - 1)

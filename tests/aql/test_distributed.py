@@ -190,6 +190,7 @@ def test_global_selection_in_one_process_is_the_kernel():
     expected = torch.zeros(999, dtype=torch.bool)
     expected[index.argsort()] = aql_kernels.topk_mask(ties[index.argsort()], 400)
     assert torch.equal(distributed.global_topk_mask(ties, 400, index=index), expected)
+    assert torch.equal(distributed.global_topk_indices(ties, 400, index=index), torch.nonzero(expected).squeeze(1))
     assert distributed.selection_bytes(2) == 8 + 24 * 2 + 8 * (2048 + 2048 + 1024)
 
 
@@ -206,6 +207,8 @@ def test_under_prefix_keeps_exactly_the_keys_under_the_prefix():
             expected = values[(keys >> (32 - prefix_bits)) == prefix]
             got = distributed.under_prefix(values, prefix, prefix_bits)
             assert torch.equal(aql_kernels.order_keys(got), aql_kernels.order_keys(expected)), (seed, prefix_bits, prefix)
+    with pytest.raises(ValueError, match="prefix_bits in"):
+        distributed.under_prefix(values, 4, 2)
     half = torch.randn(300, generator=generator).bfloat16()
     expected = half.float()[(aql_kernels.order_keys(half) >> 21) == 0x7F8 >> 0]
     assert torch.equal(distributed.under_prefix(half, 0x7F8, 11), expected)
