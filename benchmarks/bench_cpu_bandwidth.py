@@ -2,7 +2,9 @@
 
 For each thread count (a child process per count, OMP_NUM_THREADS set before torch and the library
 load), the cases below are timed in turn, interleaved repeat by repeat, and the median of the
-repeats is reported with the GB/s of the bytes the op must read:
+repeats is reported with the GB/s of the bytes the op must read (wall clock), and beside it the
+median process CPU time, steadier than the wall clock on a shared machine (`cpu of sum`: x.sum()'s
+CPU time over the op's, for one thread the read-bandwidth fraction measured in CPU time):
 
   sum_1e7            x.sum() over the 10^7 float32 scores: the read bandwidth at that size (40 MB)
   topk_mask_1e7      aql_kernels.topk_mask(x, k = 0.2 N), the bool mask included in the time;
@@ -108,27 +110,30 @@ def _child(args) -> dict:
         compiled(logits, targets)  # compile outside the timed loop
         cases["compiled_composite"] = (lambda: compiled(logits, targets), logits_bytes)
     times: dict[str, list[float]] = {name: [] for name in cases}
+    cpu_times: dict[str, list[float]] = {name: [] for name in cases}
     for name, (fn, _) in cases.items():  # warm-up: page faults, first-call set-up
         fn()
     for _ in range(args.repeats):
         for name, (fn, _) in cases.items():
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             fn()
             times[name].append(time.perf_counter() - start)
+            cpu_times[name].append(time.process_time() - cpu_start)
     return {
         name: {"median_ms": 1e3 * statistics.median(t), "min_ms": 1e3 * min(t), "max_ms": 1e3 * max(t),
-               "gb_per_s": cases[name][1] / statistics.median(t) / 1e9}
+               "gb_per_s": cases[name][1] / statistics.median(t) / 1e9, "cpu_median_ms": 1e3 * statistics.median(cpu_times[name])}
         for name, t in times.items()
     }
 
 
 def _report(threads: int, result: dict) -> None:
-    print(f"\n== {threads} thread(s); medians of the interleaved repeats ==")
-    print(f"{'case':34s} {'median ms':>10s} {'min..max ms':>16s} {'GB/s':>7s} {'of sum':>7s}")
+    print(f"\n== {threads} thread(s); medians of the interleaved repeats (wall; cpu = process CPU time, all threads) ==")
+    print(f"{'case':34s} {'median ms':>10s} {'min..max ms':>16s} {'GB/s':>7s} {'of sum':>7s} {'cpu ms':>8s} {'cpu of sum':>10s}")
     for name, row in result.items():
-        floor = result["sum_1e7" if "1e7" in name else "sum_scores"]["gb_per_s"]
+        floor = result["sum_1e7" if "1e7" in name else "sum_scores"]
         spread = f"{row['min_ms']:.1f}..{row['max_ms']:.1f}"
-        print(f"{name:34s} {row['median_ms']:10.2f} {spread:>16s} {row['gb_per_s']:7.2f} {row['gb_per_s'] / floor:7.0%}")
+        print(f"{name:34s} {row['median_ms']:10.2f} {spread:>16s} {row['gb_per_s']:7.2f} {row['gb_per_s'] / floor['gb_per_s']:7.0%}"
+              f" {row['cpu_median_ms']:8.2f} {floor['cpu_median_ms'] / row['cpu_median_ms']:10.0%}")
     if "compiled_composite" in result:
         ratio = result["compiled_composite"]["median_ms"] / result["softmax_scores"]["median_ms"]
         print(f"softmax_scores vs torch.compile'd composite: {ratio:.1f}x faster")
