@@ -499,13 +499,15 @@ def experiment1_report(results_dir: str | os.PathLike = "results/experiments", *
     axes[1].set_yticks(list(ypos), [])
     axes[1].set_xlabel("cost of a score call (x one forward, log)")
     axes[2].barh(ypos, [r[4][0] for r in rows], xerr=[r[4][1] for r in rows], color="tab:green")
-    for control, style in (("all_data", "-"), ("random", ":"), ("all_data_short", "--")):
-        axes[2].axvline(accuracy(control)[0], color="black", linestyle=style, linewidth=1, label=control)
+    controls = (("all_data", "-", "all data"), ("all_data_short", "--", "all data, short"), ("random", ":", "random"),
+                ("el2n", "-.", "EL2N (online default)"))
+    for control, style, label in controls:
+        axes[2].axvline(accuracy(control)[0], color="black", linestyle=style, linewidth=1, label=label)
     axes[2].set_yticks(list(ypos), [])
     axes[2].set_xlabel(f"test accuracy when the score selects {budget:.0%}")
-    low = min(min(r[4][0] for r in rows), accuracy("all_data_short")[0]) - 0.01
-    axes[2].set_xlim(low, 1.0)
-    axes[2].legend(loc="lower left", fontsize=8)
+    values = [r[4][0] - r[4][1] for r in rows] + [accuracy(c)[0] for c, _, _ in controls]
+    axes[2].set_xlim(min(values) - 0.004, accuracy("all_data")[0] + 0.004)
+    axes[2].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     figure.suptitle("Experiment 1 on MNIST-1D: out-of-distribution detection, cost, and data efficiency per estimator (3 seeds)")
     figure.tight_layout()
     path = save_png(figure, root / "uncertainty" / "experiment1.png")
