@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 
 import aql_kernels
-from aql._checks import check_int, check_interval, check_number, check_tensor, round_half_up
+from aql._checks import check_bool, check_int, check_interval, check_number, check_tensor, round_half_up
 
 __all__ = ["ScoreStore", "SelectedSubset"]
 
@@ -38,7 +38,9 @@ class ScoreStore:
     ``next_subset()`` returns ``k = floor(query_budget * N + 1/2)`` (at least 1) indices:
 
     * the top part: ``n_top = k - n_explore`` indices, the exact top of the stored scores
-      (``aql_kernels.topk_indices``: NaN ranks lowest, ties go to the lowest index), weight 1;
+      (``aql_kernels.topk_indices``: NaN ranks lowest, ties go to the lowest index), weight 1; with
+      ``smallest=True`` the exact bottom instead, for scores where low means informative (margin,
+      maxprob; ties still to the lowest index);
     * the explored part: ``n_explore = floor(exploration * k + 1/2)`` indices drawn uniformly without
       replacement from the ``rest = N - n_top`` others, weight ``rest / n_explore`` (the inverse of a
       rest sample's inclusion probability), so that ``sum(weights * x)`` over the subset estimates the
@@ -52,7 +54,8 @@ class ScoreStore:
     A NaN score (e.g. from a diverged batch) is not kept: the sample is marked never-seen again and gets
     ``unseen_score``, so it is re-scored rather than excluded forever (NaN ranks lowest in the top-k).
 
-    Never-seen samples hold ``unseen_score`` (+inf by default) and so fill the top part first; while
+    Never-seen samples hold ``unseen_score`` (+inf by default, -inf with ``smallest=True``) and so fill
+    the top part first; while
     never-seen samples remain outside the top part, the explored slots also go to never-seen samples
     (uniformly among them) before seen ones. Every epoch therefore visits ``k`` new samples until all
     have been seen: over the first ``ceil(N / k)`` (= ``1 / query_budget``) epochs each sample is
@@ -81,8 +84,12 @@ class ScoreStore:
     sharding = None
 
     def __init__(self, num_samples: int, *, query_budget: float = 0.2, exploration: float = 0.1,
-                 device: str | torch.device = "cpu", seed: int = 0, unseen_score: float = math.inf):
+                 device: str | torch.device = "cpu", seed: int = 0, unseen_score: float | None = None,
+                 smallest: bool = False):
         where = "selection.ScoreStore"
+        self.smallest = check_bool(where, "smallest", smallest)
+        if unseen_score is None:
+            unseen_score = -math.inf if self.smallest else math.inf
         self.num_samples = check_int(where, "num_samples", num_samples, low=1)
         self.query_budget = check_interval(where, "query_budget", query_budget, 0.0, 1.0, low_open=True, high_open=False)
         self.exploration = check_interval(where, "exploration", exploration, 0.0, 1.0, low_open=False, high_open=True)
@@ -223,7 +230,9 @@ class ScoreStore:
     def next_subset(self) -> SelectedSubset:
         """The subset for the next epoch (see the class docstring); advances the random generator."""
         self.flush()
-        top = self._topk_indices(self._scores, self.num_top)
+        # the bottom of the scores is the top of their negation (-(-inf) = inf: never-seen first; -0.0 and
+        # +0.0 stay equal, so ties still go to the lowest index)
+        top = self._topk_indices(self._scores.neg() if self.smallest else self._scores, self.num_top)
         if self.num_explore:
             # Uniform keys in [0, 1) for seen samples and [2, 3) for never-seen ones; the top part gets
             # -1. The n_explore largest keys are then a uniform sample of the never-seen rest, topped up
@@ -267,6 +276,7 @@ class ScoreStore:
             "exploration": self.exploration,
             "seed": self.seed,
             "unseen_score": self.unseen_score,
+            "smallest": self.smallest,
             "epoch": self.epoch,
             "scores": self.scores.clone(),
             "seen": self.seen.clone(),
@@ -280,8 +290,8 @@ class ScoreStore:
         missing = {"num_samples", "query_budget", "exploration", "epoch", "scores", "seen", "generator"} - state.keys()
         if missing:
             raise ValueError(f"aql.{where}: state lacks keys {sorted(missing)}")
-        for key in ("num_samples", "query_budget", "exploration"):
-            if state[key] != getattr(self, key):
+        for key in ("num_samples", "query_budget", "exploration", "smallest"):
+            if state.get(key, False) != getattr(self, key):
                 raise ValueError(f"aql.{where}: {key} must match this store's {getattr(self, key)!r}, "
                                  f"got {state[key]!r}")
         check_tensor(where, "state['scores']", state["scores"], ndim=1, dtypes=(torch.float32,))
