@@ -237,8 +237,13 @@ def test_every_cpu_variant_one_pass_chunks_and_their_fallback(cpu_variant):
     with -inf heads, +inf and NaN in later chunks, against the float64 reference."""
     v = 3 * 4096 + 21
     torch.manual_seed(5)
-    logits = torch.randn(16, v)
-    targets = torch.randint(0, v, (16,))
+    logits = torch.randn(19, v)
+    targets = torch.randint(0, v, (19,))
+    logits[16, 100] = float("nan")                       # NaN inside the head that gives the guess
+    logits[17, 5000] = float("nan")                      # NaN and +inf in one later chunk
+    logits[17, 5001] = float("inf")
+    logits[18, 4096 + 16 * 7 + 3] = float("nan")         # NaN in a kept chunk, lane 3 of a vector
+    logits[18, 4096 + 16 * 7 + 19] = logits[18].nan_to_num(0).max() + 1.0
     logits[0, 300] = 7.9 + logits[0, :256].max()         # first chunk, just within the lag: kept, rescaled by e^-7.9
     logits[1, 300] = 8.5 + logits[1, :256].max()         # first chunk, beyond it: two passes
     logits[2, 5000] = 30.0                               # a later chunk far above the running maximum
