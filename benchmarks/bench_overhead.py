@@ -8,11 +8,12 @@ One training step of the same model and batch size (forward, loss, backward, Ada
   strategy:<name>       (c) each selection strategy of `aql.strategies.STRATEGIES` driven as the
                         trainer drives it (the fused loss where the strategy reads scores, its
                         `after_step` each step, the no-grad scoring forward of candidate batches for
-                        `scores_candidates` strategies, `epoch_plan` / `end_epoch` once per epoch)
-                        with the trainer's default estimator where it reads scores (Laplace: its
-                        forward hooks and a Fisher update every step, `fisher_update_freq: 1`):
-                        the time of whole epochs divided by their optimizer steps, so that the
-                        between-epoch selection is amortised as in training
+                        `scores_candidates` strategies, `epoch_plan` / `end_epoch` once per epoch),
+                        no estimator: the time of whole epochs divided by their optimizer steps, so
+                        that the between-epoch selection is amortised as in training
+  machinery:stale+fisher  the whole machinery of issue 14's goal: the fused loss, the stale
+                        strategy's score writes and between-epoch selection, and the Laplace
+                        estimator's per-step training work (forward hooks, a Fisher update every step)
   estimator:<name>      (d) the fused loss plus what each estimator of `aql.uncertainty` adds when
                         it scores every trained sample: its per-step training work as the trainer
                         does it with `fisher_update_freq: 1` (laplace: forward hooks and
@@ -65,7 +66,7 @@ QUICK = os.environ.get("AQL_BENCH_QUICK", "") not in ("", "0")
 REPEATS = 3
 BUDGET = 0.2
 ESTIMATORS = ("laplace", "mc_dropout", "ensemble")
-VARIANTS = ["cross_entropy", "fused_loss", *(f"strategy:{name}" for name in sorted(STRATEGIES)),
+VARIANTS = ["cross_entropy", "fused_loss", *(f"strategy:{name}" for name in sorted(STRATEGIES)), "machinery:stale+fisher",
             *(f"estimator:{name}" for name in ESTIMATORS)]
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
@@ -145,13 +146,16 @@ class Loop:
         self.score_batches = False  # the estimator scores every trained batch (the estimator variants)
         kind, _, name = variant.partition(":")
         self.fused = variant != "cross_entropy"
+        with_fisher = kind == "machinery"
+        if with_fisher:
+            kind, name = "strategy", "stale"
         if kind == "strategy":
             from aql.uncertainty import LaplacianUncertainty
 
             config = _config(name, setup.labels is not None)
             self.fused = STRATEGIES[name].uses_scores
-            estimator = LaplacianUncertainty(self.model, head=getattr(self.model, "head", None)) if self.fused else None
-            self.estimator, self.estimator_name = estimator, "laplace" if self.fused else None
+            estimator = LaplacianUncertainty(self.model, head=getattr(self.model, "head", None)) if with_fisher else None
+            self.estimator, self.estimator_name = estimator, "laplace" if with_fisher else None
             holdout = min(64, setup.num_samples // 4)
             from aql.data import IndexedTensorDataset
 
