@@ -28,11 +28,26 @@ test: native
 run: native
 	$(PY) -m aql demo
 
+# The suites (make test never collects them: pytest's testpaths is tests/), their JSON under
+# benchmarks/results/<machine>/, benchmarks/RESULTS.md and its plots. QUICK=1: the short form.
 bench: native
-	$(PY) -m pytest benchmarks --benchmark-only --benchmark-columns=median,iqr,rounds $(PYTEST_ARGS)
+	$(PY) -m benchmarks.run $(if $(QUICK),--quick) $(BENCH_ARGS)
+
+.PHONY: bench-quick
+bench-quick: native
+	$(PY) -m benchmarks.run --quick $(BENCH_ARGS)
 
 gpu-check:
 	bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf build aql_kernels/*.so
+
+# laplace-torch, Experiment 1's peer, in an environment of its own (it pulls torchvision and would pull
+# another torch): results/experiments/uncertainty/laplace_torch_peer.json
+PEER_VENV ?= .venv-peer
+peer-laplace: native
+	test -x $(PEER_VENV)/bin/python || $(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/pip install -q "$(TORCH_SPEC)" laplace-torch pyyaml tqdm matplotlib mnist1d
+	$(PEER_VENV)/bin/pip uninstall -y -q torchvision  # torchmetrics imports it only when present
+	PYTHONPATH=. OMP_NUM_THREADS=1 $(PEER_VENV)/bin/python scripts/laplace_torch_peer.py --cost-rounds 7
