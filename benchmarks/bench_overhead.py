@@ -23,7 +23,7 @@ One training step of the same model and batch size (forward, loss, backward, Ada
 
 Models (dropout 0.1, so that MC dropout applies; the same model in every variant): the MNIST-1D CNN of
 aql/models.py (batch 128, 1 thread, as the demo), and GPT-2 from aql/models.py: 2 layers, d_model
-128, an 8192-token vocabulary, 4 x 32 tokens, 40 sequences on CPU (at 50257 tokens one step took ~2 s
+128, an 8192-token vocabulary, 4 x 32 tokens, 40 sequences, 1 thread on CPU (at 50257 tokens one step took ~2 s
 on the shared 2-core machine: too long for `make bench`); GPT-2 small (12 layers, 768, 50257 tokens)
 at 8 x 512 tokens on CUDA. Random data of the right shapes; nothing downloaded. Token data has no class labels,
 so the strategies that balance classes run with `balanced: false` there.
@@ -107,8 +107,10 @@ def _setup(model_name: str, device: str) -> Setup:
     def make():
         return GPT2LM(n_layers=layers, n_heads=heads, d_model=width, vocab_size=vocab, n_positions=seq, dropout=0.1)
 
-    return Setup(f"gpt2_{layers}l_{width}d_v{vocab}", make, tokens[:, :-1].to(device), tokens[:, 1:].to(device), batch, vocab, None,
-                 None)
+    # 1 torch thread on CPU as for the CNN: with 2, a step stalled now and then for tens of ms whenever
+    # another process held a core (OpenMP barriers), 40x one repeat's median in a run on the shared
+    # 2-core machine
+    return Setup(f"gpt2_{layers}l_{width}d_v{vocab}", make, tokens[:, :-1].to(device), tokens[:, 1:].to(device), batch, vocab, None, 1)
 
 
 def _sample_view(logits: torch.Tensor, targets: torch.Tensor, batch: int):
