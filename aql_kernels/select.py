@@ -12,12 +12,13 @@ sample as SampleSelect guesses its splitters (Ribizel and Anzt, "Parallel select
 the 12-bit top digits of 65536 evenly spaced scores give a key range that holds the k-th largest
 with overwhelming probability (sample ranks k s / n -+ 6 standard deviations; narrowed to 22-bit
 prefixes by a second look at the samples when it spans at most 4 digits); one pass over the
-scores then writes the mask for every key above the range, compacts the scores inside it
-(candidates) and counts those above, which checks the guess exactly. A miss (possible only for data
-arranged against the sample) costs an exact 12-bit histogram pass and the mask pass again. Then 12 +
-10 + 10 more key bits, less those the range fixes, over the candidates only, then,
-when only some of the elements equal to the k-th key are taken, digits of their indices, and finally
-the candidates are scattered into the mask. Traffic for the mask: one read of the scores and one
+scores then writes the mask for every key above the range (the C++ library: above the sample's own
+estimate of the k-th key, inside the range), compacts the scores inside it (candidates) and counts
+those above, which checks the guess exactly. A miss (possible only for data arranged against the
+sample) costs an exact 12-bit histogram pass and the mask pass again. Then 12 + 10 + 10 more key
+bits, less those the range fixes, over the candidates only, then, when only some of the elements
+equal to the k-th key are taken, digits of their indices (the C++ library, whose candidates are in
+index order, scans them once instead), and finally the candidates' mask bytes are set. Traffic for the mask: one read of the scores and one
 write of the mask, plus the candidates (about 2% of the scores for uniform [0, 1) scores at k = 0.2 n,
 fewer for spread-out ones, all of them when all are equal). Indices come from the mask with a count /
 exclusive scan / write pass (two more reads of the 1-byte mask). The CUDA library runs this on the
