@@ -115,6 +115,7 @@ class ScoreStore:
         self._scores = torch.full((self.num_samples,), self.unseen_score, dtype=torch.float32, device=self.device)
         self._seen = torch.zeros(self.num_samples, dtype=torch.bool, device=self.device)
         self._stale = False  # `_written` changed since `_scores` and `_seen` were derived
+        self._on_cpu = self.device.type == "cpu"  # update's device check: one attribute per tensor
         self._deferred: list[tuple[torch.Tensor, torch.Tensor]] = []  # update(..., deferred=True) pairs not yet scattered
         self._deferred_rows = 0
         self._deferred_distinct = True  # no index occurs in two of the pending calls
@@ -168,10 +169,12 @@ class ScoreStore:
             return
         if (type(indices) is _TENSOR and type(scores) is _TENSOR and indices.dtype is _INT64 and scores.dtype is _FLOAT32
                 and indices.dim() == 1 and scores.dim() == 1 and indices.numel() == scores.numel()
-                and indices.device == self.device and scores.device == self.device):
+                and (indices.is_cpu and scores.is_cpu if self._on_cpu
+                     else indices.device == self.device and scores.device == self.device)):
             if self._deferred:
                 self.flush()  # earlier deferred writes first: the later value of a sample wins
-            self._write(indices, scores.detach() if scores.requires_grad else scores)
+            self._written.index_copy_(0, indices, scores.detach() if scores.requires_grad else scores)  # as _write
+            self._stale = True
             return
         where = "selection.ScoreStore.update"
         # int32 indices and half-precision scores (a bf16 training forward) are widened, not refused
