@@ -12,6 +12,9 @@ of the k-th largest score from an evenly spaced sample and check the guess in th
 scores; the `decoys` cases put the largest scores exactly where the sample looks, so that the guess
 misses and the exact histogram pass and a second mask pass follow: the price of a miss.
 
+`test_score_store_update_cpu` times the per-step write of a training loop's scores into
+`aql.selection.ScoreStore` (64 rows, checked) against the bare `index_copy_` it ends in.
+
     python -m pytest benchmarks/bench_select.py --benchmark-only --benchmark-columns=median,iqr,rounds
     python -m pytest benchmarks/bench_select.py --benchmark-only -k cuda      # GPU cases only
 """
@@ -23,6 +26,7 @@ import pytest
 import torch
 
 import aql_kernels
+from aql.selection import ScoreStore
 from aql_kernels import _native
 from benchmarks.conftest import QUICK, record_traffic, requires_cuda
 
@@ -110,3 +114,19 @@ def test_select_cuda(bench, case, size):
     bench.benchmark.extra_info.update({"n": n, "k": k, "peer": case, "sweep": "select_by_n"})
     bench(fn, device="cuda", rounds=20)
     record_traffic(bench, 5 * n, device="cuda")
+
+
+@pytest.mark.parametrize("case", ["torch_index_copy_", "aql_score_store_update"])
+def test_score_store_update_cpu(bench, case):
+    n, batch = 50_000, 64
+    generator = torch.Generator().manual_seed(0)
+    indices = torch.randperm(n, generator=generator)[:batch]
+    scores = torch.rand(batch, generator=generator)
+    bench.benchmark.group = f"score store write cpu {batch} rows of N={n} (host cost)"
+    bench.benchmark.extra_info.update({"n": n, "rows": batch, "peer": case})
+    if case == "torch_index_copy_":
+        table = torch.zeros(n)
+        bench(lambda: table.index_copy_(0, indices, scores), rounds=300 if QUICK else 2000)
+    else:
+        store = ScoreStore(n)
+        bench(lambda: store.update(indices, scores), rounds=300 if QUICK else 2000)

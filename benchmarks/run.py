@@ -152,6 +152,8 @@ def headline_rows(data: dict) -> list[tuple[str, str, str, str]]:
               "torch foreach", "foreach mul_+addcmul_")
     ratio_row("kernel: fisher_ema_, GPT-2-shaped ~50M parameters", "fisher_ema cpu float32 grads, GPT-2", "aql fisher_ema_",
               "torch foreach", "foreach mul_+addcmul_")
+    ratio_row("kernel: ScoreStore.update, 64 rows (checked; host cost)", "score store write cpu", "aql_score_store_update",
+              "torch_index_copy_", "index_copy_")
     for size in ("1e7", "1e6"):
         if _find(data, f"select cpu N={size}", "aql_topk_mask") is not None:
             ratio_row(f"kernel: topk_mask (mask included), N = {size}, k = 0.2 N", f"select cpu N={size}", "aql_topk_mask",
