@@ -321,7 +321,8 @@ def render(json_path: Path, report: Path = REPORT) -> Path:
         + ("The machine was shared with other jobs during this run (load above its core count): absolute times are "
            "noisy; ratios of cases timed next to each other hold better, and the end-to-end overheads come from "
            "variants interleaved in one process." if max((context.get("load_before") or [0])[:1] + (context.get("load_after") or [0])[:1])
-           > (os.cpu_count() or 1) else "The machine was otherwise idle."),
+           > (os.cpu_count() or 1) else "Load below the core count at the start and the end; on a shared machine other jobs "
+           "may still have run in between, so compare cases timed side by side rather than absolute times."),
         "",
         "Kernel ratios compare one op with its peer on the same input; they are not end-to-end ratios. The end-to-end "
         "figures are whole training steps (forward, loss, backward, AdamW) of a model, in bench_overhead.py.",
