@@ -296,7 +296,9 @@ def _save(figure, path: Path) -> Path:
 
 
 # ---- RESULTS.md -------------------------------------------------------------------------------------
-def render(json_path: Path, report: Path = REPORT) -> Path:
+def render(json_path: Path, report: Path = REPORT, note: str | None = None) -> Path:
+    """RESULTS.md and the plots from a run's JSON; `note` (e.g. what else ran on the machine) goes under
+    the run's description."""
     data = json.loads(Path(json_path).read_text())
     context = data.get("aql_run", {})
     machine = context.get("machine") or Path(json_path).parent.name
@@ -323,6 +325,7 @@ def render(json_path: Path, report: Path = REPORT) -> Path:
            "variants interleaved in one process." if max((context.get("load_before") or [0])[:1] + (context.get("load_after") or [0])[:1])
            > (os.cpu_count() or 1) else "Load below the core count at the start and the end; on a shared machine other jobs "
            "may still have run in between, so compare cases timed side by side rather than absolute times."),
+        *([f"- note: {note}"] if note else []),
         "",
         "Kernel ratios compare one op with its peer on the same input; they are not end-to-end ratios. The end-to-end "
         "figures are whole training steps (forward, loss, backward, AdamW) of a model, in bench_overhead.py.",
@@ -359,16 +362,17 @@ def main(argv=None) -> int:
     parser.add_argument("--machine", help="results folder name (default: a slug of the GPU or CPU)")
     parser.add_argument("--render-only", metavar="JSON", help="render RESULTS.md and plots from a saved run")
     parser.add_argument("--report", default=str(REPORT), help="where RESULTS.md goes (default: %(default)s)")
+    parser.add_argument("--note", help="a line for RESULTS.md about the run (e.g. the machine's other load)")
     args = parser.parse_args(argv)
     if args.render_only:
-        print(render(Path(args.render_only), Path(args.report)))
+        print(render(Path(args.render_only), Path(args.report), args.note))
         return 0
     path, code, context = run_suites(args.quick, args.expression, args.suites, args.machine or machine_slug())
     if not path.exists():
         print(f"benchmarks.run: pytest wrote no JSON (exit {code})", file=sys.stderr)
         return code or 1
     print(f"results: {path.relative_to(ROOT)} ({context['seconds']} s)")
-    print(f"report: {render(path, Path(args.report))}")
+    print(f"report: {render(path, Path(args.report), args.note)}")
     return code
 
 
