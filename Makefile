@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 TRITON_SPEC ?= triton==3.6.0
 PYTEST_ARGS ?=
 
-.PHONY: run test native bench gpu-check clean
+.PHONY: run test native bench gpu-check clean peer-laplace
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
