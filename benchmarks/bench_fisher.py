@@ -20,7 +20,7 @@ import torch
 import aql_kernels
 from aql.models import MNIST1DCNN
 from aql_kernels import fisher as fisher_module
-from benchmarks.conftest import QUICK, record_traffic, requires_cuda
+from benchmarks.conftest import QUICK, record_traffic, requires_cuda, torch_threads
 
 _peer_medians: dict[tuple, float] = {}
 
@@ -70,12 +70,10 @@ def test_fisher_ema_cpu_small_cnn(bench, case):
     torch.manual_seed(0)
     fisher = [torch.rand(shape) for shape in shapes]
     grads = [torch.randn(shape) for shape in shapes]
-    if case == "torch foreach":
-        bench(_peer, fisher, grads, 0.95, rounds=300 if QUICK else 1000)
-    else:
-        if not fisher_module._native.CPU.has("aql_fisher_ema"):
-            pytest.skip("the CPU library is not built (make native)")
-        bench(aql_kernels.fisher_ema_, fisher, grads, 0.95, rounds=300 if QUICK else 1000)
+    if case != "torch foreach" and not fisher_module._native.CPU.has("aql_fisher_ema"):
+        pytest.skip("the CPU library is not built (make native)")
+    with torch_threads(1):
+        bench(_peer if case == "torch foreach" else aql_kernels.fisher_ema_, fisher, grads, 0.95, rounds=300 if QUICK else 1000)
     _record(bench, fisher, grads, ("cpu small", torch.float32), case, traffic=False)
 
 

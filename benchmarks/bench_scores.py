@@ -20,7 +20,7 @@ GPU (Triton; skipped without CUDA), forward and forward+backward, float32 and bf
 forward+backward: two reads and one write), `GB/s` divides it by the median, and `fraction_of_read`
 holds that against `x.sum()`'s read bandwidth measured in the same run (benchmarks/conftest.py), so
 the columns say how close each case gets to that floor whatever it really moves. Small shapes record
-no traffic: there the time is host work, not memory.
+no traffic: there the time is host work, not memory; they run at 1 torch thread (`torch_threads`).
 
     python -m pytest benchmarks/bench_scores.py --benchmark-only --benchmark-columns=median,iqr,rounds
     python -m pytest benchmarks/bench_scores.py --benchmark-only -k cuda      # GPU cases only
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from aql_kernels import _dispatch, _native
 from aql_kernels.scores import cross_entropy_with_scores, softmax_scores
-from benchmarks.conftest import QUICK, record_traffic, requires_cuda
+from benchmarks.conftest import QUICK, record_traffic, requires_cuda, torch_threads
 
 IGNORE = -100
 
@@ -120,7 +120,8 @@ def test_scores_fwd_cpu(bench, case, shape):
     fn = _forward_case(case, logits, targets)
     bench.benchmark.group = f"scores cpu fwd {shape} float32"
     bench.benchmark.extra_info.update({"n": n, "v": v, "omp_threads": _threads(), "peer": case})
-    bench(fn, rounds=_rounds(n, v, case == "torch_eager_composite"))
+    with torch_threads(torch.get_num_threads() if shape == LARGE else 1):
+        bench(fn, rounds=_rounds(n, v, case == "torch_eager_composite"))
     if shape == LARGE:
         record_traffic(bench, n * v * 4)
 
@@ -151,7 +152,8 @@ def test_scores_fwd_bwd_cpu(bench, case, shape):
     fn = _fwd_bwd_step(case, logits, targets)
     bench.benchmark.group = f"scores cpu fwd+bwd {shape} float32"
     bench.benchmark.extra_info.update({"n": n, "v": v, "omp_threads": _threads(), "peer": case})
-    bench(fn, rounds=_rounds(n, v, False))
+    with torch_threads(torch.get_num_threads() if shape == LARGE else 1):
+        bench(fn, rounds=_rounds(n, v, False))
     if shape == LARGE:
         record_traffic(bench, 3 * n * v * 4)
 

@@ -28,7 +28,7 @@ import torch
 import aql_kernels
 from aql.selection import ScoreStore
 from aql_kernels import _native
-from benchmarks.conftest import QUICK, record_traffic, requires_cuda
+from benchmarks.conftest import QUICK, record_traffic, requires_cuda, torch_threads
 
 FRACTION = 0.2
 CPU_SIZES = {"1e4": 10**4, "1e5": 10**5, "1e6": 10**6, **({} if QUICK else {"1e7": 10**7})}
@@ -124,9 +124,7 @@ def test_score_store_update_cpu(bench, case):
     scores = torch.rand(batch, generator=generator)
     bench.benchmark.group = f"score store write cpu {batch} rows of N={n} (host cost)"
     bench.benchmark.extra_info.update({"n": n, "rows": batch, "peer": case})
-    if case == "torch_index_copy_":
-        table = torch.zeros(n)
-        bench(lambda: table.index_copy_(0, indices, scores), rounds=300 if QUICK else 2000)
-    else:
-        store = ScoreStore(n)
-        bench(lambda: store.update(indices, scores), rounds=300 if QUICK else 2000)
+    table, store = torch.zeros(n), ScoreStore(n)
+    fn = (lambda: table.index_copy_(0, indices, scores)) if case == "torch_index_copy_" else (lambda: store.update(indices, scores))
+    with torch_threads(1):
+        bench(fn, rounds=300 if QUICK else 2000)

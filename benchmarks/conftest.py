@@ -7,6 +7,7 @@ for its short form: fewer sizes and rounds, no torch.compile peers.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import platform
@@ -50,6 +51,19 @@ def read_bandwidth(device: str = "cpu", threads: int | None = None) -> float:
             if i:
                 times.append(time.perf_counter() - start)
         return x.numel() * x.element_size() / statistics.median(times) / 1e9
+    finally:
+        torch.set_num_threads(previous)
+
+
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """torch's intra-op threads set to `count` inside the block. The host-cost cases (tiny inputs) run
+    at 1, as issue 14 measured them: with 2 threads on the shared 2-core machine, OpenMP barrier stalls
+    whenever another process held a core gave medians of ~20 ms for ~50 us calls (torch's and ours)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
     finally:
         torch.set_num_threads(previous)
 
