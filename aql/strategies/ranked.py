@@ -12,6 +12,11 @@ start the next `query_budget` share of the data is chosen from the stored scores
 - `exploration`: that share of the subset drawn uniformly from the rest.
 
 Costs per step two `index_copy_`s of the batch's scores; per epoch one top-k over N keys.
+
+Under torch.distributed (without `balanced`) each rank writes the scores of the samples it trains and
+the epoch's top-k is taken across ranks over the values of the rank that trained each sample last
+(`SelectionStrategy.topk_indices`), so every rank plans what one process would. Per-class quotas rank
+samples inside their class over the whole table and are refused there.
 """
 
 from __future__ import annotations
@@ -41,6 +46,10 @@ class RankedSelection(ScoredStrategy):
     lower, see EXPERIMENTS.md)."""
 
     name = "ranked"
+
+    @property
+    def selects_across_ranks(self) -> bool:
+        return not self.balanced
 
     def __init__(self, num_samples: int, *, query_budget: float = 0.2, seed: int = 0, device: torch.device | str = "cpu",
                  score: str = "loss", balanced: bool = False, ageing: float = 1.0, exploration: float = 0.0,
@@ -76,7 +85,7 @@ class RankedSelection(ScoredStrategy):
         offsets = torch.rand(self.num_samples, generator=generator, device=self.device)
         keys = torch.where(unseen, _UNSEEN + 1e29 * offsets, aged)
         keys = self._quota_keys(keys)
-        top = aql_kernels.topk_indices(keys.contiguous(), self.num_selected - self.num_explore)
+        top = self.topk_indices(keys.contiguous(), self.num_selected - self.num_explore)
         if self.num_explore:
             rest = torch.rand(self.num_samples, generator=generator, device=self.device)
             rest.index_fill_(0, top, -1.0)

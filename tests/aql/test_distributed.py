@@ -365,6 +365,9 @@ def _interrupt_at(step):
     return callback
 
 
+RANKED = {"selection_strategy": "ranked", "strategy_options": {"exploration": 0.25, "ageing": 0.8}}
+
+
 def _two_rank_runs(rank: int, world: int, folder: str):
     from aql.config import ConfigError
 
@@ -378,9 +381,10 @@ def _two_rank_runs(rank: int, world: int, folder: str):
     uneven, _, _ = _train(_config(f"{folder}/uneven", gradient_accumulation=1, epochs=2), n=385)
     out["uneven_steps"] = uneven.step
     out["uneven_samples"] = [m["samples_backpropagated"] for m in uneven.history]
-    for strategy in ("online", "ranked"):
+    # ranked (stale scores, no quotas): each rank writes what it trains, the top-k goes across ranks
+    out["ranked_run"] = _outcome(*_train(_config(f"{folder}/ranked_run", aql_v2=RANKED, epochs=3)))
+    for strategy, options in (("online", {"balanced": False}), ("ranked", {"balanced": True})):
         try:
-            options = {"balanced": False} if strategy == "online" else {}
             _train(_config(f"{folder}/{strategy}", aql_v2={"selection_strategy": strategy, "strategy_options": options}))
         except ConfigError as error:
             out[strategy] = str(error)
@@ -440,7 +444,15 @@ def test_two_rank_training_is_deterministic_resumes_and_matches_one_rank(tmp_pat
     assert zero["uneven_steps"] == one["uneven_steps"] == 2 * 7
     assert zero["uneven_samples"] == [194, 194]
     assert "does not support torch.distributed" in zero["online"] and "aql_v2.selection_strategy" in zero["online"]
-    assert "does not support torch.distributed" in zero["ranked"]
+    assert "does not support torch.distributed" in zero["ranked"]  # with per-class quotas
+    # ranked across 2 ranks plans every epoch as one process does, and trains to the same parameters
+    single_ranked, ranked_plans, _ = _train(_config(tmp_path / "single_ranked", aql_v2=RANKED, epochs=3))
+    assert sorted(ranked_plans) == [0, 1, 2]
+    for epoch, plan in ranked_plans.items():
+        assert torch.equal(plan, zero["ranked_run"]["plans"][epoch]) and torch.equal(plan, one["ranked_run"]["plans"][epoch]), epoch
+    assert len(set(ranked_plans[2].tolist()) - set(ranked_plans[1].tolist())) > 0  # the scores moved the selection
+    for key, value in single_ranked.model.state_dict().items():
+        torch.testing.assert_close(zero["ranked_run"]["params"][key], value, rtol=1e-4, atol=1e-5)
     assert "training.batch_size: 33" in zero["odd_batch"]
     assert "already wrapped in DistributedDataParallel" in zero["wrapped"]
     # a 2-rank checkpoint refuses a 1-process resume
