@@ -143,12 +143,12 @@ def _study_from_dict(raw: Mapping[str, Any], where: str) -> StudyConfig:
     return study
 
 
-def load_study(path: str | os.PathLike, *, quick: bool = False) -> StudyConfig:
-    """The study in YAML file `path`; `quick=True` applies its `quick:` section on top (a smaller
-    study that finishes in minutes)."""
+def read_study_yaml(path: str | os.PathLike, *, quick: bool, error: type[Exception], where: str) -> dict:
+    """The mapping of a study's YAML file; `quick=True` applies its `quick:` section on top (its
+    `methods:` list keeps those methods by name). A missing file raises `error`."""
     path = Path(path)
     if not path.is_file():
-        raise StudyError(f"aql.efficiency: no study config at {path}")
+        raise error(f"{where}: no study config at {path}")
     raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     quick_section = raw.pop("quick", {}) or {}
     if quick:
@@ -156,7 +156,13 @@ def load_study(path: str | os.PathLike, *, quick: bool = False) -> StudyConfig:
         raw.update(quick_section)
         if keep is not None:
             raw["methods"] = [m for m in raw.get("methods", []) if m.get("name") in keep]
-    return _study_from_dict(raw, str(path))
+    return raw
+
+
+def load_study(path: str | os.PathLike, *, quick: bool = False) -> StudyConfig:
+    """The study in YAML file `path`; `quick=True` applies its `quick:` section on top (a smaller
+    study that finishes in minutes)."""
+    return _study_from_dict(read_study_yaml(path, quick=quick, error=StudyError, where="aql.efficiency"), str(path))
 
 
 # ------------------------------------------------------------------------------------------ one run

@@ -50,7 +50,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from aql._checks import check_int, round_half_up
 
@@ -151,17 +150,9 @@ def _study_from_dict(raw: Mapping[str, Any], where: str) -> LMStudyConfig:
 
 def load_lm_study(path: str | os.PathLike, *, quick: bool = False) -> LMStudyConfig:
     """The study in YAML file `path`; `quick=True` applies its `quick:` section on top."""
-    path = Path(path)
-    if not path.is_file():
-        raise LMStudyError(f"aql.experiments_lm: no study config at {path}")
-    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    quick_section = raw.pop("quick", {}) or {}
-    if quick:
-        keep = quick_section.pop("methods", None)
-        raw.update(quick_section)
-        if keep is not None:
-            raw["methods"] = [m for m in raw.get("methods", []) if m.get("name") in keep]
-    return _study_from_dict(raw, str(path))
+    from .efficiency import read_study_yaml
+
+    return _study_from_dict(read_study_yaml(path, quick=quick, error=LMStudyError, where="aql.experiments_lm"), str(path))
 
 
 # -------------------------------------------------------------------------------------------- data
