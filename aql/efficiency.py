@@ -397,16 +397,22 @@ def _key(record: Mapping[str, Any]) -> tuple:
     return (record["phase"], record["method"], float(record["budget"]), int(record["seed"]), float(record["learning_rate"]))
 
 
-def run_study(study: StudyConfig, output_dir: str | os.PathLike, *, progress: bool = True, log: Callable[[str], None] = print) -> list[dict]:
-    """Tunes and runs every method (see the module docstring); returns all run records. Resumable:
-    records already in `<output_dir>/runs.jsonl` are not run again."""
-    check_int("efficiency.run_study", "threads", study.threads, low=0)
-    if study.threads:
-        torch.set_num_threads(study.threads)
+def open_runs(output_dir: str | os.PathLike, threads: int, where: str) -> tuple[Path, list[dict]]:
+    """The start of a resumable study: torch's thread count set to `threads` (0: left alone), and
+    (`<output_dir>/runs.jsonl`, the run records already in it), the folder created if missing."""
+    check_int(where, "threads", threads, low=0)
+    if threads:
+        torch.set_num_threads(threads)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     runs_path = output_dir / "runs.jsonl"
-    records = _read_runs(runs_path)
+    return runs_path, _read_runs(runs_path)
+
+
+def run_study(study: StudyConfig, output_dir: str | os.PathLike, *, progress: bool = True, log: Callable[[str], None] = print) -> list[dict]:
+    """Tunes and runs every method (see the module docstring); returns all run records. Resumable:
+    records already in `<output_dir>/runs.jsonl` are not run again."""
+    runs_path, records = open_runs(output_dir, study.threads, "efficiency.run_study")
     done = {_key(r) for r in records}
     data = load_data(study)
     jobs = []

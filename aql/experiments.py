@@ -433,16 +433,13 @@ EXPERIMENT1_ROWS = (
 )
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def experiment1_report(results_dir: str | os.PathLike = "results/experiments", *, budget: float = 0.2) -> tuple[str, Path]:
     """Experiment 1's table (markdown) and figure (`<results_dir>/uncertainty/experiment1.png`) from the
     committed result files: `uncertainty/summary.json` (OOD AUROC and call cost, 3 seeds),
     `uncertainty/step_overhead.json` (`training_step_overhead`, one run per seed),
     `uncertainty/laplace_torch_peer.json` (scripts/laplace_torch_peer.py) and
     `uncertainty_selection/summary.json` (the selection study driven by each estimator's score)."""
+    from .efficiency import _mean_std
     from .plots import pyplot, save_png
 
     root = Path(results_dir)

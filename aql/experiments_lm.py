@@ -51,10 +51,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from aql._checks import check_int, round_half_up
+from aql._checks import round_half_up
 
 from . import strategies
-from .efficiency import Method, _append, _read_runs, flops_per_sample
+from .efficiency import Method, _append, _mean_std, flops_per_sample, open_runs, read_study_yaml
 from .tokens import TokenBlocks, text_tokens, write_token_file
 
 __all__ = ["LMStudyConfig", "LMStudyError", "load_lm_study", "prepare_data", "train_lm_run", "run_lm_study", "summarise_lm",
@@ -150,8 +150,6 @@ def _study_from_dict(raw: Mapping[str, Any], where: str) -> LMStudyConfig:
 
 def load_lm_study(path: str | os.PathLike, *, quick: bool = False) -> LMStudyConfig:
     """The study in YAML file `path`; `quick=True` applies its `quick:` section on top."""
-    from .efficiency import read_study_yaml
-
     return _study_from_dict(read_study_yaml(path, quick=quick, error=LMStudyError, where="aql.experiments_lm"), str(path))
 
 
@@ -335,13 +333,7 @@ def chosen_learning_rate(study: LMStudyConfig, records: Iterable[Mapping[str, An
 def run_lm_study(study: LMStudyConfig, output_dir: str | os.PathLike, *, progress: bool = True, data=None) -> list[dict]:
     """Tunes (when several learning rates are listed) and runs every method at every seed; returns all
     run records. Resumable: records already in `<output_dir>/runs.jsonl` are not run again."""
-    check_int("experiments_lm.run_lm_study", "threads", study.threads, low=0)
-    if study.threads:
-        torch.set_num_threads(study.threads)
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    runs_path = output_dir / "runs.jsonl"
-    records = _read_runs(runs_path)
+    runs_path, records = open_runs(output_dir, study.threads, "experiments_lm.run_lm_study")
     done = {_key(r) for r in records}
     data = data if data is not None else prepare_data(study, progress=progress)
     tuning = [("tune", m, seed, float(lr)) for m in study.methods for lr in study.learning_rates for seed in study.tuning_seeds] \
@@ -371,10 +363,6 @@ def run_lm_study(study: LMStudyConfig, output_dir: str | os.PathLike, *, progres
 
 
 # ----------------------------------------------------------------------------------------- results
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def summarise_lm(study: LMStudyConfig, records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     """Per method: test perplexity mean/std over seeds, and the means of the costs; the all-data
     target and, per method, whether its mean test perplexity is within the target's mean + std."""
