@@ -251,3 +251,11 @@ def test_save_config_round_trips_through_load_config(path, overrides, tmp_path):
     assert not list((tmp_path / "run").glob(".*tmp*"))  # no temporary left behind
     with pytest.raises(TypeError, match="config must be an aql.config.Config, got dict"):
         save_config(config.to_dict(), tmp_path / "x.yaml")
+
+
+def test_target_overhead_may_exceed_the_training_time_but_not_go_negative():
+    """A strategy with a scoring forward of its own spends about as much time on it as on training:
+    the budget takes values above 1 (the demo's is 2.0), never below 0."""
+    assert config_from_dict({"aql_v2": {"target_overhead": 2.0}}).aql_v2.target_overhead == 2.0
+    with pytest.raises(ConfigError, match=r"aql_v2.target_overhead: -0.1 is outside \[0.0, inf\)"):
+        config_from_dict({"aql_v2": {"target_overhead": -0.1}})
