@@ -191,6 +191,10 @@ class SelectionStrategy:
     #: whether the strategy's per-sample tables may stay whole on every rank because it selects from
     #: them only through `topk_indices` (each rank writes the rows it trains; the owner's value counts)
     selects_across_ranks = False
+    #: whether a strategy that selects among each step's candidates (`scores_candidates`) keeps the
+    #: same number of them on every rank from equal candidate batches, so that each rank may select
+    #: among its own candidates (a draw stratified by rank; not the one-process selection)
+    selects_per_rank = False
 
     def attach_process_group(self, group=None) -> None:
         """Makes this strategy one rank's part of a selection shared by the ranks of `group` (the default
@@ -204,12 +208,13 @@ class SelectionStrategy:
         if distributed.world_size(group) == 1:
             return
         components = [value for value in vars(self).values() if hasattr(value, "attach_sharding")]
-        if self.scores_candidates or (self.uses_scores and not components and not self.selects_across_ranks):
+        per_batch = self.scores_candidates and not self.selects_per_rank
+        if per_batch or (self.uses_scores and not self.scores_candidates and not components and not self.selects_across_ranks):
             why = ("it selects among each step's candidates, and the kept counts would differ between ranks"
-                   if self.scores_candidates else "its per-sample tables are not sharded by rank (ranked: per-class "
+                   if per_batch else "its per-sample tables are not sharded by rank (ranked: per-class "
                    "quotas rank inside each class over the whole table)")
             raise NotImplementedError(f"aql.strategies.{type(self).__name__}: strategy {self.name!r} does not support "
-                                      f"torch.distributed yet ({why}); under torchrun use none, random, stale or ranked without quotas")
+                                      f"torch.distributed yet ({why}); under torchrun use none, random, stale, online, or ranked without quotas")
         self.sharding = distributed.SampleOwnership(self.num_samples, group=group, device=self.device)
         for component in components:
             component.attach_sharding(self.sharding)

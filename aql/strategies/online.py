@@ -25,6 +25,10 @@ The budget is held exactly: after each candidate batch, floor(query_budget * can
 rows have been kept in all. Keys and the top-k (`aql_kernels.topk_indices`) stay on the device; the
 only host arithmetic is on batch sizes. Deterministic for a seed: the order, the random keys and the
 selections are fixed by (seed, epoch) and the generator's state, which `state_dict` carries.
+
+Under torch.distributed each rank scores the candidate batches of its part of the epoch's order and
+keeps its budget share of each (the ranks' batches are equal in size, so every rank keeps as many):
+a selection stratified by rank, not the one a single process would make over the global batch.
 """
 
 from __future__ import annotations
@@ -63,6 +67,9 @@ class OnlineSelection(ScoredStrategy):
     name = "online"
     scores_candidates = True
     takes_candidate_scorer = True
+    # under torch.distributed each rank keeps its budget share of its own candidate batches: the ranks'
+    # batches are equal in size (the plan is split evenly), so are their quotas
+    selects_per_rank = True
 
     def __init__(self, num_samples: int, *, query_budget: float = 0.2, seed: int = 0, device: torch.device | str = "cpu",
                  score: str = "el2n", pick: str = "sample", balanced: bool = True, smoothing: float = 0.5,
@@ -97,8 +104,10 @@ class OnlineSelection(ScoredStrategy):
         return EpochPlan(torch.randperm(self.num_samples, generator=generator))
 
     def _progress(self) -> float:
-        """Epochs of training so far, fractional inside the running epoch."""
-        return self.epoch + self._seen / self.num_samples
+        """Epochs of training so far, fractional inside the running epoch (every rank scores its share
+        of the epoch under torch.distributed)."""
+        ranks = 1 if self.sharding is None else self.sharding.world
+        return self.epoch + self._seen * ranks / self.num_samples
 
     def select(self, indices: torch.Tensor, scores):
         batch = indices.shape[0]

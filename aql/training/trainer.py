@@ -638,7 +638,7 @@ class AQLv2Trainer:
             for batch in stream:
                 yield split_batch(batch)
             return
-        batch_size = self.config.training.batch_size
+        batch_size = self.config.training.batch_size // self.world_size  # this rank's micro-batch
         pending = self._pending
         for batch in stream:
             x, y, index, weight = split_batch(batch)

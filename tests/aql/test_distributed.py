@@ -366,6 +366,7 @@ def _interrupt_at(step):
 
 
 RANKED = {"selection_strategy": "ranked", "strategy_options": {"exploration": 0.25, "ageing": 0.8}}
+ONLINE = {"selection_strategy": "online", "strategy_options": {"pick": "top", "balanced": True}}
 
 
 def _two_rank_runs(rank: int, world: int, folder: str):
@@ -383,7 +384,10 @@ def _two_rank_runs(rank: int, world: int, folder: str):
     out["uneven_samples"] = [m["samples_backpropagated"] for m in uneven.history]
     # ranked (stale scores, no quotas): each rank writes what it trains, the top-k goes across ranks
     out["ranked_run"] = _outcome(*_train(_config(f"{folder}/ranked_run", aql_v2=RANKED, epochs=3)))
-    for strategy, options in (("online", {"balanced": False}), ("ranked", {"balanced": True})):
+    # online: each rank keeps its budget share of its own candidate batches
+    out["online_run"] = _outcome(*_train(_config(f"{folder}/online_run", aql_v2=ONLINE, epochs=2)))
+    out["online_again"] = _outcome(*_train(_config(f"{folder}/online_again", aql_v2=ONLINE, epochs=2)))
+    for strategy, options in (("streaming", {}), ("ranked", {"balanced": True})):
         try:
             _train(_config(f"{folder}/{strategy}", aql_v2={"selection_strategy": strategy, "strategy_options": options}))
         except ConfigError as error:
@@ -443,7 +447,14 @@ def test_two_rank_training_is_deterministic_resumes_and_matches_one_rank(tmp_pat
     # ranks, 194 samples back-propagated (one padded)
     assert zero["uneven_steps"] == one["uneven_steps"] == 2 * 7
     assert zero["uneven_samples"] == [194, 194]
-    assert "does not support torch.distributed" in zero["online"] and "aql_v2.selection_strategy" in zero["online"]
+    assert "does not support torch.distributed" in zero["streaming"] and "aql_v2.selection_strategy" in zero["streaming"]
+    # online under DDP: the same parameters on both ranks, deterministic, the budget held exactly
+    # (2 x 6 candidate batches of 32 per epoch, 16 of each kept: 192 of 384 samples)
+    online, again = zero["online_run"], zero["online_again"]
+    assert online["steps"] == one["online_run"]["steps"] == again["steps"] == 2 * 2  # 6 micro-batches of 16 per rank, accumulation 4
+    assert [m["samples_backpropagated"] for m in online["history"]] == [192, 192]
+    for key, value in online["params"].items():
+        assert torch.equal(value, one["online_run"]["params"][key]) and torch.equal(value, again["params"][key]), key
     assert "does not support torch.distributed" in zero["ranked"]  # with per-class quotas
     # ranked across 2 ranks plans every epoch as one process does, and trains to the same parameters
     single_ranked, ranked_plans, _ = _train(_config(tmp_path / "single_ranked", aql_v2=RANKED, epochs=3))
