@@ -100,8 +100,8 @@ def config_scorer(config, context) -> Callable[[torch.Tensor], torch.Tensor] | N
 
 def estimator_scorer(estimator, dataset, device) -> Callable[[torch.Tensor], torch.Tensor]:
     """`aql_v2.scorer: estimator`: a candidate scorer for the strategies that take one: indices ->
-    float32 [B] `estimator.estimate_uncertainty` of those samples of `dataset` (the mean over a
-    sample's rows for token data). Gathers the candidates' inputs again (an extra copy per candidate
+    float32 [B] `estimator.estimate_uncertainty` of those samples of `dataset` (per sample: the
+    estimators reduce a sequence's token rows themselves, `per_sample="mean"`). Gathers the candidates' inputs again (an extra copy per candidate
     batch; the model scorer reads the loop's own forward instead)."""
     if estimator is None or dataset is None or not hasattr(estimator, "estimate_uncertainty"):
         raise ValueError("aql_v2.scorer: 'estimator' needs an uncertainty estimator and the training data, "
@@ -111,8 +111,6 @@ def estimator_scorer(estimator, dataset, device) -> Callable[[torch.Tensor], tor
         x, _ = gather(dataset, indices.cpu())
         with torch.no_grad():
             values = estimator.estimate_uncertainty(x.to(device))
-        if values.shape[0] != indices.shape[0]:
-            values = values.view(indices.shape[0], -1).mean(dim=1)
         return values.float()
 
     return score

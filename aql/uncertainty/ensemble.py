@@ -47,8 +47,9 @@ def shrink_model(model: nn.Module, factor: int = 4) -> nn.Module:
     multiple. Anything else raises ValueError; pass your own `student_factory` then.
     """
     where = "aql.uncertainty.shrink_model"
-    student = copy.deepcopy(model)
-    modules = list(student.named_modules())
+    # the replacements are built from the model's own modules; it is copied only once they all exist
+    # (a model it cannot shrink, e.g. GPT-2's embeddings, is refused without a copy of its weights)
+    modules = list(model.named_modules())
     layers = [name for name, module in modules if isinstance(module, _WEIGHT_LAYERS)]
     if not layers:
         raise ValueError(f"{where}: {type(model).__name__} has no nn.Linear / nn.Conv1d / nn.Conv2d layer to shrink; pass student_factory=")
@@ -89,6 +90,7 @@ def shrink_model(model: nn.Module, factor: int = 4) -> nn.Module:
                              "and LayerNorm carry parameters here; pass student_factory=")
     if "" in replacements:
         return replacements[""]  # the model is a single layer
+    student = copy.deepcopy(model)
     for name, replacement in replacements.items():
         parent_name, _, child = name.rpartition(".")
         setattr(student.get_submodule(parent_name), child, replacement)

@@ -551,9 +551,15 @@ def _widths(model):
 def test_default_student_shrinks_hidden_widths_by_four():
     nested = nn.Sequential(nn.Linear(40, 256), nn.ReLU(), nn.Sequential(nn.Linear(256, 128), nn.GELU(), nn.LayerNorm(128)),
                            nn.Dropout(0.1), nn.Linear(128, 10))
+    before = {name: p.clone() for name, p in nested.named_parameters()}
     student = shrink_model(nested)
     assert _widths(student) == [(40, 64), (64, 32), (32, 10)]
     assert student(torch.randn(3, 40)).shape == (3, 10)
+    # the model itself is untouched and shares no module or tensor with the student
+    assert _widths(nested) == [(40, 256), (256, 128), (128, 10)]
+    assert all(torch.equal(p, before[name]) for name, p in nested.named_parameters())
+    assert not {id(m) for m in nested.modules()} & {id(m) for m in student.modules()}
+    assert not {p.data_ptr() for p in nested.parameters()} & {p.data_ptr() for p in student.parameters()}
     cnn = nn.Sequential(nn.Conv1d(1, 32, 5, padding=2), nn.BatchNorm1d(32), nn.ReLU(), nn.Conv1d(32, 32, 3, stride=2, padding=1),
                         nn.ReLU(), nn.Flatten(), nn.Linear(32 * 20, 10))
     student = shrink_model(cnn)
