@@ -205,6 +205,8 @@ class LaplacianUncertainty(UncertaintyEstimator):
         self.class_sums = [torch.zeros((groups, m.in_features + 1) if kept and method == "mahalanobis" else (0,), device=device)
                            for m, kept in zip(self.layers, self._kept)]
         self.output_curvature = torch.zeros((k, k) if method == "kfac" else (0,), device=device)
+        self._joint: list[torch.Tensor | None] = [None] * len(self.layers)
+        self._bind_joint()
         # (device, dtype) of the first parameter at the last successful Fisher update (None before it)
         self._checked_layout: tuple[torch.device, torch.dtype] | None = None
         self.updates = 0
@@ -299,8 +301,23 @@ class LaplacianUncertainty(UncertaintyEstimator):
         if self.output_curvature.device != device:
             self.feature_moments = [m.to(device) for m in self.feature_moments]
             self.class_sums = [s.to(device) for s in self.class_sums]
+            self._bind_joint()
             self.output_curvature = self.output_curvature.to(device)
             self._cache = None
+
+    def _bind_joint(self) -> None:
+        """For "mahalanobis": each density layer's A [d+1, d+1] and E[p h~] [G, d+1] become the two row
+        blocks of one [d+1+G, d+1] buffer (`_joint`), so that a step folds both with one addmm,
+        [h~ | p]^T h~, and guards both with one finiteness check (on the MNIST-1D CNN at batch 128, one
+        thread: ~60 us a step instead of ~100). `feature_moments` / `class_sums` stay views of it."""
+        if self.method != "mahalanobis":
+            return
+        for i, kept in enumerate(self._kept):
+            if kept:
+                moment, sums = self.feature_moments[i], self.class_sums[i]
+                joint = torch.cat([moment, sums])
+                self._joint[i] = joint
+                self.feature_moments[i], self.class_sums[i] = joint[:moment.shape[0]], joint[moment.shape[0]:]
 
     def _fold_features(self, inputs: list[list[torch.Tensor]], outputs: list[torch.Tensor]) -> None:
         """EMA update of every layer's A and E[p h~] and of the head's G from the forwards of the step
@@ -316,7 +333,12 @@ class LaplacianUncertainty(UncertaintyEstimator):
             logits = logits.reshape(-1, logits.shape[-1]).float()
             rows = logits.shape[0]
             # class weights of the density: the model's probabilities, or one group (class_conditional=False)
-            p = torch.softmax(logits, dim=1) if self.class_conditional or self.method == "kfac" else logits.new_ones(rows, 1)
+            if self.class_conditional or self.method == "kfac":
+                # torch.softmax costs ~2x these three ops on small CPU inputs (23 against 13 us at [128, 10])
+                p = (logits - logits.amax(1, keepdim=True)).exp_()
+                p = p.div_(p.sum(1, keepdim=True))
+            else:
+                p = logits.new_ones(rows, 1)
             weight = (1.0 - decay) / rows
             states, candidates = [], []
             if self.method == "kfac":
@@ -334,19 +356,23 @@ class LaplacianUncertainty(UncertaintyEstimator):
                 if h.shape[0] != rows:
                     raise self._fail("update_from_grads", f"a layer saw {h.shape[0]} rows but the head {rows} since the last "
                                      "update; every layer of `layers` must see each row once (pass layers='head')")
-                h1 = F.pad(h.float(), (0, 1), value=1.0)
-                moment = torch.addmm(self.feature_moments[i], h1.T, h1, beta=decay, alpha=weight)
+                h = h.float()
+                h1 = F.pad(h, (0, 1), value=1.0)
+                if self.method == "mahalanobis":  # [A; E[p h~]] in one product (see _bind_joint)
+                    state = self._joint[i]
+                    candidate = torch.addmm(state, torch.cat([h1, p], 1).T, h1, beta=decay, alpha=weight)
+                else:
+                    state = self.feature_moments[i]
+                    candidate = torch.addmm(state, h1.T, h1, beta=decay, alpha=weight)
                 if dropout is not None and dropout.training and dropout.p > 0:
                     # inverted dropout keeps E[h] and the off-diagonal of E[h h^T] but scales its diagonal
                     # by 1 / (1 - p): undone, so that the statistics are those of the evaluation forward
-                    moment.diagonal()[:d].sub_(h1[:, :d].square().sum(0), alpha=weight * dropout.p)
-                states.append(self.feature_moments[i])
-                candidates.append(moment)
-                if self.method == "mahalanobis":
-                    states.append(self.class_sums[i])
-                    candidates.append(torch.addmm(self.class_sums[i], p.T, h1, beta=decay, alpha=weight))
+                    candidate.diagonal()[:d].sub_(h.square().sum(0), alpha=weight * dropout.p)
+                states.append(state)
+                candidates.append(candidate)
             # a non-finite input or output poisons every sum it enters: one check over all of them
-            finite = torch.isfinite(torch.stack([c.sum() for c in candidates]).sum())
+            total = candidates[0].sum() if len(candidates) == 1 else torch.stack([c.sum() for c in candidates]).sum()
+            finite = torch.isfinite(total)
             for state, candidate in zip(states, candidates):
                 torch.where(finite, candidate, state, out=state)
 

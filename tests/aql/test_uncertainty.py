@@ -650,3 +650,37 @@ def test_every_estimator_is_an_uncertainty_estimator():
         assert isinstance(estimator, UncertaintyEstimator)
         scores = estimator.estimate_uncertainty(torch.randn(6, 2))
         assert scores.dtype == torch.float32 and scores.shape == (6,) and torch.isfinite(scores).all()
+
+
+def test_density_statistics_resume_from_a_state_dict_and_keep_folding_alike():
+    """The moments and class sums live in one buffer per layer (one product per step): a state loaded
+    into a fresh estimator must land in that buffer, so that both go on folding the same steps alike."""
+    torch.manual_seed(5)
+    x, y = blobs(30)
+    model = mlp(width=6)
+    first = LaplacianUncertainty(model, layers="all")
+    for _ in range(2):
+        F.cross_entropy(model(x), y).backward()
+        first.update_from_grads()
+        model.zero_grad(set_to_none=True)
+    state = {k: [t.clone() for t in v] if isinstance(v, list) else v for k, v in first.state_dict().items()}
+    first.close()
+    second = LaplacianUncertainty(model, layers="all")
+    second.load_state_dict(state)
+    third = LaplacianUncertainty(model, layers="all", feature_decay=first.feature_decay)
+    third.load_state_dict(state)
+    for estimator in (second, third):
+        F.cross_entropy(model(x[:17]), y[:17]).backward()
+        estimator.update_from_grads()
+        model.zero_grad(set_to_none=True)
+    for a, b, old in zip((*second.feature_moments, *second.class_sums), (*third.feature_moments, *third.class_sums),
+                         (*state["feature_moments"], *state["class_sums"])):
+        if a.numel():
+            assert torch.equal(a, b) and not torch.equal(a, old)  # both folded the step, from the loaded state
+    # the reference: the EMA of the loaded moments and this step's, computed apart in float64
+    with torch.no_grad():
+        h = model[:-1](x[:17]).double()
+    h1 = torch.cat([h, torch.ones(17, 1, dtype=torch.float64)], 1)
+    decay = second.feature_decay
+    expected = decay * state["feature_moments"][-1].double() + (1 - decay) * h1.T @ h1 / 17
+    torch.testing.assert_close(second.feature_moments[-1].double(), expected, rtol=1e-5, atol=1e-6)
