@@ -11,9 +11,13 @@ One training step of the same model and batch size (forward, loss, backward, Ada
                         `scores_candidates` strategies, `epoch_plan` / `end_epoch` once per epoch),
                         no estimator: the time of whole epochs divided by their optimizer steps, so
                         that the between-epoch selection is amortised as in training
-  machinery:stale+fisher  the whole machinery of issue 14's goal: the fused loss, the stale
-                        strategy's score writes and between-epoch selection, and the Laplace
-                        estimator's per-step training work (forward hooks, a Fisher update every step)
+  machinery:stale+fisher  the whole machinery of the < 1% goal: the fused loss, the stale strategy's
+                        score writes and between-epoch selection, and a diagonal Fisher update every
+                        step (`LaplacianUncertainty(method="diagonal")`: forward hooks and
+                        `update_from_grads`, i.e. fisher_ema_)
+  machinery:stale+laplace the same with the default `LaplacianUncertainty()`, whose per-step work adds
+                        the class-conditional density's feature statistics (an EMA of h~ h~^T and of
+                        p h~ from the training forward) to the Fisher update
   estimator:<name>      (d) the fused loss plus what each estimator of `aql.uncertainty` adds when
                         it scores every trained sample: its per-step training work as the trainer
                         does it with `fisher_update_freq: 1` (laplace: forward hooks and
@@ -67,7 +71,7 @@ REPEATS = 3
 BUDGET = 0.2
 ESTIMATORS = ("laplace", "mc_dropout", "ensemble")
 VARIANTS = ["cross_entropy", "fused_loss", *(f"strategy:{name}" for name in sorted(STRATEGIES)), "machinery:stale+fisher",
-            *(f"estimator:{name}" for name in ESTIMATORS)]
+            "machinery:stale+laplace", *(f"estimator:{name}" for name in ESTIMATORS)]
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 
@@ -149,6 +153,7 @@ class Loop:
         kind, _, name = variant.partition(":")
         self.fused = variant != "cross_entropy"
         with_fisher = kind == "machinery"
+        laplace_method = "mahalanobis" if name.endswith("laplace") else "diagonal"
         if with_fisher:
             kind, name = "strategy", "stale"
         if kind == "strategy":
@@ -156,7 +161,8 @@ class Loop:
 
             config = _config(name, setup.labels is not None)
             self.fused = STRATEGIES[name].uses_scores
-            estimator = LaplacianUncertainty(self.model, head=getattr(self.model, "head", None)) if with_fisher else None
+            estimator = (LaplacianUncertainty(self.model, head=getattr(self.model, "head", None), method=laplace_method)
+                         if with_fisher else None)
             self.estimator, self.estimator_name = estimator, "laplace" if with_fisher else None
             holdout = min(64, setup.num_samples // 4)
             from aql.data import IndexedTensorDataset
@@ -239,8 +245,10 @@ def _synchronize(device: str) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def measure(model_name: str, device: str = DEVICE, repeats: int = REPEATS) -> dict:
-    """{variant: {"step_s": [per repeat], "error": str}} with every variant run interleaved (module doc)."""
+def measure(model_name: str, device: str = DEVICE, repeats: int = REPEATS, variants: tuple[str, ...] = tuple(VARIANTS),
+            epochs: int | None = None) -> dict:
+    """{variant: {"step_s": [per repeat], "error": str}} with `variants` run interleaved (module doc);
+    `epochs` per variant and repeat (None: 1 in QUICK mode, else 3 for the CNN and 2 for GPT-2)."""
     setup = _setup(model_name, device)
     threads = torch.get_num_threads()
     if setup.threads is not None and device == "cpu":
@@ -249,7 +257,7 @@ def measure(model_name: str, device: str = DEVICE, repeats: int = REPEATS) -> di
         torch.manual_seed(0)
         weights = copy.deepcopy(setup.make_model().state_dict())
         loops, results = {}, {}
-        for variant in VARIANTS:
+        for variant in variants:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
@@ -259,8 +267,9 @@ def measure(model_name: str, device: str = DEVICE, repeats: int = REPEATS) -> di
                 results[variant] = {"step_s": []}
             except Exception as error:  # a strategy or estimator that does not apply to this model
                 results[variant] = {"step_s": [], "error": f"{type(error).__name__}: {error}"}
-        epochs = 1 if QUICK else (2 if model_name != "cnn" else 3)
-        order = [v for v in VARIANTS if v in loops]
+        if epochs is None:
+            epochs = 1 if QUICK else (2 if model_name != "cnn" else 3)
+        order = [v for v in variants if v in loops]
         for repeat in range(repeats):
             rotated = order[repeat % len(order):] + order[:repeat % len(order)]
             for variant in rotated:
@@ -312,6 +321,47 @@ def test_step_overhead(bench, model_name, variant):
     bench.benchmark.extra_info.update(setup)
     bench.benchmark.extra_info.update(overhead(results, variant), variant=variant,
                                       step_us_repeats=[round(1e6 * s, 1) for s in record["step_s"]])
+    loop = results["_loops"][variant]
+    threads = torch.get_num_threads()
+    if setup["device"] == "cpu":
+        torch.set_num_threads(setup["threads"])
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            bench(loop.epoch, device=setup["device"], rounds=1)  # one epoch, for the record
+    finally:
+        torch.set_num_threads(threads)
+    assert math.isfinite(bench.benchmark.extra_info["overhead_pct"])
+
+
+# -- the < 1% goal, measured on its own ---------------------------------------------------------------
+# Fifteen variants per repeat leave three repeats in the time of `make bench`: too few to tell +1% from
+# +3% on a shared machine (the spread of a pair was +-15% there). The goal's two cases and the baseline
+# run alone here, one epoch each in turn, for many repeats; the figure is the median of the paired
+# ratios with its interquartile range.
+GOAL_VARIANTS = ("cross_entropy", "fused_loss", "machinery:stale+fisher", "machinery:stale+laplace")
+GOAL_REPEATS = 15 if QUICK else 41
+
+
+def _quartiles(values: list[float]) -> tuple[float, float]:
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], q[2]
+
+
+@pytest.mark.parametrize("variant", GOAL_VARIANTS[1:])
+@pytest.mark.parametrize("model_name", MODELS)
+def test_goal_overhead(bench, model_name, variant):
+    results = measure(model_name, repeats=GOAL_REPEATS, variants=GOAL_VARIANTS, epochs=1)
+    record = results[variant]
+    if "error" in record:
+        pytest.skip(f"{variant} does not run on {model_name}: {record['error'][:200]}")
+    setup = results["_setup"]
+    pairs = [100.0 * (v / b - 1.0) for v, b in zip(record["step_s"], results["cross_entropy"]["step_s"])]
+    low, high = _quartiles(pairs)
+    bench.benchmark.group = f"goal {setup['model']} batch {setup['batch_size']} {setup['device']} (% of an F.cross_entropy step)"
+    bench.benchmark.extra_info.update(setup)
+    bench.benchmark.extra_info.update(overhead(results, variant), variant=variant, overhead_pct_q25=round(low, 2),
+                                      overhead_pct_q75=round(high, 2))
     loop = results["_loops"][variant]
     threads = torch.get_num_threads()
     if setup["device"] == "cpu":
