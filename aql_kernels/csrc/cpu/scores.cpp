@@ -56,8 +56,13 @@
 namespace {
 
 constexpr int64_t kChunk = 4096;
-// Chunks shorter than this take the portable (auto-vectorised) path even where AVX-512 is built.
+// Chunks shorter than this take the portable (auto-vectorised) path even where AVX-512 is built;
+// rows of at most 16 columns take scan_short_row, one masked vector, instead.
 constexpr int64_t kSmallChunk = 32;
+constexpr int64_t kShortRow = 16;
+// Fewer (rows + elements) than this run on the calling thread: opening the OpenMP team costs more
+// than the work (see the parallel regions below).
+constexpr int64_t kParallelWork = int64_t{1} << 15;
 constexpr float kExpLow = -104.0f;  // exp(-104) < 2^-149: below it every result rounds to 0
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
@@ -200,6 +205,28 @@ inline void store16_half(void *row, int32_t dtype, int64_t j, __m512 value) {
     out = _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
   }
   _mm256_storeu_si256(reinterpret_cast<__m256i *>(static_cast<uint16_t *>(row) + j), out);
+}
+
+// The lanes `valid` of row[j..j+16) as float32, -inf in the others; reads no element outside `valid`
+// (masked loads do not fault on the lanes they skip).
+inline __m512 load16_masked(const void *row, int32_t dtype, int64_t j, __mmask16 valid) {
+  const __m512 minus_inf = _mm512_set1_ps(-kInf);
+  if (dtype == AQL_DTYPE_F32) return _mm512_mask_loadu_ps(minus_inf, valid, static_cast<const float *>(row) + j);
+  const __m256i h = _mm256_maskz_loadu_epi16(valid, static_cast<const uint16_t *>(row) + j);
+  const __m512 x = dtype == AQL_DTYPE_F16 ? _mm512_cvtph_ps(h)
+                                          : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  return _mm512_mask_mov_ps(minus_inf, valid, x);
+}
+
+// Stores the lanes `valid` of `value` at row[j..j+16) in `dtype` (round to nearest even for 16-bit).
+inline void store16_masked(void *row, int32_t dtype, int64_t j, __m512 value, __mmask16 valid) {
+  if (dtype == AQL_DTYPE_F32) {
+    _mm512_mask_storeu_ps(static_cast<float *>(row) + j, valid, value);
+    return;
+  }
+  alignas(32) uint16_t halves[16];
+  store16_half(halves, dtype, 0, value);
+  _mm256_mask_storeu_epi16(static_cast<uint16_t *>(row) + j, valid, _mm256_load_si256(reinterpret_cast<const __m256i *>(halves)));
 }
 #endif
 
@@ -489,6 +516,40 @@ inline bool fused_chunk(const float *x, int64_t len, int64_t c0, int64_t local_t
 }
 #endif
 
+#if AQL_SCORES_AVX512
+// A row of v <= kShortRow columns as one masked vector, with the sums relative to its maximum (0
+// when that is not finite), as scan_row's first chunk computes them. The chunked path runs its
+// scalar loops here (its vectors need 32 columns): ~120 -> ~15 ns per 10-column row (one core of the
+// 2-core EPYC CI machine).
+inline RowState scan_short_row(const void *row, int32_t dtype, int64_t v, int64_t target) {
+  RowState state;
+  const __mmask16 valid = static_cast<__mmask16>((uint32_t{1} << v) - 1u);
+  const __m512 x = load16_masked(row, dtype, 0, valid);  // -inf beyond v
+  const __mmask16 nan = _mm512_mask_cmp_ps_mask(valid, x, x, _CMP_UNORD_Q);
+  if (nan != 0) {  // every statistic of the row is NaN
+    state.first_nan = __builtin_ctz(nan);
+    return state;
+  }
+  const float first = _mm512_reduce_max_ps(x);
+  const __mmask16 at_max = _mm512_mask_cmp_ps_mask(valid, x, _mm512_set1_ps(first), _CMP_EQ_OQ);
+  state.first = first;
+  state.argmax = __builtin_ctz(at_max);  // the lowest index of the maximum (0 for a row of -inf)
+  // multiset: a tied maximum is also the second largest
+  state.second = __builtin_popcount(at_max) >= 2 ? first
+                                                 : _mm512_reduce_max_ps(_mm512_mask_mov_ps(x, at_max, _mm512_set1_ps(-kInf)));
+  state.shift = std::isfinite(first) ? first : 0.0f;
+  const __m512 d = _mm512_max_ps(_mm512_set1_ps(kExpLow), _mm512_sub_ps(x, _mm512_set1_ps(state.shift)));
+  const __m512 e = exp512(d);
+  const uint64_t target_lane = static_cast<uint64_t>(target);
+  const __mmask16 keep = target_lane < static_cast<uint64_t>(v) ? static_cast<__mmask16>(valid & ~(1u << target_lane)) : valid;
+  state.sum = _mm512_mask_reduce_add_ps(valid, e);
+  state.sum_excl = _mm512_mask_reduce_add_ps(keep, e);
+  state.sum_x_exp = _mm512_mask_reduce_add_ps(valid, _mm512_mul_ps(d, e));
+  state.sq_excl = _mm512_mask_reduce_add_ps(keep, _mm512_mul_ps(e, e));
+  return state;
+}
+#endif
+
 // One row of the forward. `target` is -1 when the row has no (or an ignored) target; `next_row`
 // (or nullptr) is prefetched while the last chunk is summed.
 RowState scan_row(const void *row, int32_t dtype, int64_t v, int64_t target, float *converted, const void *next_row) {
@@ -545,6 +606,9 @@ RowState scan_row(const void *row, int32_t dtype, int64_t v, int64_t target, flo
   return state;
 }
 
+// Rows per grab of the parallel loops: 8, or enough short rows for ~4096 elements.
+inline int64_t rows_per_grab(int64_t v) { return std::max<int64_t>(8, 4096 / (v + 32)); }
+
 // AQL_ERR_TARGET_OUT_OF_RANGE for the first target outside [0, v) that is not ignore_index.
 aql_status check_targets(const int64_t *targets, int64_t n, int64_t v, int64_t ignore_index) {
   for (int64_t i = 0; i < n; ++i) {
@@ -576,16 +640,24 @@ aql_status softmax_scores(const void *logits, int32_t dtype, int64_t n, int64_t 
   }
   const size_t element_size = dtype == AQL_DTYPE_F32 ? 4 : 2;
 
-#pragma omp parallel
+  // n (v + 32): a row costs about as much as 32 more columns whatever its length. Threads take
+  // rows in grabs of at least ~4096 elements: grabs of 8 short rows made two threads 3x slower than
+  // one at 4096 x 10 (the shared counter bounced between the cores).
+  const int64_t grab = rows_per_grab(v);
+#pragma omp parallel if (n * (v + 32) >= kParallelWork)
   {
     alignas(64) float converted[kChunk];
-#pragma omp for schedule(dynamic, 8)
+#pragma omp for schedule(dynamic, grab)
     for (int64_t i = 0; i < n; ++i) {
       const void *row = static_cast<const char *>(logits) + static_cast<size_t>(i) * static_cast<size_t>(row_stride) * element_size;
       const bool has_target = targets != nullptr && targets[i] != ignore_index;
       const int64_t target = has_target ? targets[i] : -1;
       const void *next_row = i + 1 < n ? static_cast<const char *>(row) + static_cast<size_t>(row_stride) * element_size : nullptr;
+#if AQL_SCORES_AVX512
+      RowState st = v <= kShortRow ? scan_short_row(row, dtype, v, target) : scan_row(row, dtype, v, target, converted, next_row);
+#else
       RowState st = scan_row(row, dtype, v, target, converted, next_row);
+#endif
       if (st.first_nan >= 0) {
         lse[i] = entropy[i] = maxprob[i] = margin[i] = kNaN;
         argmax[i] = st.first_nan;
@@ -641,7 +713,8 @@ aql_status softmax_scores_backward(const void *logits, int32_t dtype, int64_t n,
   const size_t in_size = dtype == AQL_DTYPE_F32 ? 4 : 2;
   const size_t out_size = grad_dtype == AQL_DTYPE_F32 ? 4 : 2;
 
-#pragma omp parallel for schedule(dynamic, 8)
+  const int64_t grab = rows_per_grab(v);
+#pragma omp parallel for schedule(dynamic, grab) if (n * (v + 32) >= kParallelWork)
   for (int64_t i = 0; i < n; ++i) {
     const void *row = static_cast<const char *>(logits) + static_cast<size_t>(i) * static_cast<size_t>(row_stride) * in_size;
     void *out = static_cast<char *>(grad_logits) + static_cast<size_t>(i) * static_cast<size_t>(grad_row_stride) * out_size;
@@ -663,6 +736,13 @@ aql_status softmax_scores_backward(const void *logits, int32_t dtype, int64_t n,
         _mm512_storeu_ps(static_cast<float *>(out) + j, grad);
       else
         store16_half(out, grad_dtype, j, grad);
+    }
+    if (j < v) {  // the last v - j < 16 columns as one masked vector
+      const __mmask16 rest = static_cast<__mmask16>((uint32_t{1} << (v - j)) - 1u);
+      __m512 x = load16_masked(row, dtype, j, rest);
+      __m512 p = exp512(_mm512_max_ps(low, _mm512_sub_ps(x, lv)));
+      store16_masked(out, grad_dtype, j, ignored ? _mm512_setzero_ps() : _mm512_mul_ps(gv, p), rest);
+      j = v;
     }
 #endif
     for (; j < v; ++j) {
