@@ -309,7 +309,7 @@ class LaplacianUncertainty(UncertaintyEstimator):
         """For "mahalanobis": each density layer's A [d+1, d+1] and E[p h~] [G, d+1] become the two row
         blocks of one [d+1+G, d+1] buffer (`_joint`), so that a step folds both with one addmm,
         [h~ | p]^T h~, and guards both with one finiteness check (on the MNIST-1D CNN at batch 128, one
-        thread: ~60 us a step instead of ~100). `feature_moments` / `class_sums` stay views of it."""
+        thread: 92 against 112 us a step, measured side by side). `feature_moments` / `class_sums` stay views of it."""
         if self.method != "mahalanobis":
             return
         for i, kept in enumerate(self._kept):
@@ -371,6 +371,8 @@ class LaplacianUncertainty(UncertaintyEstimator):
                 states.append(state)
                 candidates.append(candidate)
             # a non-finite input or output poisons every sum it enters: one check over all of them
+            if not candidates:
+                return
             total = candidates[0].sum() if len(candidates) == 1 else torch.stack([c.sum() for c in candidates]).sum()
             finite = torch.isfinite(total)
             for state, candidate in zip(states, candidates):
