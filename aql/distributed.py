@@ -31,9 +31,20 @@ Epoch plans. A rank trains positions r, r + R, r + 2R, ... of the plan that ever
 (`shard_indices`): the union over ranks of batch i of size b is positions [i R b, (i + 1) R b) of the
 plan, i.e. the batch of a one-process run with batch R b. The plan is padded by wrapping around (or
 cut with `drop_last`) so that every rank gets the same number of samples, hence the same number of
-batches. `SampleOwnership` records which rank trained each sample last, so that per-sample tables
-written from the training forward (each rank writes only what it trained: the tables are sharded by
-rank) enter a global selection once, from the rank that holds the sample's latest value.
+batches.
+
+Per-sample tables sharded by rank (`SampleOwnership`, `RoutedWrites`). Rank r keeps only the rows of
+the samples it owns, i with i mod R == r (~N / R rows per table); a rank trains shuffled positions,
+so it queues the writes of what it trains (no op per step) and `RoutedWrites.exchange` sends them to
+their owners when the table is next read (each epoch's selection): all_gathers of equal, padded blocks
+of at most `CHUNK_ROWS` rows per rank (gloo and NCCL both have all_gather), the latest write of each
+sample winning as in one process (a later generation, i.e. epoch plan, wins; within one plan the
+later position, which only the wrap-around padding makes differ between ranks). The selection is then
+`global_topk_mask` over each rank's owned rows (`SampleOwnership.topk_owned`) and the selected
+indices are shared (`share_indices`: k int64 in all) so that every rank builds the same epoch plan.
+Per epoch and rank that is about 24-32 bytes per row it trained for another rank (received R times
+over by all_gather: R * max_r rows per round), the selection's ~41 KB of histograms, and the k
+selected int64.
 """
 
 from __future__ import annotations
@@ -53,7 +64,8 @@ from ._checks import check_bool, check_int, check_tensor
 
 __all__ = ["is_initialized", "world_size", "rank", "is_main", "init_from_env", "barrier", "all_reduce_sum", "all_reduce_max",
            "broadcast_object", "gather_objects", "global_topk_mask", "global_topk_indices", "selection_bytes",
-           "shard_indices", "SampleOwnership", "union_of_disjoint_masks", "under_prefix", "DIGIT_BITS"]
+           "shard_indices", "SampleOwnership", "RoutedWrites", "share_indices", "float_column", "union_of_disjoint_masks",
+           "under_prefix", "DIGIT_BITS", "CHUNK_ROWS"]
 
 #: the digits of the global threshold walk: 3 all-reduces of 2048, 2048 and 1024 int64 (16, 16, 8 KiB)
 DIGIT_BITS = (11, 11, 10)
@@ -337,20 +349,27 @@ def shard_indices(plan: torch.Tensor, rank: int, world: int, *, drop_last: bool 
 
 
 class SampleOwnership:
-    """Which rank holds the latest per-sample value of each of `num_samples` samples, and exact top-k
-    selections over the holders' values.
+    """Which rank owns each per-sample table row, and the selection and write routing across the owners.
 
-    A loop that trains `shard_indices(plan, r, R)` on rank r writes each sample's score on the rank
-    that trained it; `claim(plan)` records that (position p of the plan -> rank p mod R; a sample
-    padded in twice stays with its first position's rank). Before any claim, rank r holds the samples
-    i with i mod R == r (so a never-seen sample's initial value counts once). `topk_indices(keys, k)`
-    is then the exact top-k of the table a one-process run would hold (ties to the lowest dataset index,
-    as `aql_kernels.topk_indices` breaks them): every rank passes its full
-    [num_samples] keys, only the held entries take part (`global_topk_mask(..., valid=held)`), and the
-    selected set, ascending, comes back on every rank: the ranks' masks are disjoint, so one
-    all-reduce (sum) of the masks packed 8 per byte is their union (ceil(num_samples / 8) bytes).
+    Ownership is fixed: rank i mod R owns sample i and keeps it at local row i // R (`owned_indices()`,
+    `num_owned` = len(range(rank, N, R)), within one of N / R), so per-sample tables hold only their
+    owned rows and no table records who owns what. Why this rule: it is balanced to one row, computed
+    without a table or any communication, and stable across epochs; no fixed rule could make a rank own
+    what it trains (the plans are shuffled), so under any rule about (R - 1) / R of a rank's writes go
+    to another rank, at the next read of the table (`RoutedWrites`).
 
-    `held` (bool [num_samples]) is the whole state (`state_dict`).
+    Last writer wins, as in one process: `claim(plan)` (each epoch, `SelectionStrategy.shard_plan`)
+    counts a generation (writes of later generations win) and notes the samples this rank trains that
+    the plan, padded by wrapping around, trains again at a later position on another rank (`losers`;
+    the padding repeats at most R - 1 positions per epoch): this rank's writes of those are dropped, so
+    the later position's value wins.
+
+    Selections (`topk_owned(keys, k)`): each rank passes the keys of its owned rows, the exact top-k of
+    all ranks is taken by `global_topk_mask` (ties to the lowest dataset index, as
+    `aql_kernels.topk_indices` breaks them on the whole table), and the selected indices are shared
+    (`share_indices`: k int64 in all), ascending and the same on every rank.
+
+    The state (`state_dict`) is the generation and the current losers: a few int64.
     """
 
     def __init__(self, num_samples: int, *, group=None, device: torch.device | str = "cpu"):
@@ -359,43 +378,227 @@ class SampleOwnership:
         self.group = group
         self.rank, self.world = rank(group), world_size(group)
         self.device = torch.device(device)
-        self.held = torch.arange(num_samples, device=self.device) % self.world == self.rank
+        self.num_owned = len(range(self.rank, self.num_samples, self.world))
+        self.generation = 0
+        self.losers = torch.empty(0, dtype=torch.int64)
+
+    def owned_indices(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """int64 [num_owned]: the dataset indices of this rank's rows (rank, rank + R, ...), ascending."""
+        return torch.arange(self.rank, self.num_samples, self.world, device=self.device if device is None else device)
+
+    def owns(self, indices: torch.Tensor) -> torch.Tensor:
+        """bool: whether this rank owns each of the dataset `indices`."""
+        return indices % self.world == self.rank
+
+    def local_rows(self, indices: torch.Tensor) -> torch.Tensor:
+        """int64: the local row of each owned dataset index (index // R)."""
+        return torch.div(indices, self.world, rounding_mode="floor")
 
     def claim(self, plan: torch.Tensor, *, drop_last: bool = False) -> None:
-        """Records that rank p mod R trains position p of `plan` (distinct dataset indices, 1-D int64),
-        as `shard_indices` splits it; with `drop_last` the cut positions stay with their holders."""
+        """Starts a generation for the epoch whose plan is `plan` (1-D int64 dataset indices), trained
+        as `shard_indices` splits it: position p (of the plan padded by wrapping, or cut with
+        `drop_last`) on rank p mod R. `losers` becomes the samples this rank trains whose last position
+        is on another rank (a sort of the plan; empty unless the padding repeats a sample)."""
         where = "distributed.SampleOwnership.claim"
         check_tensor(where, "plan", plan, ndim=1, dtypes=(torch.int64, torch.int32))
+        check_bool(where, "drop_last", drop_last)
+        self.generation += 1
         total = plan.numel()
-        size = (total // self.world) * self.world if drop_last else total
-        positions = torch.arange(size, device=self.device)
-        self.held.index_copy_(0, plan[:size].to(self.device, torch.int64), positions % self.world == self.rank)
+        size = (total // self.world if drop_last else math.ceil(total / self.world)) * self.world
+        if self.world == 1 or size == 0:
+            self.losers = torch.empty(0, dtype=torch.int64)
+            return
+        padded = plan.to("cpu", torch.int64)
+        padded = padded.repeat(math.ceil(size / total))[:size] if size > total else padded[:size]
+        values, positions = torch.sort(padded, stable=True)
+        run_start = torch.ones(size, dtype=torch.bool)
+        run_start[1:] = values[1:] != values[:-1]
+        run = torch.cumsum(run_start, 0) - 1
+        last = torch.ones(size, dtype=torch.bool)
+        last[:-1] = run_start[1:]
+        winner = (positions[last] % self.world)[run]  # the rank of each sample's last position
+        mine = positions % self.world == self.rank
+        self.losers = torch.unique(values[mine & (winner != self.rank)])
+
+    def topk_owned(self, keys: torch.Tensor, k: int, *, valid: torch.Tensor | None = None,
+                   digit_bits: Sequence[int] = DIGIT_BITS) -> torch.Tensor:
+        """int64 [k] ascending, the same on every rank: the exact top-k of the keys of all ranks, `keys`
+        (float [num_owned]) being this rank's, one per owned row (`valid`: only these take part); ties
+        to the lowest dataset index. Every rank calls it with the same k (a collective)."""
+        where = "distributed.SampleOwnership.topk_owned"
+        check_tensor(where, "keys", keys, ndim=1, dtypes=_FLOAT_DTYPES)
+        if keys.shape[0] != self.num_owned:
+            raise ValueError(f"aql.{where}: keys must have one entry per owned row ({self.num_owned}), got {keys.shape[0]}")
+        owned = self.owned_indices(keys.device)
+        mine = global_topk_mask(keys, k, group=self.group, valid=valid, index=owned, digit_bits=digit_bits)
+        return share_indices(owned[mine], self.group)
 
     def topk_indices(self, keys: torch.Tensor, k: int, *, digit_bits: Sequence[int] = DIGIT_BITS) -> torch.Tensor:
-        """int64 [k] ascending: the exact top-k of the held keys of all ranks (the same on every rank)."""
+        """`topk_owned` of the owned entries of `keys` (float [num_samples], one per sample; the entries
+        of samples other ranks own are ignored)."""
         where = "distributed.SampleOwnership.topk_indices"
         check_tensor(where, "keys", keys, ndim=1, dtypes=_FLOAT_DTYPES)
         if keys.shape[0] != self.num_samples:
             raise ValueError(f"aql.{where}: keys must have num_samples={self.num_samples} entries, got {keys.shape[0]}")
-        held = self.held.to(keys.device)
-        index = torch.arange(self.num_samples, device=keys.device)
-        mine = global_topk_mask(keys, k, group=self.group, valid=held, index=index, digit_bits=digit_bits)
-        return torch.nonzero(union_of_disjoint_masks(mine, self.group)).squeeze(1)
+        return self.topk_owned(keys[self.rank::self.world].contiguous(), k, digit_bits=digit_bits)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"world": self.world, "rank": self.rank, "held": self.held.cpu().clone()}
+        return {"world": self.world, "rank": self.rank, "generation": self.generation, "losers": self.losers.clone()}
 
     def load_state_dict(self, state) -> None:
         where = "distributed.SampleOwnership.load_state_dict"
-        if not isinstance(state, dict) or "held" not in state:
-            raise ValueError(f"aql.{where}: state must be a dict with 'held', got {type(state).__name__}")
+        if not isinstance(state, dict) or "generation" not in state or "losers" not in state:
+            raise ValueError(f"aql.{where}: state must be a dict with 'generation' and 'losers' (a checkpoint of this "
+                             f"version), got {sorted(state) if isinstance(state, dict) else type(state).__name__}")
         if (state.get("world"), state.get("rank")) != (self.world, self.rank):
             raise ValueError(f"aql.{where}: the state was written by rank {state.get('rank')} of {state.get('world')}, "
                              f"this is rank {self.rank} of {self.world}")
-        check_tensor(where, "state['held']", state["held"], ndim=1, dtypes=(torch.bool,))
-        if state["held"].shape[0] != self.num_samples:
-            raise ValueError(f"aql.{where}: state['held'] must have {self.num_samples} entries, got {state['held'].shape[0]}")
-        self.held.copy_(state["held"])
+        check_tensor(where, "state['losers']", state["losers"], ndim=1, dtypes=(torch.int64,))
+        self.generation = check_int(where, "state['generation']", state["generation"], low=0)
+        self.losers = state["losers"].to("cpu").clone()
+
+
+def share_indices(indices: torch.Tensor, group=None, *, chunk_rows: int | None = None) -> torch.Tensor:
+    """int64, ascending, the same on every rank: the union of the ranks' `indices` (1-D int64, no index
+    on two ranks), by all_gathers of equal-sized blocks of at most `chunk_rows` (default `CHUNK_ROWS`)
+    int64 per rank: each rank receives R * max_r(len) int64 (k in all for a k-selection shared evenly),
+    plus one all-reduce of one int64. `indices` sorted in one process."""
+    check_tensor("distributed.share_indices", "indices", indices, ndim=1, dtypes=(torch.int64,))
+    if world_size(group) == 1:
+        return torch.sort(indices).values
+    parts = _gather_blocks(indices.unsqueeze(1), group, chunk_rows)
+    return torch.sort(torch.cat([part[:, 0] for part in parts])).values
+
+
+#: rows per rank per all_gather round of `share_indices` and `RoutedWrites.exchange`: a round sends at
+#: most CHUNK_ROWS * 8 * columns bytes per rank (2 MiB for the 4 int64 columns of a ranked write)
+CHUNK_ROWS = 1 << 16
+
+
+def _gather_blocks(rows: torch.Tensor, group, chunk_rows: int | None, keep=None) -> list[torch.Tensor]:
+    """Every rank's int64 [n_r, W] `rows` (first column >= 0), as a list indexed by source rank of the
+    rows each sends, filtered by `keep(rows) -> bool` for the other ranks' rows; in rounds of at most
+    `chunk_rows` rows per rank (padded with -1 to the largest n_r of the round): all_gather only, which
+    gloo and NCCL both have."""
+    chunk = CHUNK_ROWS if chunk_rows is None else check_int("distributed", "chunk_rows", chunk_rows, low=1)
+    world, me = world_size(group), rank(group)
+    longest = int(all_reduce_max(torch.tensor([rows.shape[0]], dtype=torch.int64, device=rows.device), group)[0])
+    received: list[list[torch.Tensor]] = [[rows[:0]] for _ in range(world)]
+    received[me].append(rows)
+    for start in range(0, longest, chunk):
+        block = torch.full((min(chunk, longest - start), rows.shape[1]), -1, dtype=torch.int64, device=rows.device)
+        part = rows[start:start + chunk]
+        block[:part.shape[0]] = part
+        gathered = [torch.empty_like(block) for _ in range(world)]
+        dist.all_gather(gathered, block, group=group)
+        for source, got in enumerate(gathered):
+            if source != me:
+                got = got[got[:, 0] >= 0]
+                received[source].append(got[keep(got)] if keep is not None else got)
+    return [torch.cat(parts) for parts in received]
+
+
+class RoutedWrites:
+    """The writes of this rank to a per-sample table sharded by a `SampleOwnership`, on their way to the
+    owners of the rows.
+
+    `append(indices, *payload)` is the per-step call: it keeps the tensors by reference with the
+    ownership's current generation and losers (no op, no check, no host synchronisation). `exchange()`
+    (a collective: every rank calls it when it next reads its table) drops this rank's losers' writes,
+    keeps each sample's last local write, sends each row to its owner (`_gather_blocks`: all_gathers
+    of at most `CHUNK_ROWS` rows per rank per round) and returns the rows this rank owns, one per
+    sample, the latest by (generation, then source rank): `(local_rows, payload)` with payload int64
+    [m, columns]. A payload entry is a float32 tensor (its bits: decode with `float_column`), an int64
+    tensor, or a Python int (the same for every row of the call). Between exchanges the buffer holds
+    the tensors of this rank's writes (at most the rows it trains in an epoch when the table is read
+    each epoch).
+
+    `state_dict()` is the pending rows after the local reductions (int64 [n, 2 + columns]: index,
+    generation, payload): a checkpoint carries them without a collective.
+    """
+
+    def __init__(self, ownership: SampleOwnership, columns: int):
+        self.ownership = ownership
+        self.columns = check_int("distributed.RoutedWrites", "columns", columns, low=1)
+        self._chunks: list[tuple] = []
+        self._rows: torch.Tensor | None = None  # rows carried over from a checkpoint, older than the chunks
+
+    def append(self, indices: torch.Tensor, *payload) -> None:
+        """Queues the writes `payload[j][i]` to sample `indices[i]` (see the class docstring)."""
+        self._chunks.append((indices, payload, self.ownership.generation, self.ownership.losers))
+
+    @property
+    def pending(self) -> int:
+        """Rows appended since the last exchange (before the local reductions); no synchronisation."""
+        return sum(chunk[0].shape[0] for chunk in self._chunks) + (0 if self._rows is None else self._rows.shape[0])
+
+    def rows(self) -> torch.Tensor:
+        """int64 [n, 2 + columns]: the pending writes (index, generation, payload), the losers' dropped,
+        one per sample (the last written), ascending index."""
+        parts = [] if self._rows is None else [self._rows]
+        for indices, payload, generation, losers in self._chunks:
+            indices = indices.to(torch.int64)
+            columns = [indices, torch.full_like(indices, generation)]
+            for value in payload:
+                if isinstance(value, torch.Tensor):
+                    value = value.detach()
+                    columns.append(value.view(torch.int32).to(torch.int64) if value.dtype == torch.float32 else value.to(torch.int64))
+                else:
+                    columns.append(torch.full_like(indices, int(value)))
+            rows = torch.stack(columns, dim=1)
+            if losers.numel():
+                rows = rows[~torch.isin(indices, losers.to(indices.device))]
+            parts.append(rows)
+        if not parts:
+            return torch.empty((0, 2 + self.columns), dtype=torch.int64, device=self.ownership.device)
+        return _latest(torch.cat(parts))
+
+    def exchange(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(local_rows int64 [m], payload int64 [m, columns]): the latest write of each owned sample that
+        any rank wrote since the last exchange (see the class docstring); empties the buffer."""
+        rows = self.rows()
+        self._chunks, self._rows = [], None
+        owner = self.ownership
+        if owner.world == 1:
+            return rows[:, 0], rows[:, 2:]
+        mine = owner.owns(rows[:, 0])
+        parts = _gather_blocks(rows[~mine], owner.group, None, keep=lambda got: owner.owns(got[:, 0]))
+        parts[owner.rank] = rows[mine]
+        sources = torch.cat([torch.full((part.shape[0], 1), source, dtype=torch.int64, device=rows.device)
+                             for source, part in enumerate(parts)])
+        merged = _latest(torch.cat([torch.cat(parts), sources], dim=1), tiebreak=-1)
+        return owner.local_rows(merged[:, 0]), merged[:, 2:2 + self.columns]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"columns": self.columns, "rows": self.rows().cpu()}
+
+    def load_state_dict(self, state) -> None:
+        where = "distributed.RoutedWrites.load_state_dict"
+        if not isinstance(state, dict) or state.get("columns") != self.columns or "rows" not in state:
+            raise ValueError(f"aql.{where}: state must be a dict with columns={self.columns} and 'rows', got "
+                             f"{ {k: v for k, v in state.items() if k != 'rows'} if isinstance(state, dict) else type(state).__name__}")
+        check_tensor(where, "state['rows']", state["rows"], ndim=2, dtypes=(torch.int64,))
+        if state["rows"].shape[1] != 2 + self.columns:
+            raise ValueError(f"aql.{where}: state['rows'] must have {2 + self.columns} columns, got {state['rows'].shape[1]}")
+        self._chunks = []
+        self._rows = state["rows"].to(self.ownership.device).clone()
+
+
+def float_column(column: torch.Tensor) -> torch.Tensor:
+    """float32: a `RoutedWrites` payload column that carried float32 values (their bits, exactly)."""
+    return column.to(torch.int32).view(torch.float32)
+
+
+def _latest(rows: torch.Tensor, tiebreak: int | None = None) -> torch.Tensor:
+    """One row per distinct rows[:, 0], ascending: the last in order of (generation = column 1, then
+    column `tiebreak` when given, then position in `rows`)."""
+    order = torch.arange(rows.shape[0], device=rows.device)
+    for column in ([tiebreak] if tiebreak is not None else []) + [1, 0]:  # least significant key first
+        order = order.index_select(0, torch.sort(rows.index_select(0, order)[:, column], stable=True).indices)
+    rows = rows.index_select(0, order)
+    last = torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device)
+    last[:-1] = rows[1:, 0] != rows[:-1, 0]
+    return rows[last]
 
 
 def union_of_disjoint_masks(mask: torch.Tensor, group=None) -> torch.Tensor:

@@ -74,14 +74,22 @@ class ScoreStore:
     ``state_dict()`` holds the table, the seen flags, the epoch counter and the random generator's
     state, so a resumed run selects exactly the subsets an uninterrupted run would have.
 
-    Under torch.distributed (``attach_sharding``): each rank writes the scores of the samples it
-    trains, and ``next_subset`` selects both parts across ranks from the rank that holds each sample's
-    latest score (`aql.distributed.SampleOwnership`), so every rank gets the subset that one store
-    holding all writes would select (the exploration keys come from the generator, the same on every rank).
+    Under torch.distributed (``attach_sharding``) the table is sharded: rank r keeps the rows of the
+    samples it owns (`aql.distributed.SampleOwnership`: i mod R == r, ~N / R rows), and ``scores`` /
+    ``seen`` are those rows (sample ``r + j R`` at row j). ``update`` queues every write
+    (`aql.distributed.RoutedWrites`, no op per step); the writes reach their owners when the table is
+    next read (``flush``, ``scores``, ``seen``, ``next_subset``: collectives that every rank calls
+    together), the latest write of a sample winning as in one process. ``next_subset`` then selects
+    both parts across ranks from the owned rows (`SampleOwnership.topk_owned`: digit histograms
+    all-reduced, the selected indices shared), so every rank gets the subset that one store holding
+    all writes would select; the exploration keys are drawn for all N samples from the generator (the
+    same on every rank, as in one process) and each rank keeps its rows' (a transient [N] float32).
+    ``state_dict`` holds the rank's rows and its pending writes (no collective).
     """
 
     #: the `aql.distributed.SampleOwnership` of this rank (``attach_sharding``); None in one process
     sharding = None
+    _routed = None  # the `aql.distributed.RoutedWrites` of the sharded store
 
     def __init__(self, num_samples: int, *, query_budget: float = 0.2, exploration: float = 0.1,
                  device: str | torch.device = "cpu", seed: int = 0, unseen_score: float | None = None,
@@ -160,6 +168,9 @@ class ScoreStore:
         float32 scores on the store's device) costs one ``index_copy_`` plus ~1 us of checks: the
         ``scores`` / ``seen`` views are derived from the written table when next read.
         """
+        if self._routed is not None:
+            self._queue(indices, scores, deferred)
+            return
         if deferred:
             self._deferred_distinct = self._deferred_distinct and distinct
             self._deferred.append((indices, scores.detach()))
@@ -188,6 +199,19 @@ class ScoreStore:
         self.flush()  # earlier deferred writes first: the later value of a sample wins
         self._write(indices, scores)
 
+    def _queue(self, indices: torch.Tensor, scores: torch.Tensor, deferred: bool) -> None:
+        """The sharded store's write: queued for the owners (checked unless `deferred`)."""
+        if not deferred:
+            where = "selection.ScoreStore.update"
+            check_tensor(where, "indices", indices, ndim=1, dtypes=(torch.int64, torch.int32))
+            check_tensor(where, "scores", scores, ndim=1, dtypes=(torch.float32, torch.bfloat16, torch.float16))
+            if indices.shape[0] != scores.shape[0]:
+                raise ValueError(f"aql.{where}: indices and scores must have the same length, "
+                                 f"got {indices.shape[0]} and {scores.shape[0]}")
+            indices = indices.to(self.device, torch.int64, non_blocking=True)
+            scores = scores.detach().to(self.device, torch.float32, non_blocking=True)
+        self._routed.append(indices, scores.detach())
+
     def _write(self, indices: torch.Tensor, scores: torch.Tensor) -> None:
         """Scatter into the written table (a NaN score there makes its sample never-seen again)."""
         self._written.index_copy_(0, indices, scores)
@@ -205,7 +229,14 @@ class ScoreStore:
         """Writes the deferred updates (``update(..., deferred=True)``) into the table and brings the
         ``scores`` / ``seen`` views up to date; a no-op when nothing waits. Reading the table does it
         too; a loop calls it to do the work at a time it chooses (e.g. inside its timed selection work
-        rather than inside a checkpoint)."""
+        rather than inside a checkpoint). Sharded: the exchange of the queued writes, a collective."""
+        if self._routed is not None:
+            from aql.distributed import float_column
+
+            rows, payload = self._routed.exchange()
+            self._write(rows, float_column(payload[:, 0]))
+            self._derive()
+            return
         if not self._deferred:
             self._derive()
             return
@@ -233,6 +264,8 @@ class ScoreStore:
     def next_subset(self) -> SelectedSubset:
         """The subset for the next epoch (see the class docstring); advances the random generator."""
         self.flush()
+        if self.sharding is not None:
+            return self._next_subset_sharded()
         # the bottom of the scores is the top of their negation (-(-inf) = inf: never-seen first; -0.0 and
         # +0.0 stay equal, so ties still go to the lowest index)
         top = self._topk_indices(self._scores.neg() if self.smallest else self._scores, self.num_top)
@@ -257,22 +290,52 @@ class ScoreStore:
         self.epoch += 1
         return SelectedSubset(indices, weights)
 
+    def _next_subset_sharded(self) -> SelectedSubset:
+        """`next_subset` across ranks on the owned rows (the table flushed): the same subset."""
+        owner = self.sharding
+        top = owner.topk_owned(self._scores.neg() if self.smallest else self._scores, self.num_top)
+        indices, weights = top, torch.ones(self.num_top, dtype=torch.float32, device=self.device)
+        if self.num_explore:
+            keys = torch.rand(self.num_samples, generator=self._generator, device=self.device)[owner.rank::owner.world]
+            keys = keys + 2.0 * (~self._seen).to(keys.dtype)
+            keys.index_fill_(0, owner.local_rows(top[owner.owns(top)]), -1.0)
+            explore = owner.topk_owned(keys, self.num_explore)
+            weights = torch.cat([weights, torch.full((self.num_explore,), self._explore_weight, dtype=torch.float32,
+                                                     device=self.device)])
+            indices, order = torch.sort(torch.cat([top, explore]))
+            weights = weights[order]
+        self.epoch += 1
+        return SelectedSubset(indices, weights)
+
     def attach_sharding(self, ownership) -> None:
-        """Selects across ranks from now on: `ownership` is the `aql.distributed.SampleOwnership` that
-        records which rank holds each sample's latest score (see the class docstring)."""
-        if getattr(ownership, "num_samples", None) != self.num_samples or not hasattr(ownership, "topk_indices"):
+        """Shards the table from now on: `ownership` (an `aql.distributed.SampleOwnership` of
+        `num_samples` samples) says which rows this rank keeps; the rows written so far are kept for
+        the owned samples (see the class docstring)."""
+        from aql.distributed import RoutedWrites, SampleOwnership
+
+        if not isinstance(ownership, SampleOwnership) or ownership.num_samples != self.num_samples:
             raise ValueError(f"aql.selection.ScoreStore.attach_sharding: ownership must be an aql.distributed.SampleOwnership "
-                             f"of {self.num_samples} samples, got {type(ownership).__name__}")
+                             f"of {self.num_samples} samples, got {type(ownership).__name__} of "
+                             f"{getattr(ownership, 'num_samples', None)}")
+        self.flush()
+        rows = slice(ownership.rank, None, ownership.world)
+        self._written = self._written[rows].clone()
+        self._scores = self._scores[rows].clone()
+        self._seen = self._seen[rows].clone()
+        self._routed = RoutedWrites(ownership, 1)
         self.sharding = ownership
 
     def _topk_indices(self, keys: torch.Tensor, k: int) -> torch.Tensor:
-        if self.sharding is None:
-            return aql_kernels.topk_indices(keys, k)
-        return self.sharding.topk_indices(keys, k)
+        return aql_kernels.topk_indices(keys, k)
 
     # -- persistence --------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
+        if self.sharding is not None:  # this rank's rows and its queued writes: no collective
+            self._derive()
+            return {**self._settings(), "scores": self._scores.clone(), "seen": self._seen.clone(),
+                    "sharding": {"rank": self.sharding.rank, "world": self.sharding.world},
+                    "pending": self._routed.state_dict()}
         return {
             "num_samples": self.num_samples,
             "query_budget": self.query_budget,
@@ -285,6 +348,11 @@ class ScoreStore:
             "seen": self.seen.clone(),
             "generator": self._generator.get_state(),
         }
+
+    def _settings(self) -> dict:
+        return {"num_samples": self.num_samples, "query_budget": self.query_budget, "exploration": self.exploration,
+                "seed": self.seed, "unseen_score": self.unseen_score, "smallest": self.smallest, "epoch": self.epoch,
+                "generator": self._generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
         where = "selection.ScoreStore.load_state_dict"
@@ -299,9 +367,16 @@ class ScoreStore:
                                  f"got {state[key]!r}")
         check_tensor(where, "state['scores']", state["scores"], ndim=1, dtypes=(torch.float32,))
         check_tensor(where, "state['seen']", state["seen"], ndim=1, dtypes=(torch.bool,))
-        if state["scores"].shape[0] != self.num_samples or state["seen"].shape[0] != self.num_samples:
+        sharded = None if self.sharding is None else {"rank": self.sharding.rank, "world": self.sharding.world}
+        if state.get("sharding") != sharded:
+            raise ValueError(f"aql.{where}: the state was written by {state.get('sharding') or 'one process'}, this store is "
+                             f"{sharded or 'one process'} (resume with the same number of ranks)")
+        rows = self.num_samples if sharded is None else self.sharding.num_owned
+        if state["scores"].shape[0] != rows or state["seen"].shape[0] != rows:
             raise ValueError(f"aql.{where}: state['scores'] and state['seen'] must have length "
-                             f"{self.num_samples}, got {state['scores'].shape[0]} and {state['seen'].shape[0]}")
+                             f"{rows}, got {state['scores'].shape[0]} and {state['seen'].shape[0]}")
+        if sharded is not None:
+            self._routed.load_state_dict(state["pending"])
         self._deferred, self._deferred_rows, self._deferred_distinct = [], 0, True  # the loaded table replaces them
         self.epoch = int(state["epoch"])
         self.seed = int(state.get("seed", self.seed))

@@ -1,6 +1,8 @@
 """`stale`: a `ScoreStore` keeps one score per sample, written from the training forward's own
 statistics (no extra forward); between epochs `next_subset()` picks the `query_budget` share to train
-on next (never-seen samples first, an `exploration` share at random)."""
+on next (never-seen samples first, an `exploration` share at random). Under torch.distributed the store
+is sharded by rank (`ScoreStore.attach_sharding`: ~N / R rows per rank, writes routed to their owners
+at the epoch's selection), and plans exactly what one process plans."""
 
 from __future__ import annotations
 
