@@ -6,15 +6,22 @@ AQL_NATIVE_ARCH=native (or 1 / ON) builds them for this machine only (-march=nat
 older CPUs. libaql_cuda.so is built when nvcc is found (static CUDA runtime; AQL_CUDA_ARCHS, default
 "80;90", PTX for the newest). Both land inside aql_kernels/. AQL_SKIP_NATIVE=1 skips the native
 build; AQL_REQUIRE_CUDA=1 makes a missing nvcc or a failed CUDA build an error.
+
+Then aql_kernels._C, the C++ eager route of the score ops for small CPU calls
+(aql_kernels/csrc/torch/), is compiled against the torch of the building interpreter with
+torch.utils.cpp_extension. It is optional: when torch is missing (an isolated pip build) or the
+compilation fails, the build warns and goes on, and the ops take their Python route
+(`aql_kernels.backends()["cpu_extension"]` says why). AQL_SKIP_TORCH_EXTENSION=1 skips it.
 """
 
 import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Distribution, Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -76,8 +83,37 @@ def build_native(output_dir: Path, build_dir: Path) -> None:
     subprocess.run([cmake, "--build", str(build_dir), "--parallel", jobs], check=True)
 
 
+TORCH_EXTENSION_SOURCES = ["aql_kernels/csrc/torch/extension.cpp"]
+
+
+def build_torch_extension(command: build_ext, output_dir: Path) -> None:
+    """Compiles aql_kernels._C into output_dir; warns instead of failing (the extension is optional)."""
+    if os.environ.get("AQL_SKIP_TORCH_EXTENSION") == "1":
+        print("aql: AQL_SKIP_TORCH_EXTENSION=1, not building aql_kernels._C", file=sys.stderr)
+        return
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except Exception as error:  # no torch in this (isolated) build environment
+        warnings.warn(f"aql: aql_kernels._C not built (torch does not import here: {error}); the score ops take "
+                      "their Python route. Build it with `make native` in an environment that has torch.", stacklevel=1)
+        return
+    extension = CppExtension("aql_kernels._C", TORCH_EXTENSION_SOURCES, include_dirs=[str(ROOT / "aql_kernels" / "csrc")],
+                             extra_compile_args=["-O2", "-g0", "-Wall"])
+    # its own distribution: the outer one's extensions are the placeholder that CMakeBuild stands for
+    builder = BuildExtension(Distribution({"name": "aql", "ext_modules": [extension]}), use_ninja=shutil.which("ninja") is not None)
+    builder.inplace = 0
+    builder.build_lib = str(output_dir.parent)
+    builder.build_temp = str(Path(command.build_temp).resolve() / "torch_extension")
+    try:
+        builder.ensure_finalized()
+        builder.run()
+    except Exception as error:  # a compiler error, or a torch without its headers
+        warnings.warn(f"aql: building aql_kernels._C failed ({type(error).__name__}: {error}); the score ops take "
+                      "their Python route.", stacklevel=1)
+
+
 class CMakeBuild(build_ext):
-    """Runs CMake instead of compiling the (placeholder) extension."""
+    """Runs CMake instead of compiling the (placeholder) extension, then builds aql_kernels._C."""
 
     def run(self):
         if os.environ.get("AQL_SKIP_NATIVE") == "1":
@@ -89,6 +125,7 @@ class CMakeBuild(build_ext):
             output_dir = Path(self.build_lib).resolve() / "aql_kernels"
         output_dir.mkdir(parents=True, exist_ok=True)
         build_native(output_dir, Path(self.build_temp).resolve() / "cmake")
+        build_torch_extension(self, output_dir)
 
     # The libraries are written where they belong; there is no per-extension file to copy or list.
     def copy_extensions_to_source(self):

@@ -46,7 +46,8 @@ def _library_status(library: _native.NativeLibrary) -> Backend:
 def backends() -> dict[str, Backend]:
     """What is available here, and why not where it is not.
 
-    Keys: ``triton``, ``cpu_library``, ``cuda_library``, ``cuda_device``.
+    Keys: ``triton``, ``cpu_library``, ``cuda_library``, ``cpu_extension`` (aql_kernels._C, the C++
+    eager route of the score ops for small CPU calls; optional), ``cuda_device``.
     """
     if torch.cuda.is_available():
         cuda_device = Backend(True, torch.cuda.get_device_name())
@@ -56,6 +57,8 @@ def backends() -> dict[str, Backend]:
         "triton": triton_status(),
         "cpu_library": _library_status(_native.CPU),
         "cuda_library": _library_status(_native.CUDA),
+        "cpu_extension": (Backend(True, _native.EXTENSION.path) if _native.EXTENSION.module() is not None
+                          else Backend(False, _native.EXTENSION.reason)),
         "cuda_device": cuda_device,
     }
 

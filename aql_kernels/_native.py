@@ -13,7 +13,7 @@ import os
 import threading
 from pathlib import Path
 
-__all__ = ["CPU", "CUDA", "NativeLibrary", "NativeError", "NativeMemoryError", "Status", "DType", "CpuIsa", "DTYPE_CODES",
+__all__ = ["CPU", "CUDA", "EXTENSION", "NativeLibrary", "TorchExtension", "NativeError", "NativeMemoryError", "Status", "DType", "CpuIsa", "DTYPE_CODES",
            "raise_for_status"]
 
 
@@ -230,6 +230,68 @@ class NativeLibrary:
 
 CPU = NativeLibrary("cpu", "libaql_cpu.so")
 CUDA = NativeLibrary("cuda", "libaql_cuda.so")
+
+
+class TorchExtension:
+    """aql_kernels._C (csrc/torch/extension.cpp), the C++ eager route of the score ops for small CPU
+    calls, imported lazily on first use with the CPU library's kernels handed over to it.
+
+    Optional: it is compiled against the torch it was built with, and without it (not built, built
+    for another torch, ``AQL_TORCH_EXTENSION=0``, or no CPU library) the ops take their Python route
+    with the same results. ``module()`` returns it or None; ``reason`` says why not. A failed import
+    is final for the process, and never raises.
+    """
+
+    _KERNELS = ("aql_softmax_scores", "aql_softmax_scores_backward", "aql_last_error")
+
+    def __init__(self, name: str = "aql_kernels._C"):
+        self.name = name
+        self._module = None
+        self._error: str | None = None
+        self._loaded = False
+        self._lock = threading.Lock()
+
+    def _open(self):
+        if os.environ.get("AQL_TORCH_EXTENSION", "1").strip().lower() in ("0", "off", "no", "false"):
+            return None, "disabled by AQL_TORCH_EXTENSION=0"
+        missing = [name for name in self._KERNELS if not CPU.has(name)]
+        if missing:
+            return None, f"the CPU library is unavailable or lacks {', '.join(missing)} ({CPU.reason or 'rebuild it'})"
+        try:
+            import importlib
+
+            module = importlib.import_module(self.name)
+        except Exception as error:  # not built, or built against another torch (undefined symbols)
+            return None, (f"{self.name} does not import ({type(error).__name__}: {error}); build it with `make native` "
+                          "against the installed torch")
+        try:
+            module.set_kernels(*(ctypes.cast(CPU.function(name), ctypes.c_void_p).value for name in self._KERNELS))
+        except Exception as error:
+            return None, f"{self.name} refused the CPU library's kernels ({type(error).__name__}: {error})"
+        return module, None
+
+    def module(self):
+        """The extension module, or None where it is unavailable (see ``reason``)."""
+        if not self._loaded:
+            with self._lock:
+                if not self._loaded:
+                    self._module, self._error = self._open()
+                    self._loaded = True
+        return self._module
+
+    @property
+    def path(self) -> str:
+        module = self.module()
+        return "" if module is None else str(getattr(module, "__file__", self.name))
+
+    @property
+    def reason(self) -> str:
+        """Why the extension is unavailable ('' when it is available)."""
+        self.module()
+        return self._error or ""
+
+
+EXTENSION = TorchExtension()
 
 
 def pointer(tensor) -> ctypes.c_void_p:

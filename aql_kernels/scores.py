@@ -591,6 +591,25 @@ def _native_backward(logits, targets, lse, grad_rows, ignore_index, out):
     return out
 
 
+# The C++ eager route (aql_kernels._C, csrc/torch/extension.cpp): for 2-D CPU logits in eager mode it
+# does the whole call in one C++ function (checks, outputs, kernel, loss reduction) and records a C++
+# autograd node whose backward calls the backward kernel, so no Python runs in backward: fwd+bwd of
+# [64, 10] 126 -> ~50 us against F.cross_entropy's ~44 us (one thread, the 2-core EPYC CI machine;
+# `python -m benchmarks.host_cost`). It returns None for what it does not cover (the public functions
+# then go on as before: their checks raise the errors), and gives the Python route's results bit for
+# bit. _extension_module: None until first looked up, then the module or False where unavailable.
+_extension_module = None
+
+
+def _extension():
+    """aql_kernels._C with the CPU library's kernels handed over, or None (``backends()["cpu_extension"]``
+    says why)."""
+    global _extension_module
+    if _extension_module is None:
+        _extension_module = _native.EXTENSION.module() or False
+    return _extension_module or None
+
+
 # ---------------------------------------------------------------------------------------------------
 # Reference (the spec)
 # ---------------------------------------------------------------------------------------------------
@@ -1049,6 +1068,12 @@ def softmax_scores(logits: torch.Tensor, targets: torch.Tensor | None = None, *,
     The float fields are rows of one buffer (one allocation for six tensors): they share its
     version counter, so change them out of place if autograd has saved one of them.
     """
+    extension = _extension_module if _extension_module is not None else _extension()
+    if (extension and shift is False and per_sample is None and type(ignore_index) is int
+            and _INT64_MIN <= ignore_index <= _INT64_MAX and _dispatch.eager(logits, targets)):
+        fields = extension.softmax_scores(logits, targets, ignore_index)
+        if fields is not None:
+            return SoftmaxScores._make(fields)
     rows, row_targets, layout = _prepare("softmax_scores", logits, targets, ignore_index, shift, per_sample, False)
     scores = _forward(rows, row_targets, ignore_index, _dispatch.eager(rows, row_targets))
     return scores if layout is None else _per_sample(scores, layout, ignore_index)
@@ -1109,6 +1134,13 @@ def cross_entropy_with_scores(logits: torch.Tensor, targets: torch.Tensor, *, ig
     logits with unit column stride whose rows do not overlap, and that are not a leaf requiring
     grad (ValueError otherwise).
     """
+    extension = _extension_module if _extension_module is not None else _extension()
+    if (extension and weight is None and shift is False and per_sample is None and inplace_backward is False
+            and targets is not None and type(label_smoothing) in (float, int) and label_smoothing == 0
+            and type(ignore_index) is int and _INT64_MIN <= ignore_index <= _INT64_MAX and _dispatch.eager(logits, targets)):
+        result = extension.cross_entropy(logits, targets, ignore_index, reduction)
+        if result is not None:
+            return result[0], SoftmaxScores._make(result[1:])
     op = "cross_entropy_with_scores"
     rows, row_targets, layout = _prepare(op, logits, targets, ignore_index, shift, per_sample, True)
     if reduction not in _REDUCTIONS:
