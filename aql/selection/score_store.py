@@ -136,13 +136,14 @@ class ScoreStore:
     @property
     def scores(self) -> torch.Tensor:
         """float32 [N]: the stored score of every sample (``unseen_score`` where none was written). The
-        store's own tensor, brought up to date by each read: read it again after `update`s."""
+        store's own tensor, brought up to date by each read: read it again after `update`s. Sharded:
+        this rank's rows only (sample r + j R at row j), and the read is a collective (`flush`)."""
         self.flush()
         return self._scores
 
     @property
     def seen(self) -> torch.Tensor:
-        """bool [N]: whether a score was ever written for the sample."""
+        """bool [N]: whether a score was ever written for the sample (sharded: this rank's rows, as `scores`)."""
         self.flush()
         return self._seen
 
