@@ -7,7 +7,8 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["split_batch", "gather", "EpochLoader", "PendingSamples", "sample_view", "estimator_scorer", "config_scorer"]
+__all__ = ["split_batch", "gather", "EpochLoader", "PendingSamples", "SharedPendingSamples", "sample_view", "estimator_scorer",
+           "config_scorer"]
 
 
 def split_batch(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -36,11 +37,18 @@ class EpochLoader:
     """One epoch of `strategy.batches(plan, batch_size, skip=skip)` over `dataset`, as
     (x, y, index, weight) batches: x, y gathered with the plan's CPU indices, index (and the plan's
     weights, None when it has none) copied to `device` with `non_blocking=True` (the strategy's
-    `host_plan` pins them on CUDA, so the copy does not wait for the stream)."""
+    `host_plan` pins them on CUDA, so the copy does not wait for the stream).
 
-    def __init__(self, dataset, strategy, plan, batch_size: int, *, skip: int = 0, device: torch.device | None = None):
+    With `world` > 1 (candidate batches shared by the ranks, see `aql.strategies._ranks`): `plan` and
+    `batch_size` are the global ones, and each batch is the whole candidate batch's index and weights
+    with x, y of this rank's rows only, `index[rank::world]` (none when the batch has fewer than
+    `rank + 1` candidates)."""
+
+    def __init__(self, dataset, strategy, plan, batch_size: int, *, skip: int = 0, device: torch.device | None = None,
+                 rank: int = 0, world: int = 1):
         self.dataset, self.strategy, self.plan, self.batch_size, self.skip = dataset, strategy, plan, batch_size, skip
         self.device = torch.device("cpu") if device is None else device
+        self.rank, self.world = rank, world
 
     def __len__(self) -> int:
         return max(0, self.strategy.num_batches(self.plan, self.batch_size) - self.skip)
@@ -48,7 +56,12 @@ class EpochLoader:
     def __iter__(self):
         device = self.device
         for index, weight in self.strategy.batches(self.plan, self.batch_size, skip=self.skip):
-            x, y = gather(self.dataset, index)
+            if self.world == 1:
+                x, y = gather(self.dataset, index)
+            else:
+                mine = index[self.rank::self.world]
+                x, y = gather(self.dataset, mine if mine.numel() else index[:1])
+                x, y = x[:mine.numel()], y[:mine.numel()]
             yield x, y, index.to(device, non_blocking=True), None if weight is None else weight.to(device, non_blocking=True)
 
 
@@ -77,6 +90,37 @@ class PendingSamples:
         self.pieces = [] if take == x.shape[0] else [(x[take:], y[take:], None if index is None else index[take:],
                                                       None if weight is None else weight[take:])]
         return head
+
+
+class SharedPendingSamples:
+    """The global queue of kept candidates as one rank holds it under torch.distributed: the kept rows of
+    every rank in one-process order (`owners`: bool masks, True where this rank holds the row), this
+    rank's own rows in `local`. Every rank keeps the same `owners` (they come from the selection all
+    ranks make), so `take(size)` hands every rank its part of the same global training batch.
+    `owners` and `local.pieces` are the whole state, saved in the trainer's checkpoint."""
+
+    def __init__(self, local: PendingSamples | None = None, owners=()):
+        self.local = PendingSamples() if local is None else local
+        self.owners: list[torch.Tensor] = list(owners)
+
+    def __len__(self) -> int:
+        return sum(mask.shape[0] for mask in self.owners)
+
+    def append(self, mine: torch.Tensor, x, y, index, weight) -> None:
+        """Kept rows in one-process order (`mine`: bool on the CPU, one entry per kept row of any rank)
+        and this rank's rows among them (x, y, index, weight; as many as `mine` has True)."""
+        self.owners.append(mine)
+        if x.shape[0]:
+            self.local.append(x, y, index, weight)
+
+    def take(self, size: int) -> tuple[tuple, int]:
+        """(this rank's rows among the first `size` of the global queue as (x, y, index, weight), or None
+        when it holds none of them; how many rows the global batch has)."""
+        mask = torch.cat(self.owners)
+        take = min(size, mask.shape[0])
+        self.owners = [] if take == mask.shape[0] else [mask[take:]]
+        mine = int(mask[:take].sum())
+        return (self.local.take(mine) if mine else None), take
 
 
 def sample_view(logits: torch.Tensor, targets: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
