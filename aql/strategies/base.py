@@ -24,6 +24,11 @@ plan every rank computes) and feeds `after_step` only what it trained, so per-sa
 by rank; a strategy selects through `topk_indices(keys, k)`, which in one process is
 `aql_kernels.topk_indices` and across ranks the exact global selection of `aql.distributed` (histogram
 all-reduces, never the scores). Strategies whose tables are not sharded yet are refused there.
+A `scores_candidates` strategy makes the one-process selection instead: every rank iterates the global
+candidate batches (`batches(plan, global_batch)`), scores its rows `indices[rank::world]` and calls
+`select_global(indices, scores)`, which gathers the candidates' statistics (one all-gather of a few KB,
+`aql.strategies._ranks`) and runs `select` on the whole batch on every rank; each rank trains the kept
+positions p with p % world == rank.
 
 Everything a strategy needs to resume exactly lives in `state_dict()`; nothing in the protocol
 synchronises with the device per step (`after_step` only queues writes, `select` returns a device
@@ -98,6 +103,8 @@ class SelectionStrategy:
     #: set by `attach_process_group` under torch.distributed: the `aql.distributed.SampleOwnership` of
     #: this rank (None in one process)
     sharding = None
+    #: the process group of `attach_process_group` (None: the default group)
+    process_group = None
     #: constructor arguments that `from_config` fills from the config's own keys or the context, with
     #: where each comes from; `aql_v2.strategy_options` may set any other keyword argument
     config_arguments: ClassVar[Mapping[str, str]] = {
@@ -160,6 +167,26 @@ class SelectionStrategy:
         turns either form into the pair."""
         raise NotImplementedError(f"{type(self).__name__} does not score candidates (scores_candidates is False)")
 
+    def select_global(self, indices: torch.Tensor, scores) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`split_selection(select(indices, scores))` made over the global candidate batch `indices` (the
+        same on every rank) when this rank's `scores` are those of its rows only,
+        `indices[rank::world]` (`_ranks.local_rows`). Under torch.distributed the ranks' statistics (and
+        a `candidate_scorer`'s values of each rank's own rows) are gathered in one-process order by one
+        all-gather, and every rank runs `select` on the whole batch: identical state and inputs, so an
+        identical decision. In one process `scores` are the whole batch's and this is `select`."""
+        if self.sharding is None:
+            return split_selection(self.select(indices, scores))
+        from . import _ranks
+
+        rank, world = self.sharding.rank, self.sharding.world
+        scorer = getattr(self, "candidate_scorer", None)
+        mine = indices[_ranks.local_rows(indices.shape[0], rank, world)]
+        values = None if scorer is None else scorer(mine)
+        scores, values = _ranks.gather_candidate_scores(scores, values, indices.shape[0], rank=rank, world=world,
+                                                        group=self.process_group)
+        with _ranks.gathered_scorer(self, indices, values):
+            return split_selection(self.select(indices, scores))
+
     def after_step(self, indices: torch.Tensor, scores) -> None:
         """The training forward's per-sample `aql_kernels.SoftmaxScores` (one row per sample of
         `indices`). Must not synchronise with the device. A loop calls it only for micro-batches of an
@@ -191,30 +218,27 @@ class SelectionStrategy:
     #: whether the strategy's per-sample tables may stay whole on every rank because it selects from
     #: them only through `topk_indices` (each rank writes the rows it trains; the owner's value counts)
     selects_across_ranks = False
-    #: whether a strategy that selects among each step's candidates (`scores_candidates`) keeps the
-    #: same number of them on every rank from equal candidate batches, so that each rank may select
-    #: among its own candidates (a draw stratified by rank; not the one-process selection)
-    selects_per_rank = False
 
     def attach_process_group(self, group=None) -> None:
         """Makes this strategy one rank's part of a selection shared by the ranks of `group` (the default
         process group when None); a no-op in one process. Strategies that read no scores (plans fixed
-        by (seed, epoch)) need nothing else; a strategy that keeps per-sample tables must keep them in
-        components with an `attach_sharding(ownership)` method (`aql.selection.ScoreStore`), which then
-        select across ranks. Any other strategy is refused (NotImplementedError): its own tables would
-        select from this rank's writes only."""
+        by (seed, epoch)) need nothing else; `scores_candidates` strategies select on every rank over the
+        global candidate batch (`select_global`), so they need nothing else either; a strategy that keeps
+        per-sample tables must keep them in components with an `attach_sharding(ownership)` method
+        (`aql.selection.ScoreStore`), which then select across ranks, or say with `selects_across_ranks`
+        that it selects from them through `topk_indices` only. Any other strategy is refused
+        (NotImplementedError): its own tables would select from this rank's writes only."""
         from aql import distributed
 
         if distributed.world_size(group) == 1:
             return
         components = [value for value in vars(self).values() if hasattr(value, "attach_sharding")]
-        per_batch = self.scores_candidates and not self.selects_per_rank
-        if per_batch or (self.uses_scores and not self.scores_candidates and not components and not self.selects_across_ranks):
-            why = ("it selects among each step's candidates, and the kept counts would differ between ranks"
-                   if per_batch else "its per-sample tables are not sharded by rank (ranked: per-class "
-                   "quotas rank inside each class over the whole table)")
+        if self.uses_scores and not self.scores_candidates and not components and not self.selects_across_ranks:
             raise NotImplementedError(f"aql.strategies.{type(self).__name__}: strategy {self.name!r} does not support "
-                                      f"torch.distributed yet ({why}); under torchrun use none, random, stale, online, or ranked without quotas")
+                                      "torch.distributed yet (its per-sample tables are not sharded by rank; ranked: "
+                                      "per-class quotas rank inside each class over the whole table); under torchrun use "
+                                      "none, random, stale, online, streaming, curriculum, meta, or ranked without quotas")
+        self.process_group = group
         self.sharding = distributed.SampleOwnership(self.num_samples, group=group, device=self.device)
         for component in components:
             component.attach_sharding(self.sharding)

@@ -1,6 +1,11 @@
 """`curriculum`: easy-to-hard bands of normalised entropy (`CurriculumAQL`); candidate batches are
 scored without gradients, the samples inside the current band are kept, up to `query_budget` of the
-data per epoch; the stage advances on the validation loss (or when a band runs dry)."""
+data per epoch; the stage advances on the validation loss (or when a band runs dry).
+
+Under torch.distributed every rank filters the whole gathered candidate batch
+(`SelectionStrategy.select_global`) with the global batch size as the fill, so the bands, the kept
+count and the early end of an epoch are one process's on every rank; every rank evaluates the whole
+validation set with the same parameters, so `end_epoch` advances the stage alike everywhere."""
 
 from __future__ import annotations
 

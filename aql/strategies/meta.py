@@ -11,6 +11,13 @@ a second backward. Reading that loss is a host synchronisation per step (the pol
 Python float); where the trainer delivers `after_step` a step late (CUDA), the reward pairs with the
 right selection (a queue) but measures the loss one step later. The policy takes one REINFORCE step per training step (`MetaLearnedSelector.reinforce`).
 Experimental, like the selector it wraps.
+
+Under torch.distributed every rank runs the policy on the whole gathered candidate batch
+(`select_global`) with the same generator, and after a step every rank holds the same parameters, so
+every rank reads the same holdout loss and takes the same REINFORCE step: the policies never part. The
+reward is per row of the global training batch: `after_step` receives this rank's rows, and their
+count is summed over the ranks (one all-reduce of a scalar per micro-batch, beside the holdout forward's
+own host synchronisation).
 """
 
 from __future__ import annotations
@@ -120,8 +127,18 @@ class MetaSelection(SelectionStrategy):
             return
         after = self._holdout_value()
         features, mask = self._pending.popleft()
-        self.selector.reinforce(features, mask, (self._holdout_loss - after) * 1e3 / max(1, int(indices.shape[0])))
+        self.selector.reinforce(features, mask, (self._holdout_loss - after) * 1e3 / max(1, self._trained_rows(indices)))
         self._holdout_loss = after
+
+    def _trained_rows(self, indices: torch.Tensor) -> int:
+        """Rows of the training batch `indices` belongs to: its own in one process, every rank's under
+        torch.distributed (each rank trains its part of the global batch)."""
+        if self.sharding is None:
+            return int(indices.shape[0])
+        from aql import distributed
+
+        count = torch.tensor([indices.shape[0]], dtype=torch.int64, device=indices.device)
+        return int(distributed.all_reduce_sum(count, group=self.process_group))
 
     def end_epoch(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
         out = {"policy_episodes": self.selector.episodes_trained}

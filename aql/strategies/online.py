@@ -26,9 +26,10 @@ rows have been kept in all. Keys and the top-k (`aql_kernels.topk_indices`) stay
 only host arithmetic is on batch sizes. Deterministic for a seed: the order, the random keys and the
 selections are fixed by (seed, epoch) and the generator's state, which `state_dict` carries.
 
-Under torch.distributed each rank scores the candidate batches of its part of the epoch's order and
-keeps its budget share of each (the ranks' batches are equal in size, so every rank keeps as many):
-a selection stratified by rank, not the one a single process would make over the global batch.
+Under torch.distributed the selection is the one a single process makes over the global candidate
+batch: each rank scores its rows of it, the statistics are gathered (`SelectionStrategy.select_global`),
+and every rank runs `select` on the whole batch with the same generator state, so the ranks agree on
+every kept row, the budget and the epoch progress (`_seen` counts the global candidates).
 """
 
 from __future__ import annotations
@@ -67,9 +68,6 @@ class OnlineSelection(ScoredStrategy):
     name = "online"
     scores_candidates = True
     takes_candidate_scorer = True
-    # under torch.distributed each rank keeps its budget share of its own candidate batches: the ranks'
-    # batches are equal in size (the plan is split evenly), so are their quotas
-    selects_per_rank = True
 
     def __init__(self, num_samples: int, *, query_budget: float = 0.2, seed: int = 0, device: torch.device | str = "cpu",
                  score: str = "el2n", pick: str = "sample", balanced: bool = True, smoothing: float = 0.5,
@@ -104,10 +102,9 @@ class OnlineSelection(ScoredStrategy):
         return EpochPlan(torch.randperm(self.num_samples, generator=generator))
 
     def _progress(self) -> float:
-        """Epochs of training so far, fractional inside the running epoch (every rank scores its share
-        of the epoch under torch.distributed)."""
-        ranks = 1 if self.sharding is None else self.sharding.world
-        return self.epoch + self._seen * ranks / self.num_samples
+        """Epochs of training so far, fractional inside the running epoch (`select` sees the global
+        candidate batches under torch.distributed too)."""
+        return self.epoch + self._seen / self.num_samples
 
     def select(self, indices: torch.Tensor, scores):
         batch = indices.shape[0]

@@ -1,6 +1,10 @@
 """`streaming`: candidate batches of `batch_size / query_budget` samples are scored without gradients
 and `StreamingAQL` keeps those above its running threshold (about `query_budget` of them, in
-constant memory); the loop trains on what it keeps."""
+constant memory); the loop trains on what it keeps.
+
+Under torch.distributed every rank feeds the selector the whole gathered candidate batch
+(`SelectionStrategy.select_global`), so the running threshold histogram, the budget feedback and the
+importance weights are those of one process on every rank."""
 
 from __future__ import annotations
 

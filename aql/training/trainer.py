@@ -80,8 +80,21 @@ cuda:LOCAL_RANK; gloo on CPU) and trains data-parallel:
   all-reduced) and the parameters are identical on every rank;
 - each rank feeds `after_step` with what it trained: a strategy's per-sample tables are written by
   rank, and its epoch selection runs across ranks (`SelectionStrategy.topk_indices`, digit histograms
-  all-reduced, never the scores; see `aql.distributed`). Strategies that do not support it
-  (candidate-scoring ones, tables not sharded) are refused with a ConfigError;
+  all-reduced, never the scores; see `aql.distributed`). Strategies whose tables are not sharded
+  (ranked with per-class quotas) are refused with a ConfigError;
+- `scores_candidates` strategies (online, streaming, curriculum, meta) make exactly the one-process
+  selection and batches: every rank iterates the global candidate batches (`candidate_batch_size` of
+  the global batch; no padding of the plan) and scores its rows r, r + R, ... of each; one all-gather
+  of the candidates' statistics (C x <= 8 float32, `aql.strategies._ranks`) puts them in one-process
+  order, and every rank runs `select` on the whole batch (identical state, identical decision). Every
+  rank mirrors the global queue of kept rows (`SharedPendingSamples`); each global batch of
+  `batch_size` kept rows is the one-process batch, each rank training its own rows of it (a
+  zero-weighted filler row when it holds none, so that DDP's all-reduce runs). A rank's loss is
+  sum(row loss * weight) over its rows / the global weight sum (one all-reduce of a scalar per
+  micro-batch) * R, so DDP's mean is the one-process loss; the Fisher update counts the global rows.
+  Per candidate batch: one all-gather and one host synchronisation (which kept rows are this rank's).
+  Curriculum's `end_epoch` reads the validation loss that every rank computes alike, meta's reward the
+  holdout loss of the parameters every rank shares;
 - rank 0 alone writes metrics.jsonl, config.yaml, wandb and checkpoints; the train/epoch records hold
   global sums (losses, samples, tokens all-reduced at each log interval and epoch end); every rank
   evaluates the whole validation set (no communication);
@@ -131,8 +144,9 @@ from aql_kernels import cross_entropy_with_scores, softmax_scores
 from .. import distributed
 from ..config import Config, ConfigError, save_config
 from ..strategies import STRATEGIES, SelectionStrategy, StrategyContext
+from ..strategies import _ranks
 from ..strategies.base import split_selection
-from .batches import EpochLoader, PendingSamples, gather, sample_view, split_batch
+from .batches import EpochLoader, PendingSamples, SharedPendingSamples, gather, sample_view, split_batch
 from .checkpoint import (CHECKPOINT_FORMAT, CheckpointError, checkpoint_files, read_checkpoint, remove_stale_temporaries,
                          rng_states, set_rng_states, write_checkpoint)
 from .clock import OverheadClock, overhead_percent
@@ -250,6 +264,10 @@ class AQLv2Trainer:
         # the per-step work the strategy asked for: none when it reads no scores or keeps the default
         # (empty) after_step
         self._feeds_steps = self.strategy.uses_scores and type(self.strategy).after_step is not SelectionStrategy.after_step
+        # several ranks and a strategy that selects among candidates: the one-process selection over the
+        # global candidate batch, and the one-process training batches (see _shared_training_batches)
+        self._shared_candidates = self.world_size > 1 and self.strategy.scores_candidates
+        self._filler = None  # (x, y) of one sample: the zero-weighted row of a rank with no rows in a step
         self._train_model = self._wrap_for_ranks()  # the model itself in one process
 
         decay, no_decay = [], []
@@ -425,7 +443,8 @@ class AQLv2Trainer:
 
     def _reset_epoch_state(self) -> None:
         self._consumed = 0  # batches of the epoch's loader taken so far
-        self._pending = PendingSamples()  # kept candidates not yet trained on
+        # kept candidates not yet trained on (under ranks: the global queue, this rank's rows in it)
+        self._pending = SharedPendingSamples() if self._shared_candidates else PendingSamples()
         self._epoch_loss_sum = torch.zeros((), dtype=torch.float64)
         self._epoch_loss_count = torch.zeros((), dtype=torch.float64)
         self._epoch_samples = 0
@@ -448,7 +467,9 @@ class AQLv2Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def _micro_step(self, x, y, index, weight, scale: float) -> None:
+    def _micro_step(self, x, y, index, weight, scale: float, shared: tuple[int, bool] | None = None) -> None:
+        """Forward, loss and backward of one micro-batch. `shared`: None in one process; under ranks for a
+        `scores_candidates` strategy (global rows of the batch, whether this rank trains the filler row)."""
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
         batch = x.shape[0]
@@ -468,12 +489,15 @@ class AQLv2Trainer:
         if weight is not None:  # the strategy's (or the loader's) importance weights: a normalised weighted mean
             weight = weight.to(self.device, non_blocking=True).to(per_token.dtype)
             row_weight = valid * weight.repeat_interleave(targets.shape[0] // batch)
-        loss = (per_token * row_weight).sum() / row_weight.sum().clamp_min(1e-12)
+        if shared is None:
+            loss = (per_token * row_weight).sum() / row_weight.sum().clamp_min(1e-12)
+        else:
+            loss, valid, scores, batch = self._shared_loss(per_token, row_weight, valid, scores, batch, shared)
         (loss * scale).backward()
 
         self._step_losses.append(loss.detach().double())
         self._epoch_samples += batch
-        self._step_rows += targets.shape[0]
+        self._step_rows += targets.shape[0] if shared is None else shared[0] * (targets.shape[0] // x.shape[0])
         self._epoch_tokens += valid.sum().long()
         if self._feeds_steps and index is not None:
             # handed to after_step once the optimizer step is known to be finite (see _optimizer_step)
@@ -483,6 +507,20 @@ class AQLv2Trainer:
             self._step_scores.append((index, scores))
             self._clock.end(token)
         self._last_batch = (x, y)
+
+    def _shared_loss(self, per_token, row_weight, valid, scores, batch: int, shared: tuple[int, bool]):
+        """A rank's part of the one-process loss of a global batch: sum(loss * weight) over its rows / the
+        global sum of the weights (one all-reduce of a scalar) * world_size, as DDP averages the ranks'
+        gradients. The filler row weighs 0 (a non-finite filler loss is zeroed; its logits could still
+        make the gradient non-finite, and the step is then skipped on every rank). Returns (loss, valid,
+        scores, rows) with the filler row left out of the counts and the statistics."""
+        if shared[1]:
+            per_token, row_weight, valid = torch.nan_to_num(per_token, 0.0, 0.0, 0.0), torch.zeros_like(row_weight), valid[:0]
+            scores = None if scores is None else type(scores)(*(None if f is None else f[:0] for f in scores))
+            batch = 0
+        total = distributed.all_reduce_sum(row_weight.sum().reshape(1))
+        loss = (per_token * row_weight).sum() / total[0].clamp_min(1e-12) * self.world_size
+        return loss, valid, scores, batch
 
     def _check_index(self, index: torch.Tensor, batch: int) -> torch.Tensor:
         """A sample-index tensor from a user's loader, as the strategy's `after_step` needs it."""
@@ -636,7 +674,10 @@ class AQLv2Trainer:
         stream = self._counted(data_loader)
         if not self.strategy.scores_candidates:
             for batch in stream:
-                yield split_batch(batch)
+                yield (*split_batch(batch), None)
+            return
+        if self._shared_candidates:
+            yield from self._shared_training_batches(stream)
             return
         batch_size = self.config.training.batch_size // self.world_size  # this rank's micro-batch
         pending = self._pending
@@ -657,9 +698,68 @@ class AQLv2Trainer:
                     pending.append(x.index_select(0, kept), y.index_select(0, kept), index.index_select(0, kept), kept_weight)
                 self._epoch_looked_at += x.shape[0]
             while len(pending) >= batch_size:
-                yield pending.take(batch_size)
+                yield (*pending.take(batch_size), None)
         while pending.pieces:
-            yield pending.take(batch_size)
+            yield (*pending.take(batch_size), None)
+
+    def _shared_training_batches(self, stream) -> Iterator[tuple]:
+        """`_training_batches` under torch.distributed for a `scores_candidates` strategy: the one-process
+        selection and batching. Each candidate batch is the global one (its index and weights; x, y of
+        this rank's rows `index[rank::world]`, `epoch_loader`); `select_global` makes the one-process
+        selection on every rank; the global queue of kept rows (`SharedPendingSamples`, the same on every
+        rank) hands out the one-process training batches of `training.batch_size`, each rank training its
+        own rows of each (a zero-weighted filler row where it holds none: DDP's all-reduce needs every
+        rank's backward). Yields (x, y, index, weight, (global rows of the batch, filler?))."""
+        batch_size = self.config.training.batch_size  # the global batch
+        rank, world = self.rank, self.world_size
+        pending = self._pending
+        for batch in stream:
+            x, y, index, weight = split_batch(batch)
+            if index is None:
+                raise TypeError(f"aql.trainer: strategy {self.strategy.name!r} selects among candidates by their dataset "
+                                "indices: batches must be (x, y, index) or (x, y, index, weight)")
+            rows = len(range(rank, index.shape[0], world))
+            if x.shape[0] != rows:
+                raise ValueError(f"aql.trainer: under torch.distributed a candidate batch is the global batch's index with x, y "
+                                 f"of this rank's rows index[{rank}::{world}] ({rows} of {index.shape[0]}), got {x.shape[0]} rows "
+                                 "of x; train on trainer.epoch_loader(epoch)")
+            with self._clock.aql():
+                x = x.to(self.device, non_blocking=True)
+                y = y.to(self.device, non_blocking=True)
+                index = index.to(self.device, non_blocking=True)
+                mine = index[rank::world]
+                if rows:
+                    scores = self._candidate_scores(x, y)
+                else:  # fewer candidates than ranks: statistics of no rows, of the same fields
+                    filler = self._candidate_scores(*(v.to(self.device) for v in self._filler_row()))
+                    scores = type(filler)(*(None if field is None else field[:0] for field in filler))
+                kept, kept_weight = self.strategy.select_global(index, scores)
+                if kept.shape[0]:
+                    if weight is not None:
+                        weight = weight.to(self.device).index_select(0, kept)
+                        kept_weight = weight if kept_weight is None else weight * kept_weight
+                    owned, local = _ranks.owned_positions(kept, rank, world)
+                    pending.append(owned, x.index_select(0, local), y.index_select(0, local), mine.index_select(0, local),
+                                   None if kept_weight is None else kept_weight[owned.to(kept_weight.device)])
+                self._epoch_looked_at += index.shape[0]
+            while len(pending) >= batch_size:
+                yield self._shared_batch(*pending.take(batch_size))
+        while len(pending):
+            yield self._shared_batch(*pending.take(batch_size))
+
+    def _filler_row(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) of the training set's first sample: the row a rank trains with weight 0 when it holds no
+        row of a step (and the shape of statistics of no rows)."""
+        if self._filler is None:
+            self._filler = gather(self.train_data, torch.zeros(1, dtype=torch.int64))
+        return self._filler
+
+    def _shared_batch(self, rows, total: int) -> tuple:
+        """A training batch of the global queue as this rank trains it: its rows, or the filler row."""
+        if rows is not None:
+            return (*rows, (total, False))
+        x, y = self._filler_row()
+        return x, y, torch.zeros(0, dtype=torch.int64, device=self.device), None, (total, True)
 
     # ---------------------------------------------------------------------------------- epoch loop
     def train_epoch(self, data_loader) -> dict[str, Any]:
@@ -671,10 +771,13 @@ class AQLv2Trainer:
         accumulation = self.config.training.gradient_accumulation
         micro = 0
         max_steps = self.config.training.max_steps
-        for x, y, index, weight in self._training_batches(data_loader):
+        for x, y, index, weight, shared in self._training_batches(data_loader):
             self._at_boundary = False
             with self._gradient_sync(micro + 1 == accumulation):
-                self._micro_step(x, y, index, weight, 1.0 / accumulation)
+                if shared is None:
+                    self._micro_step(x, y, index, weight, 1.0 / accumulation)
+                else:
+                    self._micro_step(x, y, index, weight, 1.0 / accumulation, shared)
             micro += 1
             if micro == accumulation:
                 self._optimizer_step(micro)
@@ -842,6 +945,9 @@ class AQLv2Trainer:
                 plan = self.strategy.epoch_plan(epoch)
         else:
             plan = self.strategy.epoch_plan(epoch)
+        if self._shared_candidates:  # every rank iterates the global candidate batches, scoring its rows of each
+            return EpochLoader(self.train_data, self.strategy, plan, self.config.training.batch_size, skip=self._consumed,
+                               device=self.device, rank=self.rank, world=self.world_size)
         plan = self.strategy.shard_plan(plan)  # this rank's positions r, r + R, ... (the plan itself in one process)
         return EpochLoader(self.train_data, self.strategy, plan, self.config.training.batch_size // self.world_size,
                            skip=self._consumed, device=self.device)
@@ -997,7 +1103,9 @@ class AQLv2Trainer:
             "metrics": self.metrics,
             "position": {
                 "consumed": self._consumed,
-                "pending": [tuple(cpu(v) for v in piece) for piece in self._pending.pieces],
+                "pending": [tuple(cpu(v) for v in piece) for piece in self._local_pending().pieces],
+                # under ranks for a scores_candidates strategy: the global queue's rows, True where this rank's
+                **({"pending_owners": [m.clone() for m in self._pending.owners]} if self._shared_candidates else {}),
                 "loss_sum": float(self._epoch_loss_sum), "loss_count": float(self._epoch_loss_count),
                 "samples": self._epoch_samples, "tokens": int(self._epoch_tokens),
                 "aql_time": self._epoch_aql_time, "total_time": self._epoch_total_time, "looked_at": self._epoch_looked_at,
@@ -1037,7 +1145,8 @@ class AQLv2Trainer:
         position = state["position"]
         self._reset_epoch_state()
         self._consumed = position["consumed"]
-        self._pending = PendingSamples(tuple(None if v is None else v.to(self.device) for v in piece) for piece in position["pending"])
+        local = PendingSamples(tuple(None if v is None else v.to(self.device) for v in piece) for piece in position["pending"])
+        self._pending = SharedPendingSamples(local, position["pending_owners"]) if self._shared_candidates else local
         self._epoch_loss_sum = torch.tensor(position["loss_sum"], dtype=torch.float64)
         self._epoch_loss_count = torch.tensor(position["loss_count"], dtype=torch.float64)
         self._epoch_samples = position["samples"]
@@ -1045,6 +1154,10 @@ class AQLv2Trainer:
         self._epoch_aql_time, self._epoch_total_time = position["aql_time"], position["total_time"]
         self._epoch_looked_at = position["looked_at"]
         self._epoch_nonfinite = int(position.get("nonfinite", 0))
+
+    def _local_pending(self) -> PendingSamples:
+        """The kept rows this process holds (under ranks for a scores_candidates strategy: its own)."""
+        return self._pending.local if self._shared_candidates else self._pending
 
     def _apply_optimizer_settings(self) -> None:
         """This config's learning rate, weight decay and kernel choice on the loaded optimizer and

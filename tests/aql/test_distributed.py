@@ -380,14 +380,9 @@ def _two_rank_runs(rank: int, world: int, folder: str):
     out["uneven_samples"] = [m["samples_backpropagated"] for m in uneven.history]
     # ranked (stale scores, no quotas): each rank writes what it trains, the top-k goes across ranks
     out["ranked_run"] = _outcome(*_train(_config(f"{folder}/ranked_run", aql_v2=RANKED, epochs=3)))
-    # online: each rank keeps its budget share of its own candidate batches
+    # online: the one-process selection over each global candidate batch (tests/aql/test_distributed_candidates.py)
     out["online_run"] = _outcome(*_train(_config(f"{folder}/online_run", aql_v2=ONLINE, epochs=2)))
     out["online_again"] = _outcome(*_train(_config(f"{folder}/online_again", aql_v2=ONLINE, epochs=2)))
-    for strategy, options in (("streaming", {}),):
-        try:
-            _train(_config(f"{folder}/{strategy}", aql_v2={"selection_strategy": strategy, "strategy_options": options}))
-        except ConfigError as error:
-            out[strategy] = str(error)
     try:
         _train(_config(f"{folder}/odd", batch_size=33))
     except ConfigError as error:
@@ -443,11 +438,10 @@ def test_two_rank_training_is_deterministic_resumes_and_matches_one_rank(tmp_pat
     # ranks, 194 samples back-propagated (one padded)
     assert zero["uneven_steps"] == one["uneven_steps"] == 2 * 7
     assert zero["uneven_samples"] == [194, 194]
-    assert "does not support torch.distributed" in zero["streaming"] and "aql_v2.selection_strategy" in zero["streaming"]
     # online under DDP: the same parameters on both ranks, deterministic, the budget held exactly
-    # (2 x 6 candidate batches of 32 per epoch, 16 of each kept: 192 of 384 samples)
+    # (6 global candidate batches of 64 per epoch, 32 of each kept: 192 of 384 samples)
     online, again = zero["online_run"], zero["online_again"]
-    assert online["steps"] == one["online_run"]["steps"] == again["steps"] == 2 * 2  # 6 micro-batches of 16 per rank, accumulation 4
+    assert online["steps"] == one["online_run"]["steps"] == again["steps"] == 2 * 2  # 6 global micro-batches of 32, accumulation 4
     assert [m["samples_backpropagated"] for m in online["history"]] == [192, 192]
     for key, value in online["params"].items():
         assert torch.equal(value, one["online_run"]["params"][key]) and torch.equal(value, again["params"][key]), key
