@@ -48,6 +48,10 @@ class EpochLoader:
                  rank: int = 0, world: int = 1):
         self.dataset, self.strategy, self.plan, self.batch_size, self.skip = dataset, strategy, plan, batch_size, skip
         self.device = torch.device("cpu") if device is None else device
+        if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+            raise ValueError(f"aql.training.EpochLoader: world must be an int >= 1, got {world!r}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world:
+            raise ValueError(f"aql.training.EpochLoader: rank must be an int in [0, {world - 1}], got {rank!r}")
         self.rank, self.world = rank, world
 
     def __len__(self) -> int:
@@ -109,6 +113,12 @@ class SharedPendingSamples:
     def append(self, mine: torch.Tensor, x, y, index, weight) -> None:
         """Kept rows in one-process order (`mine`: bool on the CPU, one entry per kept row of any rank)
         and this rank's rows among them (x, y, index, weight; as many as `mine` has True)."""
+        if not isinstance(mine, torch.Tensor) or mine.dtype != torch.bool or mine.dim() != 1 or mine.device.type != "cpu":
+            raise TypeError("aql.training.SharedPendingSamples.append: mine must be a 1-D bool CPU tensor, got "
+                            f"{mine.dtype if isinstance(mine, torch.Tensor) else type(mine).__name__}")
+        held = int(mine.sum())
+        if held != x.shape[0]:
+            raise ValueError(f"aql.training.SharedPendingSamples.append: mine marks {held} rows as this rank's, got {x.shape[0]} rows of x")
         self.owners.append(mine)
         if x.shape[0]:
             self.local.append(x, y, index, weight)

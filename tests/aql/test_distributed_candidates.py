@@ -5,7 +5,8 @@ candidate scorer's values) makes the one-process selection, on fresh random and 
 weights, as one process with the same global batch, reaches its parameters, is deterministic, and
 resumes from a mid-epoch checkpoint (a non-empty queue of kept rows) to the same parameters. An odd
 case (a candidate batch of 107 split 54 / 53, a last candidate batch of one sample, steps in which a
-rank holds none of the rows) is covered.
+rank holds none of the rows) and token data (a 1-layer GPT-2, ignored targets, a sample without any) are
+covered.
 
 One spawn runs every 2-rank case; the one-process references run in the test process."""
 
@@ -40,10 +41,32 @@ CASES = {
 ODD = ({"selection_strategy": "online", "query_budget": 0.25, "strategy_options": {"warmup_epochs": 0.5}},
        {"batch_size": 4, "gradient_accumulation": 1}, 97)
 TRAINING = {"epochs": 2, "gradient_accumulation": 2}
+#: token data: a 1-layer GPT-2 on generated sequences, 20% of the targets ignored (one sample without any)
+TOKENS = "tokens"
+NAMES = [*CASES, "odd", TOKENS]
 STOP_AT = 3  # inside epoch 1 (2 steps per epoch)
 
 
+def _token_data(n: int = 64, length: int = 16, vocab: int = 40):
+    from aql.data import IndexedTensorDataset
+
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randint(0, vocab, (n + 16, length), generator=generator)
+    y = torch.roll(x, -1, 1)
+    y[torch.rand(y.shape, generator=generator) < 0.2] = -100
+    y[3] = -100
+    return IndexedTensorDataset(x[:n], y[:n]), IndexedTensorDataset(x[n:], y[n:])
+
+
 def _case_config(folder, name):
+    if name == TOKENS:
+        from aql.config import config_from_dict
+
+        base = _config(folder, aql_v2={"selection_strategy": "online", "query_budget": 0.3,
+                                       "strategy_options": {"balanced": False}}, **TRAINING, batch_size=8).to_dict()
+        base["model"] = {"type": "gpt2", "vocab_size": 40, "n_positions": 16, "d_model": 16, "n_layers": 1, "n_heads": 2}
+        base["data"] = {**base["data"], "name": "wikitext103", "seq_len": 16}
+        return config_from_dict(base)
     if name == "odd":
         aql_v2, training, _ = ODD
         return _config(folder, aql_v2=aql_v2, **{**TRAINING, **training})
@@ -56,7 +79,7 @@ def _run(config, *, n=384, callbacks=(), resume=False):
     from aql.models import build_model
     from aql.trainer import AQLv2Trainer, seed_everything
 
-    train, val = _data(n)
+    train, val = _token_data() if config.model.type == "gpt2" else _data(n)
     seed_everything(0)
     model = build_model(config.model)
     seed_everything(config.seed)
@@ -169,7 +192,7 @@ def two_ranks(tmp_path_factory):
     table = torch.randn(NUM_SAMPLES, generator=generator)
     table[torch.randperm(NUM_SAMPLES, generator=generator)[:30]] = 0.5  # ties
     inputs = (table, torch.randint(0, 5, (NUM_SAMPLES,), generator=generator), _candidate_batches(generator))
-    return (*run_ranks(folder, _two_rank_cases, str(folder), [*CASES, "odd"], inputs), (seed, inputs))
+    return (*run_ranks(folder, _two_rank_cases, str(folder), NAMES, inputs), (seed, inputs))
 
 
 def test_select_global_on_two_ranks_is_the_one_process_selection(two_ranks):
@@ -192,7 +215,7 @@ def test_select_global_on_two_ranks_is_the_one_process_selection(two_ranks):
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
     folder = tmp_path_factory.mktemp("single")
-    return {name: _run(_case_config(folder / name, name), n=ODD[2] if name == "odd" else 384) for name in [*CASES, "odd"]}
+    return {name: _run(_case_config(folder / name, name), n=ODD[2] if name == "odd" else 384) for name in NAMES}
 
 
 def _merged(logs):
@@ -222,7 +245,7 @@ def _assert_same_batches(two, one, where):
                 assert weight == pytest.approx(rows1[sample], rel=1e-5), (where, i, sample)
 
 
-@pytest.mark.parametrize("name", [*CASES, "odd"])
+@pytest.mark.parametrize("name", NAMES)
 def test_two_ranks_select_and_train_as_one_process(two_ranks, one_process, name):
     zero, one = two_ranks[0][name], two_ranks[1][name]
     single = one_process[name]
@@ -249,7 +272,7 @@ def test_two_ranks_select_and_train_as_one_process(two_ranks, one_process, name)
         assert any(filler for *_, filler in zero["log"] + one["log"])
 
 
-@pytest.mark.parametrize("name", [*CASES, "odd"])
+@pytest.mark.parametrize("name", NAMES)
 def test_two_ranks_resume_mid_epoch_to_the_same_run(two_ranks, name):
     for rank in range(2):
         first, stopped, resumed = (two_ranks[rank][name + suffix] for suffix in ("", ":stopped", ":resumed"))
@@ -272,3 +295,28 @@ def test_two_rank_runs_are_deterministic(two_ranks):
     for key, value in first["params"].items():
         assert torch.equal(value, again["params"][key]), key
     assert all(torch.equal(a[1], b[1]) for a, b in zip(first["log"], again["log"]))
+
+
+def test_shared_queue_hands_each_rank_its_rows_of_the_global_batch():
+    from aql.training.batches import EpochLoader, SharedPendingSamples
+
+    queue = SharedPendingSamples()
+    owners = torch.tensor([True, False, False, True, True])
+    x = torch.arange(3.0).unsqueeze(1)
+    queue.append(owners, x, torch.arange(3), torch.tensor([10, 11, 12]), None)
+    queue.append(torch.tensor([False, False]), x[:0], torch.arange(0), torch.tensor([], dtype=torch.int64), None)
+    assert len(queue) == 7
+    rows, total = queue.take(2)  # global rows 0, 1: this rank holds row 0
+    assert total == 2 and rows[2].tolist() == [10]
+    rows, total = queue.take(2)  # global rows 2, 3: row 3
+    assert total == 2 and rows[2].tolist() == [11]
+    rows, total = queue.take(2)  # rows 4, 5
+    assert total == 2 and rows[2].tolist() == [12]
+    rows, total = queue.take(2)  # row 6 is another rank's: none here
+    assert total == 1 and rows is None and len(queue) == 0
+    with pytest.raises(ValueError, match="marks 1 rows as this rank's, got 2 rows"):
+        queue.append(torch.tensor([True, False]), x[:2], torch.arange(2), torch.arange(2), None)
+    with pytest.raises(TypeError, match="mine must be a 1-D bool CPU tensor"):
+        queue.append(torch.tensor([1, 0]), x[:1], torch.arange(1), torch.arange(1), None)
+    with pytest.raises(ValueError, match=r"rank must be an int in \[0, 1\], got 2"):
+        EpochLoader(None, None, None, 4, rank=2, world=2)
