@@ -233,8 +233,8 @@ CUDA = NativeLibrary("cuda", "libaql_cuda.so")
 
 
 class TorchExtension:
-    """aql_kernels._C (csrc/torch/extension.cpp), the C++ eager route of the score ops for small CPU
-    calls, imported lazily on first use with the CPU library's kernels handed over to it.
+    """aql_kernels._C (csrc/torch/extension.cpp), the C++ eager route of the score ops and
+    fisher_ema_ for small CPU calls, imported lazily on first use with the CPU library's kernels handed over to it.
 
     Optional: it is compiled against the torch it was built with, and without it (not built, built
     for another torch, ``AQL_TORCH_EXTENSION=0``, or no CPU library) the ops take their Python route
@@ -242,7 +242,8 @@ class TorchExtension:
     is final for the process, and never raises.
     """
 
-    _KERNELS = ("aql_softmax_scores", "aql_softmax_scores_backward", "aql_last_error")
+    # handed over in this order; a kernel that the library lacks goes as NULL (its op is then not covered)
+    _KERNELS = ("aql_softmax_scores", "aql_softmax_scores_backward", "aql_fisher_ema", "aql_last_error")
 
     def __init__(self, name: str = "aql_kernels._C"):
         self.name = name
@@ -254,9 +255,8 @@ class TorchExtension:
     def _open(self):
         if os.environ.get("AQL_TORCH_EXTENSION", "1").strip().lower() in ("0", "off", "no", "false"):
             return None, "disabled by AQL_TORCH_EXTENSION=0"
-        missing = [name for name in self._KERNELS if not CPU.has(name)]
-        if missing:
-            return None, f"the CPU library is unavailable or lacks {', '.join(missing)} ({CPU.reason or 'rebuild it'})"
+        if not CPU.has("aql_last_error"):
+            return None, f"the CPU library is unavailable ({CPU.reason or 'it lacks aql_last_error'})"
         try:
             import importlib
 
@@ -265,7 +265,8 @@ class TorchExtension:
             return None, (f"{self.name} does not import ({type(error).__name__}: {error}); build it with `make native` "
                           "against the installed torch")
         try:
-            module.set_kernels(*(ctypes.cast(CPU.function(name), ctypes.c_void_p).value for name in self._KERNELS))
+            module.set_kernels(*(ctypes.cast(CPU.function(name), ctypes.c_void_p).value if CPU.has(name) else 0
+                                 for name in self._KERNELS))
         except Exception as error:
             return None, f"{self.name} refused the CPU library's kernels ({type(error).__name__}: {error})"
         return module, None
