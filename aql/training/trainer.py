@@ -94,7 +94,10 @@ cuda:LOCAL_RANK; gloo on CPU) and trains data-parallel:
   micro-batch) * R, so DDP's mean is the one-process loss; the Fisher update counts the global rows.
   Per candidate batch: one all-gather and one host synchronisation (which kept rows are this rank's).
   Curriculum's `end_epoch` reads the validation loss that every rank computes alike, meta's reward the
-  holdout loss of the parameters every rank shares;
+  holdout loss of the parameters every rank shares. With `aql_v2.scorer: estimator` each rank scores
+  its own rows and the ranks still agree on every selection, but the values are not one process's:
+  `LaplacianUncertainty` folds its feature statistics from each rank's own rows (its Fisher, from the
+  all-reduced gradients and the global row count, is one process's);
 - rank 0 alone writes metrics.jsonl, config.yaml, wandb and checkpoints; the train/epoch records hold
   global sums (losses, samples, tokens all-reduced at each log interval and epoch end); every rank
   evaluates the whole validation set (no communication);
