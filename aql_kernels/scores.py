@@ -594,10 +594,12 @@ def _native_backward(logits, targets, lse, grad_rows, ignore_index, out):
 # The C++ eager route (aql_kernels._C, csrc/torch/extension.cpp): for 2-D CPU logits in eager mode it
 # does the whole call in one C++ function (checks, outputs, kernel, loss reduction) and records a C++
 # autograd node whose backward calls the backward kernel, so no Python runs in backward: fwd+bwd of
-# [64, 10] 126 -> ~50 us against F.cross_entropy's ~44 us (one thread, the 2-core EPYC CI machine;
-# `python -m benchmarks.host_cost`). It returns None for what it does not cover (the public functions
-# then go on as before: their checks raise the errors), and gives the Python route's results bit for
-# bit. _extension_module: None until first looked up, then the module or False where unavailable.
+# [64, 10] 126 -> 43 us against F.cross_entropy's 45 us, softmax_scores 24 -> 6.6 us (one thread, the
+# 2-core EPYC CI machine; `python -m benchmarks.host_cost`). Sequences take it too, as the [B * T, V]
+# rows that _prepare makes (then _per_sample in torch). It returns None for what it does not cover
+# (the public functions then go on as before: their checks raise the errors), and gives the Python
+# route's results bit for bit. _extension_module: None until first looked up, then the module or
+# False where unavailable.
 _extension_module = None
 
 
@@ -1152,7 +1154,12 @@ def cross_entropy_with_scores(logits: torch.Tensor, targets: torch.Tensor, *, ig
     if inplace_backward:
         _check_inplace_backward(op, rows, logits)
     eager = _dispatch.eager(rows, row_targets, weight)
-    if torch.is_grad_enabled() and logits.requires_grad:
+    # sequences (and what the first shortcut left) as rows: the C++ route when it covers them
+    result = (extension.cross_entropy(rows, row_targets, ignore_index, reduction)
+              if extension and eager and weight is None and label_smoothing == 0.0 and not inplace_backward else None)
+    if result is not None:
+        loss, scores = result[0], SoftmaxScores._make(result[1:])
+    elif torch.is_grad_enabled() and logits.requires_grad:
         settings = (ignore_index, reduction, inplace_backward, eager, label_smoothing)
         if eager:
             scores_out = []

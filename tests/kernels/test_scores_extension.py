@@ -225,3 +225,54 @@ def test_a_disabled_or_missing_extension_falls_back(tmp_path):
     assert done.stdout.startswith("False disabled by AQL_TORCH_EXTENSION=0 |") and "CrossEntropyBackward" in done.stdout
     missing = _native.TorchExtension("aql_kernels._no_such_extension")
     assert missing.module() is None and "does not import" in missing.reason and "make native" in missing.reason
+
+
+@pytest.mark.parametrize("shift", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_sequences_match_torch(route, shift, reduction):
+    # [B, T, V] logits reach the C++ route as [B * T, V] rows (shift: the targets moved left by one,
+    # ignore_index at each sequence's end); the loss and its gradient against F.cross_entropy in float64
+    b, t, v = 3, 9, 17
+    base = _random_logits(b * t, v, torch.float32, "cpu").view(b, t, v).requires_grad_(True)
+    targets = _random_targets(b * t, v, "cpu").view(b, t)
+    loss, scores = cross_entropy_with_scores(base * 1.0, targets, shift=shift, reduction=reduction, per_sample="sum")
+    node = loss.grad_fn if reduction != "none" or not shift else loss.grad_fn.next_functions[0][0]  # (a slice after it)
+    while node is not None and "CrossEntropy" not in node.name():
+        node = node.next_functions[0][0] if node.next_functions else None
+    assert node is not None and (("CrossEntropyWithScores" in node.name()) == (route == "extension")), node
+    x64 = base.detach().double().requires_grad_(True)
+    rows, row_targets = (x64[:, :-1], targets[:, 1:]) if shift else (x64, targets)
+    want = F.cross_entropy(rows.reshape(-1, v), row_targets.reshape(-1), ignore_index=IGNORE, reduction=reduction)
+    torch.testing.assert_close(loss.double(), want, atol=2e-5 * b * t, rtol=2e-5)
+    weights = torch.rand(want.shape, dtype=torch.float64)
+    (loss * weights.float()).sum().backward()
+    (want * weights).sum().backward()
+    torch.testing.assert_close(base.grad.double(), x64.grad, atol=4e-6, rtol=1e-5)
+    # per-sample sums of the per-position statistics
+    positions = _expected(rows.detach().reshape(-1, v).float(), row_targets.reshape(-1))
+    valid = (row_targets != IGNORE).double()
+    torch.testing.assert_close(scores.loss.double(), (positions.loss.view(b, -1) * valid).sum(1), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(scores.entropy.double(), (positions.entropy.view(b, -1) * valid).sum(1), atol=1e-4, rtol=1e-5)
+
+
+def test_sequences_give_the_python_routes_results_bit_for_bit(monkeypatch):
+    if S._extension() is None:
+        pytest.skip(f"aql_kernels._C is unavailable: {_native.EXTENSION.reason}")
+    b, t, v = 4, 7, 30
+    base = _random_logits(b * t, v, torch.float32, "cpu").view(b, t, v)
+    targets = _random_targets(b * t, v, "cpu").view(b, t)
+
+    def run():
+        out = []
+        for shift, reduction, per_sample in [(True, "mean", None), (False, "none", "none"), (True, "none", "sum")]:
+            x = base.clone().requires_grad_(True)
+            loss, scores = cross_entropy_with_scores(x, targets, shift=shift, reduction=reduction, per_sample=per_sample)
+            loss.sum().backward()
+            out += [loss.detach(), x.grad, *(f for f in scores if f is not None)]
+        return out
+
+    extension = run()
+    monkeypatch.setattr(S, "_extension_module", False)
+    python = run()
+    for a, c in zip(extension, python, strict=True):
+        assert a.dtype == c.dtype and torch.equal(a, c)

@@ -237,7 +237,9 @@ def test_nan_and_inf_in_ignored_positions_do_not_leak():
 # --------------------------------------------------------------------------------------------------
 
 def _read_pointers(monkeypatch):
-    """Records the data pointer of the logits every forward launcher is handed."""
+    """Records the data pointer of the logits every forward launcher of the Python route is handed
+    (the C++ route, aql_kernels._C, switched off)."""
+    monkeypatch.setattr(S, "_extension_module", False)
     seen = []
     for name, launcher in list(S._FORWARD.items()):
         def recording(logits, *args, _launcher=launcher, **kwargs):
@@ -439,6 +441,7 @@ def test_sequences_on_every_implementation(monkeypatch, name):
     if name == "triton" and not S._dispatch.triton_status().available:
         pytest.skip(S._dispatch.triton_status().detail)
     monkeypatch.setattr(S, "_choose", lambda device: name)
+    monkeypatch.setattr(S, "_extension_module", False)  # the Python route's launchers, each in turn
     b, t, v = 3, 5, 70
     padded = torch.randn(b, t, v + 6) * 2
     targets = torch.randint(0, v, (b, t))

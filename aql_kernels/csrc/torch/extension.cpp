@@ -194,6 +194,10 @@ at::Tensor rows_gradient(const at::Tensor &grad_loss, Reduction reduction, int64
   return rows;
 }
 
+}  // namespace
+
+namespace aql {  // (named: autograd shows the node as CppNode<aql::CrossEntropyWithScores>)
+
 // The loss's autograd node: the statistics leave through `out` (detached, as the Python route's
 // scores), the loss is the only output.
 struct CrossEntropyWithScores : public torch::autograd::Function<CrossEntropyWithScores> {
@@ -227,6 +231,10 @@ struct CrossEntropyWithScores : public torch::autograd::Function<CrossEntropyWit
   }
 };
 
+}  // namespace aql
+
+namespace {
+
 py::tuple as_tuple(at::Tensor loss, Statistics &s) {
   return py::make_tuple(std::move(loss), std::move(s.lse), std::move(s.entropy), std::move(s.maxprob), std::move(s.margin),
                         std::move(s.argmax), std::move(s.loss), std::move(s.el2n));
@@ -240,7 +248,7 @@ py::object cross_entropy(const at::Tensor &logits, const at::Tensor &targets, in
   if (at::GradMode::is_enabled() && logits.requires_grad()) {
     Statistics s;
     bool failed = false;
-    at::Tensor loss = CrossEntropyWithScores::apply(logits, targets, ignore_index, static_cast<int64_t>(*kind), row_stride, &s, &failed);
+    at::Tensor loss = aql::CrossEntropyWithScores::apply(logits, targets, ignore_index, static_cast<int64_t>(*kind), row_stride, &s, &failed);
     if (failed) return py::none();
     // "none": the loss is the NLL of the rows; the scores carry it detached
     s.loss = *kind == Reduction::kNone ? loss.detach() : s.loss;
