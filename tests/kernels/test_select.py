@@ -34,7 +34,7 @@ DISTRIBUTIONS = [
     "reverse_sorted",
     "sample_decoys",
 ]
-SIZES = [1, 2, 1000, 2**20 + 3]
+SIZES = [1, 2, 1000, 32768, 32769, 2**20 + 3]  # 32768: the last size of the CPU small path
 KERNELS = ["native", "cuda"]
 
 
