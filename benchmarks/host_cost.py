@@ -11,6 +11,11 @@ Cases (CPU, float32; targets with ~10% ignore_index):
   fwd       softmax_scores(x, t)                           vs  F.cross_entropy(x, t, reduction="none")
   seq       cross_entropy_with_scores on [B, T, V] with shift=True, per_sample="mean", fwd+bwd
             vs  F.cross_entropy(x[:, :-1].flatten(0, 1), t[:, 1:].flatten()).backward()
+  fisher    fisher_ema_ on the 8 parameter tensors of the MNIST-1D CNN (channels 32, 32, 32), new
+            gradient tensors every call (as zero_grad(set_to_none=True) leaves them)
+            vs  torch._foreach_mul_ + torch._foreach_addcmul_ on the same lists
+
+AQL_TORCH_EXTENSION=0 switches off the C++ eager route (aql_kernels._C) and times the Python route.
 
     OMP_NUM_THREADS=1 python -m benchmarks.host_cost            # 1 thread (the default)
     OMP_NUM_THREADS=2 python -m benchmarks.host_cost --threads 2 --repeats 9
@@ -23,6 +28,7 @@ machine compare the ratio column, never absolute times across runs.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import statistics
@@ -31,7 +37,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from aql_kernels import cross_entropy_with_scores, softmax_scores
+from aql_kernels import backends, cross_entropy_with_scores, fisher_ema_, softmax_scores
 
 IGNORE = -100
 
@@ -83,6 +89,30 @@ def _sequence_case(shape):
     return f"seq     [{name}] shift", aql, reference
 
 
+def _fisher_case():
+    from aql.models import MNIST1DCNN
+
+    shapes = [p.shape for p in MNIST1DCNN(channels=(32, 32, 32)).parameters()]
+    generator = torch.Generator().manual_seed(0)
+    fisher = [torch.rand(shape, generator=generator) for shape in shapes]
+    peer_fisher = [f.clone() for f in fisher]
+    # a pool of gradient lists at different addresses, taken in turn: fresh tensors every call
+    pool = [[torch.randn(shape, generator=generator) for shape in shapes] for _ in range(32)]
+    turn = [0, 0]
+
+    def aql():
+        turn[0] = (turn[0] + 1) % len(pool)
+        fisher_ema_(fisher, pool[turn[0]], 0.95)
+
+    def peer():
+        turn[1] = (turn[1] + 1) % len(pool)
+        grads = pool[turn[1]]
+        torch._foreach_mul_(peer_fisher, 0.95)
+        torch._foreach_addcmul_(peer_fisher, grads, grads, value=0.05)
+
+    return f"fisher  [{len(shapes)} tensors, {sum(math.prod(s) for s in shapes)}]", aql, peer
+
+
 def _time_block(fn, calls: int) -> float:
     start = time.perf_counter()
     for _ in range(calls):
@@ -101,6 +131,7 @@ def main(argv=None) -> None:
     cases = _cases([(64, 10), (512, 10), (256, 1000)])
     if not args.no_sequences:
         cases.append(_sequence_case((8, 64, 100)))
+    cases.append(_fisher_case())
     times = {label: ([], []) for label, _, _ in cases}
     for label, aql, peer in cases:  # warm-up (first-call dispatch choice, allocator)
         _time_block(aql, 20)
@@ -114,9 +145,11 @@ def main(argv=None) -> None:
                 times[label][0].append(_time_block(aql, args.calls))
                 times[label][1].append(_time_block(peer, args.calls))
     load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+    extension = backends()["cpu_extension"]
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (load average {load}); torch "
           f"{torch.__version__}, {args.threads} thread(s), OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; "
-          f"median of {args.repeats} repeats x {args.calls} calls")
+          f"median of {args.repeats} repeats x {args.calls} calls; C++ eager route (aql_kernels._C): "
+          f"{'on' if extension.available else 'off (' + extension.detail + ')'}")
     print("| case | aql (us) | torch (us) | aql / torch |")
     print("|---|---|---|---|")
     for label, _, _ in cases:
