@@ -215,8 +215,9 @@ class SelectionStrategy:
             self.sharding.load_state_dict(state["ownership"])
 
     # -- torch.distributed -----------------------------------------------------------------------
-    #: whether the strategy's per-sample tables may stay whole on every rank because it selects from
-    #: them only through `topk_indices` (each rank writes the rows it trains; the owner's value counts)
+    #: whether the strategy shards its own per-sample tables by `self.sharding` (set by
+    #: `attach_process_group`: rank i % R owns sample i; writes routed to their owners, as `ranked` does)
+    #: and selects from them through it (`SampleOwnership.topk_owned` / `topk_indices`)
     selects_across_ranks = False
 
     def attach_process_group(self, group=None) -> None:
@@ -225,8 +226,8 @@ class SelectionStrategy:
         by (seed, epoch)) need nothing else; `scores_candidates` strategies select on every rank over the
         global candidate batch (`select_global`), so they need nothing else either; a strategy that keeps
         per-sample tables must keep them in components with an `attach_sharding(ownership)` method
-        (`aql.selection.ScoreStore`), which then select across ranks, or say with `selects_across_ranks`
-        that it selects from them through `topk_indices` only. Any other strategy is refused
+        (`aql.selection.ScoreStore`: sharded by rank and selecting across ranks), or shard them itself by
+        `self.sharding` and say so with `selects_across_ranks`. Any other strategy is refused
         (NotImplementedError): its own tables would select from this rank's writes only."""
         from aql import distributed
 
@@ -235,9 +236,9 @@ class SelectionStrategy:
         components = [value for value in vars(self).values() if hasattr(value, "attach_sharding")]
         if self.uses_scores and not self.scores_candidates and not components and not self.selects_across_ranks:
             raise NotImplementedError(f"aql.strategies.{type(self).__name__}: strategy {self.name!r} does not support "
-                                      "torch.distributed yet (its per-sample tables are not sharded by rank; ranked: "
-                                      "per-class quotas rank inside each class over the whole table); under torchrun use "
-                                      "none, random, stale, online, streaming, curriculum, meta, or ranked without quotas")
+                                      "torch.distributed (its per-sample tables are not sharded by rank: keep them in a "
+                                      "component with attach_sharding, e.g. aql.selection.ScoreStore, or shard them by "
+                                      "self.sharding and set selects_across_ranks); every built-in strategy runs under torchrun")
         self.process_group = group
         self.sharding = distributed.SampleOwnership(self.num_samples, group=group, device=self.device)
         for component in components:
@@ -258,8 +259,8 @@ class SelectionStrategy:
 
     def topk_indices(self, keys: torch.Tensor, k: int) -> torch.Tensor:
         """int64 [k] ascending: the exact top-k of `keys` (float32 [num_samples], one per sample). In one
-        process `aql_kernels.topk_indices(keys, k)`; across ranks the top-k of the keys of the samples
-        each rank holds (`SampleOwnership.topk_indices`), the same on every rank."""
+        process `aql_kernels.topk_indices(keys, k)`; across ranks each rank contributes the entries of
+        the samples it owns (`SampleOwnership.topk_indices`: i % R == rank) and all get the same k."""
         if self.sharding is None:
             return aql_kernels.topk_indices(keys, k)
         return self.sharding.topk_indices(keys, k)
