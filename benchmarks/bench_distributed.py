@@ -18,7 +18,11 @@ time (all-reduced max):
   selection over the ties' dataset indices);
 - peer: `all_gather` of the scores (4 bytes per score per rank) and `topk_mask` of the concatenation;
 - floor: `aql_kernels.topk_mask` of the rank's own shard (no communication);
-- latency: one all-reduce of a single int64.
+- latency: one all-reduce of a single int64;
+- candidate batches (`--candidates`, C = 64, 640, 4096 by default): `online`'s `select_global` on the
+  rank's rows r, r + R, ... of a batch of C candidates (one `all_gather` of ceil(C / R) x 7 float32
+  statistics, then the one-process `select` on the gathered batch on every rank), against `select`
+  on the whole batch in one process (no communication), which it must equal.
 
 Every selection is checked against `aql_kernels.topk_mask` of the gathered scores before it is timed.
 """
@@ -62,7 +66,29 @@ def _gathered(scores: torch.Tensor, world: int) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def _rank_main(rank: int, world: int, folder: str, per_rank: int, budget: float, repeats: int) -> None:
+def _candidate_cases(rank: int, world: int, size: int):
+    """(select_global on this rank's rows, select in one process, bytes gathered per rank) for `online`
+    on a candidate batch of `size`; checks that both select the same rows first."""
+    from aql.strategies.online import OnlineSelection
+    from aql_kernels import SoftmaxScores
+
+    generator = torch.Generator().manual_seed(size)  # the same batch on every rank
+    logits, targets = torch.randn(size, 10, generator=generator), torch.randint(0, 10, (size,), generator=generator)
+    scores = aql_kernels.softmax_scores(logits, targets)
+    mine = SoftmaxScores(*(None if field is None else field[rank::world].contiguous() for field in scores))
+    num_samples = 20 * size
+    index = torch.randperm(num_samples, generator=generator)[:size]
+    labels = torch.randint(0, 10, (num_samples,), generator=generator)
+    shared = OnlineSelection(num_samples, query_budget=0.2, labels=labels, num_classes=10)
+    shared.attach_process_group()
+    alone = OnlineSelection(num_samples, query_budget=0.2, labels=labels, num_classes=10)
+    if not torch.equal(shared.select_global(index, mine)[0], alone.select(index, scores)):
+        raise SystemExit(f"rank {rank}: select_global differs from the one-process select for C = {size}")
+    return (lambda: shared.select_global(index, mine)), (lambda: alone.select(index, scores)), 7 * 4 * -(-size // world)
+
+
+def _rank_main(rank: int, world: int, folder: str, per_rank: int, budget: float, repeats: int,
+               candidates: tuple[int, ...] = ()) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
     generator = torch.Generator().manual_seed(1000 + rank)
@@ -95,6 +121,12 @@ def _rank_main(rank: int, world: int, folder: str, per_rank: int, budget: float,
         "floor: topk_mask of the local shard": lambda: aql_kernels.topk_mask(scores, round(budget * per_rank)),
         "latency: all_reduce of one int64": lambda: dist.all_reduce(torch.zeros(1, dtype=torch.int64)),
     }
+    candidate_bytes = {}
+    for size in candidates:
+        select_global, select_one, payload = _candidate_cases(rank, world, size)
+        cases[f"online select_global, C = {size} candidates"] = select_global
+        cases[f"floor: online select in one process, C = {size}"] = select_one
+        candidate_bytes[f"online select_global, C = {size} candidates"] = payload
     results = {name: _timed(function, repeats) for name, function in cases.items()}
     if rank == 0:
         report = {
@@ -104,7 +136,7 @@ def _rank_main(rank: int, world: int, folder: str, per_rank: int, budget: float,
                                "global_topk_mask (8,8,8,8)": distributed.selection_bytes(world, (8, 8, 8, 8)),
                                "global_topk_mask (12,10,10)": distributed.selection_bytes(world, (12, 10, 10)),
                                "SampleOwnership.topk_indices": distributed.selection_bytes(world) + 8 * k,
-                               "peer: all_gather scores + topk_mask": 4 * per_rank},
+                               "peer: all_gather scores + topk_mask": 4 * per_rank, **candidate_bytes},
             "median_ms": {name: 1e3 * seconds for name, seconds in results.items()},
         }
         with open(os.path.join(folder, "report.json"), "w") as handle:
@@ -118,12 +150,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--per-rank", type=int, default=1_000_000)
     parser.add_argument("--budget", type=float, default=0.2)
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--candidates", type=int, nargs="*", default=[64, 640, 4096],
+                        help="candidate batch sizes for online's select_global (none: skip)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
-    if args.ranks < 2 or args.per_rank < 1 or not 0 < args.budget <= 1 or args.repeats < 1:
-        parser.error(f"need --ranks >= 2, --per-rank >= 1, 0 < --budget <= 1, --repeats >= 1; got {vars(args)}")
+    if args.ranks < 2 or args.per_rank < 1 or not 0 < args.budget <= 1 or args.repeats < 1 or any(c < 1 for c in args.candidates):
+        parser.error(f"need --ranks >= 2, --per-rank >= 1, 0 < --budget <= 1, --repeats >= 1, --candidates >= 1; got {vars(args)}")
     with tempfile.TemporaryDirectory() as folder:
-        mp.spawn(_rank_main, args=(args.ranks, folder, args.per_rank, args.budget, args.repeats), nprocs=args.ranks, join=True)
+        mp.spawn(_rank_main, args=(args.ranks, folder, args.per_rank, args.budget, args.repeats, tuple(args.candidates)), nprocs=args.ranks, join=True)
         with open(os.path.join(folder, "report.json")) as handle:
             report = json.load(handle)
     if args.json:
