@@ -1138,7 +1138,7 @@ def cross_entropy_with_scores(logits: torch.Tensor, targets: torch.Tensor, *, ig
     """
     extension = _extension_module if _extension_module is not None else _extension()
     if (extension and weight is None and shift is False and per_sample is None and inplace_backward is False
-            and targets is not None and type(label_smoothing) in (float, int) and label_smoothing == 0
+            and targets is not None and type(reduction) is str and type(label_smoothing) in (float, int) and label_smoothing == 0
             and type(ignore_index) is int and _INT64_MIN <= ignore_index <= _INT64_MAX and _dispatch.eager(logits, targets)):
         result = extension.cross_entropy(logits, targets, ignore_index, reduction)
         if result is not None:

@@ -191,6 +191,8 @@ def test_inputs_the_extension_does_not_cover_take_the_python_route(route):
         softmax_scores(logits.detach(), torch.tensor([-1, 1, 1, 2, 3, 4]))
     with pytest.raises(ValueError, match=r"reduction must be one of \('mean', 'sum', 'none'\), got 'avg'"):
         cross_entropy_with_scores(logits, targets, reduction="avg")
+    with pytest.raises(ValueError, match=r"reduction must be one of \('mean', 'sum', 'none'\), got None"):
+        cross_entropy_with_scores(logits, targets, reduction=None)
     with pytest.raises(TypeError, match=r"ignore_index must be an int, got bool"):
         cross_entropy_with_scores(logits, targets, ignore_index=True)
     with pytest.raises(TypeError, match=r"label_smoothing must be a float, got bool"):
