@@ -4,7 +4,7 @@ Under torch.distributed a `scores_candidates` strategy's i-th candidate batch is
 candidate batch (`strategy.batches(plan, global_batch)`, the same on every rank); rank r scores only
 its rows, the batch's positions r, r + R, ... (`local_rows`). Their per-sample statistics (the
 `SoftmaxScores` fields, and a `candidate_scorer`'s values computed on the rank's own rows) travel in
-ONE `all_gather_into_tensor` of a small packed float32 tensor, ceil(C / R) x F per rank (F <= 8 columns:
+ONE `all_gather_single` (`all_gather_into_tensor` before torch 2.13) of a small packed float32 tensor, ceil(C / R) x F per rank (F <= 8 columns:
 2 KB per rank for C = 64), and are put back in one-process order. Every rank then calls
 `strategy.select` on the whole candidate batch: the ranks hold identical strategy state (same seed,
 same inputs, same calls), so they make the identical decision, and each trains the kept positions
@@ -25,10 +25,16 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
+import torch.distributed as dist
 
 from aql_kernels import SoftmaxScores
 
 __all__ = ["local_rows", "gather_candidate_scores", "owned_positions", "gathered_scorer"]
+
+
+
+# torch >= 2.13 names it all_gather_single (all_gather_into_tensor warns there); older torch has only the latter
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def local_rows(total: int, rank: int, world: int) -> slice:
@@ -42,8 +48,6 @@ def gather_candidate_scores(scores: SoftmaxScores, values: torch.Tensor | None, 
     rank's statistics of its rows (`local_rows(total, rank, world)`): one all-gather of a packed
     [ceil(total / world), F] float32 tensor per rank. Fields that are None stay None (the same on every
     rank: the model and data are)."""
-    import torch.distributed as dist
-
     fields = [name for name in SoftmaxScores._fields if getattr(scores, name) is not None]
     columns = [getattr(scores, name).float() for name in fields]
     if values is not None:
@@ -56,7 +60,7 @@ def gather_candidate_scores(scores: SoftmaxScores, values: torch.Tensor | None, 
     packed = torch.zeros(width, len(columns), dtype=torch.float32, device=columns[0].device)
     packed[:rows] = torch.stack(columns, 1)
     everyone = packed.new_empty(world * width, len(columns))
-    dist.all_gather_into_tensor(everyone, packed, group=group)
+    _all_gather_single(everyone, packed, group=group)
     # rank r's k-th row is position r + k * world: [world, width] transposed is the one-process order,
     # the padding rows last
     ordered = everyone.view(world, width, -1).transpose(0, 1).reshape(world * width, -1)[:total]
