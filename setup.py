@@ -5,7 +5,8 @@ x86-64, x86-64-v3 (AVX2) and x86-64-v4 (AVX-512) and picked at run time from the
 AQL_NATIVE_ARCH=native (or 1 / ON) builds them for this machine only (-march=native), which fails on
 older CPUs. libaql_cuda.so is built when nvcc is found (static CUDA runtime; AQL_CUDA_ARCHS, default
 "80;90", PTX for the newest). Both land inside aql_kernels/. AQL_SKIP_NATIVE=1 skips the native
-build; AQL_REQUIRE_CUDA=1 makes a missing nvcc or a failed CUDA build an error.
+build; AQL_REQUIRE_CUDA=1 makes a missing nvcc or a failed CUDA build an error;
+AQL_ONLY_TORCH_EXTENSION=1 builds aql_kernels._C alone (the libraries built by CMake directly).
 
 Then aql_kernels._C, the C++ eager route of the score ops for small CPU calls
 (aql_kernels/csrc/torch/), is compiled against the torch of the building interpreter with
@@ -124,7 +125,10 @@ class CMakeBuild(build_ext):
         else:
             output_dir = Path(self.build_lib).resolve() / "aql_kernels"
         output_dir.mkdir(parents=True, exist_ok=True)
-        build_native(output_dir, Path(self.build_temp).resolve() / "cmake")
+        if os.environ.get("AQL_ONLY_TORCH_EXTENSION") == "1":  # the libraries built elsewhere (gpu_check.sh)
+            print("aql: AQL_ONLY_TORCH_EXTENSION=1, building aql_kernels._C only", file=sys.stderr)
+        else:
+            build_native(output_dir, Path(self.build_temp).resolve() / "cmake")
         build_torch_extension(self, output_dir)
 
     # The libraries are written where they belong; there is no per-extension file to copy or list.
