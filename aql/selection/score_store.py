@@ -188,29 +188,26 @@ class ScoreStore:
             self._written.index_copy_(0, indices, scores.detach() if scores.requires_grad else scores)  # as _write
             self._stale = True
             return
+        indices, scores = self._checked(indices, scores)
+        self.flush()  # earlier deferred writes first: the later value of a sample wins
+        self._write(indices, scores)
+
+    def _checked(self, indices: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`update`'s arguments checked, as int64 indices and float32 scores on the store's device: int32
+        indices and half-precision scores (a bf16 training forward) are widened, not refused."""
         where = "selection.ScoreStore.update"
-        # int32 indices and half-precision scores (a bf16 training forward) are widened, not refused
         check_tensor(where, "indices", indices, ndim=1, dtypes=(torch.int64, torch.int32))
         check_tensor(where, "scores", scores, ndim=1, dtypes=(torch.float32, torch.bfloat16, torch.float16))
         if indices.shape[0] != scores.shape[0]:
             raise ValueError(f"aql.{where}: indices and scores must have the same length, "
                              f"got {indices.shape[0]} and {scores.shape[0]}")
-        indices = indices.to(self.device, torch.int64, non_blocking=True)
-        scores = scores.detach().to(self.device, torch.float32, non_blocking=True)
-        self.flush()  # earlier deferred writes first: the later value of a sample wins
-        self._write(indices, scores)
+        return (indices.to(self.device, torch.int64, non_blocking=True),
+                scores.detach().to(self.device, torch.float32, non_blocking=True))
 
     def _queue(self, indices: torch.Tensor, scores: torch.Tensor, deferred: bool) -> None:
         """The sharded store's write: queued for the owners (checked unless `deferred`)."""
         if not deferred:
-            where = "selection.ScoreStore.update"
-            check_tensor(where, "indices", indices, ndim=1, dtypes=(torch.int64, torch.int32))
-            check_tensor(where, "scores", scores, ndim=1, dtypes=(torch.float32, torch.bfloat16, torch.float16))
-            if indices.shape[0] != scores.shape[0]:
-                raise ValueError(f"aql.{where}: indices and scores must have the same length, "
-                                 f"got {indices.shape[0]} and {scores.shape[0]}")
-            indices = indices.to(self.device, torch.int64, non_blocking=True)
-            scores = scores.detach().to(self.device, torch.float32, non_blocking=True)
+            indices, scores = self._checked(indices, scores)
         self._routed.append(indices, scores.detach())
 
     def _write(self, indices: torch.Tensor, scores: torch.Tensor) -> None:

@@ -413,6 +413,22 @@ int64_t nth_equal_index(const uint32_t *keys, const int64_t *positions, const in
   return std::numeric_limits<int64_t>::max();  // unreachable when the caller's count is right
 }
 
+// The positions i in [begin, end) with selected[i] != 0, ascending, from out on. Branch-free into a
+// local buffer (the selected fraction is often near 0.2: branches would mispredict).
+inline void write_selected_indices(const uint8_t *selected, int64_t begin, int64_t end, int64_t *out) {
+  int64_t local[kBlock];
+  for (int64_t i = begin; i < end; i += kBlock) {
+    const int len = static_cast<int>(std::min<int64_t>(kBlock, end - i));
+    int count = 0;
+    for (int j = 0; j < len; ++j) {
+      local[count] = i + j;
+      count += selected[i + j];
+    }
+    std::memcpy(out, local, sizeof(int64_t) * static_cast<size_t>(count));
+    out += count;
+  }
+}
+
 // Up to this many scores one thread selects by nth_element on composite keys (below): the phases
 // above have fixed costs (the 4096-bucket histograms, the 65536-score sample, the candidate scratch)
 // of ~20 us, more than the whole selection of a candidate batch. Measured on the 2-core EPYC machine,
@@ -440,20 +456,7 @@ aql_status select_small(const float *scores, int64_t n, int64_t k, uint8_t *mask
   }
   std::memset(selected, 0, static_cast<size_t>(n));
   for (int64_t j = 0; j < k; ++j) selected[0xffffffffu - static_cast<uint32_t>(composite[static_cast<size_t>(j)])] = 1;
-  if (indices != nullptr) {
-    int64_t out = 0;
-    int64_t local[kBlock];
-    for (int64_t i = 0; i < n; i += kBlock) {  // branch-free into a block buffer, as in phase 7
-      const int len = static_cast<int>(std::min<int64_t>(kBlock, n - i));
-      int count = 0;
-      for (int j = 0; j < len; ++j) {
-        local[count] = i + j;
-        count += selected[i + j];
-      }
-      std::memcpy(indices + out, local, sizeof(int64_t) * static_cast<size_t>(count));
-      out += count;
-    }
-  }
+  if (indices != nullptr) write_selected_indices(selected, 0, n, indices);
   return aql::ok();
 }
 
@@ -727,21 +730,8 @@ aql_status select_topk(const float *scores, int64_t n, int64_t k, uint8_t *mask,
                        static_cast<long long>(offset[chunks]), static_cast<long long>(k));
     }
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-    for (int c = 0; c < chunks; ++c) {
-      // Branch-free into a local buffer (the selected fraction is often near 0.2: branches mispredict).
-      int64_t local[kBlock];
-      int64_t out = offset[c];
-      for (int64_t i = chunk_begin(n, c, chunks), end = chunk_begin(n, c + 1, chunks); i < end; i += kBlock) {
-        const int len = static_cast<int>(std::min<int64_t>(kBlock, end - i));
-        int count = 0;
-        for (int j = 0; j < len; ++j) {
-          local[count] = i + j;
-          count += selected[i + j];
-        }
-        std::memcpy(indices + out, local, sizeof(int64_t) * static_cast<size_t>(count));
-        out += count;
-      }
-    }
+    for (int c = 0; c < chunks; ++c)
+      write_selected_indices(selected, chunk_begin(n, c, chunks), chunk_begin(n, c + 1, chunks), indices + offset[c]);
   }
   return aql::ok();
 }
