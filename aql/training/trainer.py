@@ -672,6 +672,14 @@ class AQLv2Trainer:
         targets = y.reshape(-1)
         return softmax_scores(*sample_view(logits, targets, x.shape[0]), ignore_index=self.ignore_index)
 
+    def _candidate_batch(self, batch) -> tuple:
+        """(x, y, index, weight) of a candidate batch, which must carry its samples' dataset indices."""
+        x, y, index, weight = split_batch(batch)
+        if index is None:
+            raise TypeError(f"aql.trainer: strategy {self.strategy.name!r} selects among candidates by their dataset "
+                            "indices: batches must be (x, y, index) or (x, y, index, weight)")
+        return x, y, index, weight
+
     def _training_batches(self, data_loader) -> Iterator[tuple]:
         """Micro-batches (x, y, index, weight) to back-propagate, after the strategy's selection."""
         stream = self._counted(data_loader)
@@ -685,10 +693,7 @@ class AQLv2Trainer:
         batch_size = self.config.training.batch_size // self.world_size  # this rank's micro-batch
         pending = self._pending
         for batch in stream:
-            x, y, index, weight = split_batch(batch)
-            if index is None:
-                raise TypeError(f"aql.trainer: strategy {self.strategy.name!r} selects among candidates by their dataset "
-                                "indices: batches must be (x, y, index) or (x, y, index, weight)")
+            x, y, index, weight = self._candidate_batch(batch)
             with self._clock.aql():
                 x = x.to(self.device, non_blocking=True)
                 y = y.to(self.device, non_blocking=True)
@@ -717,10 +722,7 @@ class AQLv2Trainer:
         rank, world = self.rank, self.world_size
         pending = self._pending
         for batch in stream:
-            x, y, index, weight = split_batch(batch)
-            if index is None:
-                raise TypeError(f"aql.trainer: strategy {self.strategy.name!r} selects among candidates by their dataset "
-                                "indices: batches must be (x, y, index) or (x, y, index, weight)")
+            x, y, index, weight = self._candidate_batch(batch)
             rows = len(range(rank, index.shape[0], world))
             if x.shape[0] != rows:
                 raise ValueError(f"aql.trainer: under torch.distributed a candidate batch is the global batch's index with x, y "
