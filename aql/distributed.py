@@ -366,8 +366,9 @@ class SampleOwnership:
 
     Selections (`topk_owned(keys, k)`): each rank passes the keys of its owned rows, the exact top-k of
     all ranks is taken by `global_topk_mask` (ties to the lowest dataset index, as
-    `aql_kernels.topk_indices` breaks them on the whole table), and the selected indices are shared
-    (`share_indices`: k int64 in all), ascending and the same on every rank.
+    `aql_kernels.topk_indices` breaks them on the whole table), and the selection is shared
+    (`share_owned`: the k indices or a bit mask of the owned rows, whichever is smaller), ascending and
+    the same on every rank.
 
     The state (`state_dict`) is the generation and the current losers: a few int64.
     """
@@ -431,7 +432,32 @@ class SampleOwnership:
             raise ValueError(f"aql.{where}: keys must have one entry per owned row ({self.num_owned}), got {keys.shape[0]}")
         owned = self.owned_indices(keys.device)
         mine = global_topk_mask(keys, k, group=self.group, valid=valid, index=owned, digit_bits=digit_bits)
-        return share_indices(owned[mine], self.group)
+        return self.share_owned(mine)
+
+    def share_owned(self, chosen: torch.Tensor) -> torch.Tensor:
+        """int64 ascending, the same on every rank: the dataset indices of the owned rows that `chosen`
+        (bool [num_owned], this rank's) marks on any rank. Sent the cheaper way for the total count c
+        (one all-reduce of it decides, alike on every rank): the indices (`share_indices`, 8 c bytes
+        received per rank), or each rank's bit mask of its owned rows (ceil(N / R) / 8 bytes per rank,
+        N / 8 received): the mask wins when c > N / 64, e.g. a 20% selection (0.2 N x 8 bytes = 1.6 N)."""
+        where = "distributed.SampleOwnership.share_owned"
+        check_tensor(where, "chosen", chosen, ndim=1, dtypes=(torch.bool,))
+        if chosen.shape[0] != self.num_owned:
+            raise ValueError(f"aql.{where}: chosen must have one entry per owned row ({self.num_owned}), got {chosen.shape[0]}")
+        owned = self.owned_indices(chosen.device)
+        if self.world == 1:
+            return owned[chosen]
+        count = int(all_reduce_sum(chosen.sum().reshape(1).to(torch.int64), self.group)[0])
+        rows = -(-self.num_samples // self.world)  # the most rows a rank owns
+        if 8 * count <= self.world * -(-rows // 8):
+            return share_indices(owned[chosen], self.group)
+        bits = _pack_bits(torch.cat([chosen, chosen.new_zeros(rows - chosen.shape[0])]))
+        gathered = [torch.empty_like(bits) for _ in range(self.world)]
+        dist.all_gather(gathered, bits, group=self.group)
+        mask = torch.zeros(rows * self.world, dtype=torch.bool, device=chosen.device)
+        for source, got in enumerate(gathered):  # rank r's owned row j is sample r + j R
+            mask[source::self.world] = _unpack_bits(got, rows)
+        return torch.nonzero(mask[:self.num_samples]).flatten()
 
     def topk_indices(self, keys: torch.Tensor, k: int, *, digit_bits: Sequence[int] = DIGIT_BITS) -> torch.Tensor:
         """`topk_owned` of the owned entries of `keys` (float [num_samples], one per sample; the entries
@@ -456,6 +482,22 @@ class SampleOwnership:
         check_tensor(where, "state['losers']", state["losers"], ndim=1, dtypes=(torch.int64,))
         self.generation = check_int(where, "state['generation']", state["generation"], low=0)
         self.losers = state["losers"].to("cpu").clone()
+
+
+_BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """uint8 [ceil(n / 8)]: bit j of byte i is mask[8 i + j] (bool [n])."""
+    padded = torch.cat([mask.to(torch.uint8), mask.new_zeros(-mask.shape[0] % 8, dtype=torch.uint8)]).view(-1, 8)
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=mask.device)
+    return (padded * weights).sum(1, dtype=torch.uint8)
+
+
+def _unpack_bits(bits: torch.Tensor, n: int) -> torch.Tensor:
+    """bool [n]: the first n bits of `_pack_bits`' bytes."""
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=bits.device)
+    return (bits.unsqueeze(1) & weights).ne(0).view(-1)[:n]
 
 
 def share_indices(indices: torch.Tensor, group=None, *, chunk_rows: int | None = None) -> torch.Tensor:

@@ -13,7 +13,8 @@ time (all-reduced max):
 - the same with 8-bit digits (5 all-reduces, 8.2 KB) and the kernels' digits (12, 10, 10: 4, 49 KB);
 - `SampleOwnership.topk_indices` on a table of all `ranks * per-rank` samples, each rank owning the
   samples i with i mod R == rank (the `stale` strategy's epoch selection: the owned entries, the
-  selection, and the k selected indices shared with every rank, 8 k bytes received per rank);
+  selection, and the selection shared with every rank: the k indices or the ranks' bit masks of their
+  owned rows, whichever is smaller, 8 k or about N / 8 bytes received per rank);
 - the same on scores with three values only (ties at the threshold span the ranks: the second
   selection over the ties' dataset indices);
 - peer: `all_gather` of the scores (4 bytes per score per rank) and `topk_mask` of the concatenation;
@@ -135,7 +136,8 @@ def _rank_main(rank: int, world: int, folder: str, per_rank: int, budget: float,
             "bytes_per_rank": {"global_topk_mask (11,11,10), the default": distributed.selection_bytes(world),
                                "global_topk_mask (8,8,8,8)": distributed.selection_bytes(world, (8, 8, 8, 8)),
                                "global_topk_mask (12,10,10)": distributed.selection_bytes(world, (12, 10, 10)),
-                               "SampleOwnership.topk_indices": distributed.selection_bytes(world) + 8 * k,
+                               "SampleOwnership.topk_indices": distributed.selection_bytes(world) + 8 + min(
+                                   8 * k, world * -(-(-(-total // world)) // 8)),
                                "peer: all_gather scores + topk_mask": 4 * per_rank, **candidate_bytes},
             "median_ms": {name: 1e3 * seconds for name, seconds in results.items()},
         }

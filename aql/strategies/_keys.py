@@ -116,7 +116,7 @@ def balanced_topk_owned(ownership, keys: torch.Tensor, labels: torch.Tensor, num
     and `labels` [num_owned] of this rank). A collective: an all-reduce of the [num_classes] class
     counts, then `balanced_quotas` on every rank alike, one `global_topk_mask` per class with a quota
     (two where the class holds rows tied at the k-th balanced key) and one over the tied rows by index."""
-    from aql.distributed import all_reduce_sum, global_topk_mask, share_indices
+    from aql.distributed import all_reduce_sum, global_topk_mask
 
     clean = torch.nan_to_num(keys.float(), nan=-math.inf)  # as balanced_keys: NaN ties with -inf
     labels = labels.to(clean.device).long()
@@ -138,7 +138,7 @@ def balanced_topk_owned(ownership, keys: torch.Tensor, labels: torch.Tensor, num
         chosen |= ties
     elif need:  # the lowest dataset indices among the tied rows: equal keys, ties by index
         chosen |= global_topk_mask(torch.zeros_like(clean), need, group=ownership.group, valid=ties, index=index)
-    return share_indices(index[chosen], ownership.group)
+    return ownership.share_owned(chosen)
 
 
 def sampling_keys(weights: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

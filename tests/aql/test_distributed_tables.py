@@ -133,6 +133,12 @@ def _table_cases(rank: int, world: int, values: torch.Tensor):
     out["losers_drop_last"] = ownership.losers.clone()
     # a selection shared in blocks of 3: the same ascending indices on every rank
     out["shared"] = distributed.share_indices(torch.arange(rank, 40, 3 * world), chunk_rows=3)
+    # share_owned: a sparse selection goes as indices, a dense one as bit masks; 1001 samples (ragged rows)
+    wide = distributed.SampleOwnership(1001)
+    owned = wide.owned_indices()
+    for name, chosen in (("sparse", owned % 97 == 5), ("dense", (owned * 7919) % 10 < 3), ("none", owned < 0),
+                         ("all", owned >= 0)):
+        out["share_owned_" + name] = wide.share_owned(chosen)
     return out
 
 
@@ -198,6 +204,17 @@ def test_each_rank_holds_its_rows_only(two_ranks, name):
             assert all(held[key] == owned for key in tables), held
     _, _, _, one_process = _simulate(name, two_ranks[0], 1, 0)
     assert max(one_process[0].values()) == N  # one process keeps the whole table (the check can tell)
+
+
+def test_share_owned_gives_every_rank_the_union_by_either_route(two_ranks):
+    _, results, _, _ = two_ranks
+    every = torch.arange(1001)
+    expected = {"sparse": every[every % 97 == 5], "dense": every[(every * 7919) % 10 < 3], "none": every[:0], "all": every}
+    assert 8 * expected["sparse"].numel() <= WORLD * -(-501 // 8) < 8 * expected["dense"].numel()  # the two routes run
+    for name, want in expected.items():
+        for r in range(WORLD):
+            got = results[r][0]["share_owned_" + name]
+            assert got.dtype == torch.int64 and torch.equal(got, want), (name, r)
 
 
 def test_the_later_position_wins_and_the_selection_is_shared(two_ranks):
