@@ -365,11 +365,16 @@ def run_lm_study(study: LMStudyConfig, output_dir: str | os.PathLike, *, progres
 # ----------------------------------------------------------------------------------------- results
 def summarise_lm(study: LMStudyConfig, records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     """Per method: test perplexity mean/std over seeds, and the means of the costs; the all-data
-    target and, per method, whether its mean test perplexity is within the target's mean + std."""
+    target and, per method, whether its mean test perplexity is within the target's mean + std. Only
+    the final runs at the method's chosen learning rate count (`chosen_learning_rate`): a study whose
+    grid changed keeps its earlier runs in runs.jsonl without mixing them in."""
+    records = list(records)
     final = [r for r in records if r["phase"] == "final"]
     rows: dict[str, dict] = {}
     for method in study.methods:
-        runs = [r for r in final if r["method"] == method.name]
+        chosen = chosen_learning_rate(study, records, method.name) if any(
+            r["phase"] == "tune" and r["method"] == method.name for r in records) or len(study.learning_rates) == 1 else None
+        runs = [r for r in final if r["method"] == method.name and (chosen is None or float(r["learning_rate"]) == chosen)]
         if not runs:
             continue
         ppl, ppl_std = _mean_std([r["test_perplexity"] for r in runs])

@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from aql import experiments_lm
-from aql.experiments_lm import LMStudyError, chosen_learning_rate, load_lm_study, prepare_data, run_lm_study, write_lm_outputs
+from aql.experiments_lm import (LMStudyError, chosen_learning_rate, load_lm_study, prepare_data, run_lm_study, summarise_lm,
+                                write_lm_outputs)
 
 WORDS = ("the function returns a new list of values from the module when called with keyword arguments and raises "
          "an error if the object is not iterable").split()
@@ -115,6 +116,14 @@ def test_learning_rate_choice_and_bad_configs(tmp_path, corpus):
     records = [{"phase": "tune", "method": "random", "learning_rate": lr, "val_loss": loss}
                for lr, loss in ((1e-3, 2.0), (3e-3, 1.5), (1e-3, 2.2), (3e-3, 1.9))]
     assert chosen_learning_rate(study, records, "random") == 3e-3
+    # finals at another rate (an earlier grid's) stay in the records but not in the summary
+    keys = ("val_perplexity", "test_loss", "tokens_backpropagated", "samples_backpropagated", "scoring_tokens", "flops",
+            "flops_scoring", "train_s", "wall_s", "overhead_pct", "steps")
+    finals = [{"phase": "final", "method": "random", "learning_rate": lr, "seed": seed, "test_perplexity": ppl, "budget": 0.2,
+               "epochs": 1, **{key: 1.0 for key in keys}}
+              for lr, seed, ppl in ((1e-3, 0, 50.0), (3e-3, 0, 10.0), (3e-3, 1, 12.0), (1e-3, 1, 70.0))]
+    row = summarise_lm(study, records + finals)["rows"]["random"]
+    assert (row["learning_rate"], row["seeds"], row["test_perplexity"]) == (3e-3, 2, pytest.approx(11.0))
     with pytest.raises(LMStudyError, match="no tuning runs for method 'aql_online'"):
         chosen_learning_rate(study, records, "aql_online")
     for changes, match in (({"colour": 1}, r"unknown keys \['colour'\]"),
