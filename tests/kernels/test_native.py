@@ -165,20 +165,7 @@ def test_two_threads_see_a_fully_loaded_library(monkeypatch):
 # ---------------------------------------------------------------------------------------------------
 # instruction-set variants of the CPU library
 # ---------------------------------------------------------------------------------------------------
-@pytest.fixture
-def cpu_variant(request):
-    """Runs the CPU library's kernels in variant `request.param` for one test, then restores the choice."""
-    if not CPU.has("aql_cpu_set_isa"):
-        pytest.skip("the CPU library is not built here, or without runtime dispatch")
-    previous = CPU.cpu_isa()
-    set_isa = CPU.function("aql_cpu_set_isa")
-    if set_isa(int(request.param)) != 0:
-        pytest.skip(f"variant {request.param.name} does not run here: {CPU.last_error()}")
-    assert CPU.cpu_isa() == request.param
-    yield request.param
-    assert set_isa(int(previous)) == 0
-
-
+# (`cpu_variant`, the fixture, is in tests/kernels/conftest.py)
 @pytest.mark.parametrize("cpu_variant", list(CpuIsa), ids=lambda isa: isa.name.lower(), indirect=True)
 def test_every_cpu_variant_matches_the_references(cpu_variant):
     # scores: several chunks per row (V > 4096), special rows, every dtype; the gradient

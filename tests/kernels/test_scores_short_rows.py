@@ -10,26 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from aql_kernels import scores as S
-from aql_kernels._native import CPU, CpuIsa
+from aql_kernels._native import CpuIsa
 from tests.kernels.test_scores import IGNORE, TOLERANCES, _assert_scores_close, _expected, _poisoned_outputs
 
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 
 WIDTHS = [*range(1, 18), 31, 32, 33]
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-@pytest.fixture(params=list(CpuIsa), ids=lambda isa: isa.name.lower())
-def cpu_variant(request):
-    """The CPU library's kernels in variant `request.param` for one test, then the previous choice."""
-    if not CPU.has("aql_cpu_set_isa"):
-        pytest.skip("the CPU library is not built here, or without runtime dispatch")
-    previous = CPU.cpu_isa()
-    set_isa = CPU.function("aql_cpu_set_isa")
-    if set_isa(int(request.param)) != 0:
-        pytest.skip(f"variant {request.param.name} does not run here: {CPU.last_error()}")
-    yield request.param
-    assert set_isa(int(previous)) == 0
 
 
 def _short_adversarial(v: int, dtype: torch.dtype, generator: torch.Generator):
@@ -67,6 +54,7 @@ def _short_adversarial(v: int, dtype: torch.dtype, generator: torch.Generator):
     return x.to(dtype), t
 
 
+@pytest.mark.parametrize("cpu_variant", list(CpuIsa), ids=lambda isa: isa.name.lower(), indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 def test_short_rows_forward_match_float64_reference(cpu_variant, dtype):
     generator = torch.Generator().manual_seed(1000 + int(cpu_variant))
@@ -86,6 +74,7 @@ def test_short_rows_forward_match_float64_reference(cpu_variant, dtype):
         assert got.lse[42] == float("-inf") and got.lse[43] == float("inf")
 
 
+@pytest.mark.parametrize("cpu_variant", list(CpuIsa), ids=lambda isa: isa.name.lower(), indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 def test_short_rows_backward_match_autograd(cpu_variant, dtype):
     generator = torch.Generator().manual_seed(2000 + int(cpu_variant))
@@ -112,6 +101,7 @@ def test_short_rows_backward_match_autograd(cpu_variant, dtype):
         torch.testing.assert_close(inplace.double(), x64.grad, atol=atol, rtol=rtol, msg=lambda m: f"V={v} in place: {m}")
 
 
+@pytest.mark.parametrize("cpu_variant", list(CpuIsa), ids=lambda isa: isa.name.lower(), indirect=True)
 def test_short_rows_nan_and_inf_gradients(cpu_variant):
     # NaN logits give NaN gradients in their row (not zeros, not the scalar path's clamp); ignored
     # rows give zeros whatever their logits and lse
