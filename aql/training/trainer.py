@@ -78,10 +78,11 @@ cuda:LOCAL_RANK; gloo on CPU) and trains data-parallel:
 - the Fisher update (`update_from_grads`), the gradient norm, clipping and AdamW read the gradients
   after DDP's all-reduce (the global mean gradient), so the Fisher, the non-finite flag (also
   all-reduced) and the parameters are identical on every rank;
-- each rank feeds `after_step` with what it trained: a strategy's per-sample tables are written by
-  rank, and its epoch selection runs across ranks (`SelectionStrategy.topk_indices`, digit histograms
-  all-reduced, never the scores; see `aql.distributed`). Strategies whose tables are not sharded
-  (ranked with per-class quotas) are refused with a ConfigError;
+- each rank feeds `after_step` with what it trained: a strategy's per-sample tables are sharded by
+  rank (rank i mod R keeps sample i; the writes are routed to their owners at the next read), and its
+  epoch selection runs across ranks over the owned rows (`SampleOwnership.topk_owned`, digit histograms
+  all-reduced, never the scores; see `aql.distributed`). A custom strategy whose tables are not sharded
+  is refused with a ConfigError;
 - `scores_candidates` strategies (online, streaming, curriculum, meta) make exactly the one-process
   selection and batches: every rank iterates the global candidate batches (`candidate_batch_size` of
   the global batch; no padding of the plan) and scores its rows r, r + R, ... of each; one all-gather
