@@ -14,6 +14,8 @@ Cases (CPU, float32; targets with ~10% ignore_index):
   fisher    fisher_ema_ on the 8 parameter tensors of the MNIST-1D CNN (channels 32, 32, 32), new
             gradient tensors every call (as zero_grad(set_to_none=True) leaves them)
             vs  torch._foreach_mul_ + torch._foreach_addcmul_ on the same lists
+  topk      topk_indices(x, n // 5) of n uniform float32 scores (n = 640, 2560, 16384: the selector's
+            one-thread small path)  vs  torch.topk(x, n // 5, sorted=False)
 
 AQL_TORCH_EXTENSION=0 switches off the C++ eager route (aql_kernels._C) and times the Python route.
 
@@ -37,7 +39,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from aql_kernels import backends, cross_entropy_with_scores, fisher_ema_, softmax_scores
+from aql_kernels import backends, cross_entropy_with_scores, fisher_ema_, softmax_scores, topk_indices
 
 IGNORE = -100
 
@@ -113,6 +115,17 @@ def _fisher_case():
     return f"fisher  [{len(shapes)} tensors, {sum(math.prod(s) for s in shapes)}]", aql, peer
 
 
+def _select_cases(sizes):
+    """topk_indices of k = n / 5 uniform scores against torch.topk(sorted=False) (the values and indices
+    of the top k, unordered): the selector's small path, one thread."""
+    cases = []
+    for n in sizes:
+        scores = torch.rand(n, generator=torch.Generator().manual_seed(n))
+        cases.append((f"topk    [n={n}, k={n // 5}]", lambda x=scores, k=n // 5: topk_indices(x, k),
+                      lambda x=scores, k=n // 5: torch.topk(x, k, sorted=False)))
+    return cases
+
+
 def _time_block(fn, calls: int) -> float:
     start = time.perf_counter()
     for _ in range(calls):
@@ -132,6 +145,7 @@ def main(argv=None) -> None:
     if not args.no_sequences:
         cases.append(_sequence_case((8, 64, 100)))
     cases.append(_fisher_case())
+    cases += _select_cases([640, 2560, 16384])
     times = {label: ([], []) for label, _, _ in cases}
     for label, aql, peer in cases:  # warm-up (first-call dispatch choice, allocator)
         _time_block(aql, 20)

@@ -243,6 +243,17 @@ struct RowState {
   int64_t first_nan = -1;
 };
 
+// The sums re-expressed relative to the shift new_shift = shift - delta (delta <= 0): every exp term
+// scales by a = exp(delta), the x exp terms also take delta * sum, the squares a^2.
+inline void move_shift(RowState &state, float delta, float new_shift) {
+  const float a = std::exp(delta);
+  state.sum_x_exp = a * (state.sum_x_exp + delta * state.sum);
+  state.sum *= a;
+  state.sum_excl *= a;
+  state.sq_excl *= a * a;
+  state.shift = new_shift;
+}
+
 // Pass A over a chunk: its maximum, and whether it holds a NaN. Copies a bf16/f16 chunk into
 // `converted` as float32 so that pass B reads float32 from L1.
 inline float chunk_max_portable(const void *row, int32_t dtype, int64_t c0, int64_t len, float *converted,
@@ -501,13 +512,7 @@ inline bool fused_chunk(const float *x, int64_t len, int64_t c0, int64_t local_t
   state.sq_excl += sums.sq_excl;
   const float new_max = std::fmax(state.first, cmax);  // finite: at least the guess
   if (new_max != state.shift) {
-    const float delta = state.shift - new_max;  // in [-kShiftLag, 0)
-    const float a = std::exp(delta);
-    state.sum_x_exp = a * (state.sum_x_exp + delta * state.sum);
-    state.sum *= a;
-    state.sum_excl *= a;
-    state.sq_excl *= a * a;
-    state.shift = new_max;
+    move_shift(state, state.shift - new_max, new_max);  // delta in [-kShiftLag, 0)
   }
   if (cmax > state.first) state.argmax = c0 + first_equal(x, len, cmax);
   state.second = std::fmax(std::fmin(state.first, cmax), std::fmax(state.second, sums.second));
@@ -585,13 +590,7 @@ RowState scan_row(const void *row, int32_t dtype, int64_t v, int64_t target, flo
       // shift 0 (the sums are still 0 then) or when the maximum becomes +inf (the row is
       // overwritten below); -200 keeps delta * sum finite when the shift jumps across the float
       // range (exp(-200) is already 0 in float32).
-      const float delta = std::fmin(std::fmax(state.shift - new_shift, -200.0f), 0.0f);
-      const float a = std::exp(delta);
-      state.sum_x_exp = a * (state.sum_x_exp + delta * state.sum);
-      state.sum *= a;
-      state.sum_excl *= a;
-      state.sq_excl *= a * a;
-      state.shift = new_shift;
+      move_shift(state, std::fmin(std::fmax(state.shift - new_shift, -200.0f), 0.0f), new_shift);
     }
     ChunkSums sums = chunk_sums(x, len, state.shift, cmax, local_target, prefetch, prefetch_bytes);
     state.sum += sums.sum;
